@@ -1,0 +1,42 @@
+# The two commands a new user runs: `make demo` and `make test`. Each sets itself up:
+# a virtual environment in .venv, torch first (the CPU wheel, so no CUDA build is resolved),
+# then the project.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test test-all lint format bench clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(VENV)/bin/meanwise reproduce all --quick --out reports/
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+test-all: $(VENV)/.dev
+	$(PY) -m pytest -m ''
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+bench: $(VENV)/.dev
+	$(PY) benchmarks/optim_step.py --quick
+
+clean:
+	rm -rf $(VENV) reports build src/*.egg-info

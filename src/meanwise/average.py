@@ -1,0 +1,223 @@
+"""The one weighted-averaging kernel.
+
+Every method in meanwise ends in an average: FedAvg/FedAU/AFA aggregate client updates, gossip
+nodes merge their neighbours' models, Fisher merging weights checkpoints elementwise. They all
+call the two functions here, so the validation, the dtype policy and the empty-round rule are
+written once.
+
+Dtype policy: the result has the promoted floating dtype of the members (and of the weights, if
+those are wider); half-precision members (float16/bfloat16) are accumulated in float32 and cast
+back, so averaging many half-precision models does not lose precision in the sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["weighted_average", "average_state_dicts"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _stack(stacked: Tensor | Sequence[Tensor], name: str) -> Tensor:
+    if isinstance(stacked, Tensor):
+        if stacked.dim() == 0:
+            raise ValueError(f"{name} must have a leading member axis [n, ...]; got a 0-dim tensor")
+        return stacked
+    if isinstance(stacked, (str, bytes)) or not isinstance(stacked, Sequence):
+        raise TypeError(
+            f"{name} must be a tensor [n, ...] or a sequence of same-shape tensors; "
+            f"got {type(stacked).__name__}"
+        )
+    if len(stacked) == 0:
+        raise ValueError(
+            f"{name} is empty; pass a tensor of shape [0, ...] (with denominator=) "
+            "to get a zero average for a round without members"
+        )
+    shapes = {tuple(t.shape) for t in stacked}
+    if len(shapes) != 1:
+        raise ValueError(f"{name} members must share one shape; got shapes {sorted(shapes)}")
+    return torch.stack(list(stacked))
+
+
+def _accumulation_dtype(*dtypes: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype to accumulate in, dtype to return)."""
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    if not out.is_floating_point:
+        out = torch.get_default_dtype()
+    acc = torch.float32 if out in _HALF else out
+    return acc, out
+
+
+def weighted_average(
+    stacked: Tensor | Sequence[Tensor],
+    weights: Tensor | Sequence[float] | None = None,
+    *,
+    denominator: float | Tensor | None = None,
+) -> Tensor:
+    """Return Σ_i w_i x_i / Σ_i w_i over the leading (member) axis.
+
+    Args:
+        stacked: a tensor ``[n, ...]`` or a sequence of ``n`` same-shape tensors.
+        weights: ``None`` (uniform), ``[n]`` (one scalar per member) or ``[n, ...]`` matching
+            ``stacked`` (elementwise, e.g. Fisher information).
+        denominator: divide by this instead of Σ w. The federated rules that divide by the
+            number of clients N rather than by the participants' weight (FedAvg over all
+            clients, FedAU) pass ``denominator=N``. With an explicit denominator an empty
+            member axis (``[0, ...]``) averages to zeros: a round without participants is a
+            no-op, not an error.
+
+    Raises:
+        ValueError: shapes that do not match, weights that are not finite, or weights whose sum
+            is zero (somewhere, for elementwise weights) without an explicit denominator.
+    """
+    x = _stack(stacked, "stacked")
+    n = x.shape[0]
+    if weights is None:
+        w = torch.ones(n, dtype=x.dtype if x.is_floating_point() else None, device=x.device)
+    else:
+        w = torch.as_tensor(weights, device=x.device)
+    if not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64, torch.bool)):
+        raise TypeError(f"weights must be real numbers; got dtype {w.dtype}")
+    if w.dim() == 1:
+        if w.shape[0] != n:
+            raise ValueError(f"weights has {w.shape[0]} entries but stacked has {n} members")
+    elif tuple(w.shape) != tuple(x.shape):
+        raise ValueError(
+            f"weights must be [n]={[n]} (scalar per member) or match stacked's shape "
+            f"{list(x.shape)} (elementwise); got {list(w.shape)}"
+        )
+    acc, out = _accumulation_dtype(x.dtype, w.dtype if w.is_floating_point() else x.dtype)
+    x = x.to(acc)
+    w = w.to(acc)
+    if not torch.isfinite(w).all():
+        raise ValueError("weights must be finite")
+
+    if w.dim() == 1 and x.dim() >= 1:
+        # one fused reduction: Σ_i w_i x_i as a contraction over the member axis
+        numerator = torch.tensordot(w, x, dims=1) if n > 0 else x.new_zeros(x.shape[1:])
+        total = w.sum()
+    else:
+        numerator = (w * x).sum(0)
+        total = w.sum(0)
+
+    if denominator is not None:
+        d = torch.as_tensor(denominator, dtype=acc, device=x.device)
+        if not torch.isfinite(d).all() or (d == 0).any():
+            raise ValueError(f"denominator must be finite and non-zero; got {denominator}")
+        return (numerator / d).to(out)
+    if n == 0:
+        raise ValueError(
+            "stacked has no members and no denominator= was given; pass denominator= "
+            "to get a zero average for an empty round"
+        )
+    if (total == 0).any():
+        raise ValueError(
+            "weights sum to zero"
+            + (" at some elements" if w.dim() > 1 else "")
+            + "; pass denominator= explicitly or give positive weight to some member"
+        )
+    return (numerator / total).to(out)
+
+
+def average_state_dicts(
+    states: Sequence[Mapping[str, Tensor]],
+    weights: Tensor | Sequence[float] | None = None,
+    elementwise: Sequence[Mapping[str, Tensor]] | None = None,
+    *,
+    denominator: float | Tensor | None = None,
+    strict_dtypes: bool = True,
+) -> dict[str, Tensor]:
+    """Average state dicts key by key with :func:`weighted_average`.
+
+    Args:
+        states: the ``n`` state dicts; all must have the same keys, shapes and dtypes.
+        weights: ``[n]`` scalar weights (``None``: uniform).
+        elementwise: optional per-state dicts of elementwise weights (e.g. diagonal Fisher).
+            For a key present there, member i is weighted by ``weights[i] * elementwise[i][key]``;
+            keys absent there (buffers without a Fisher, say) use the scalar weights alone.
+        denominator: passed through to :func:`weighted_average`.
+        strict_dtypes: if True (default) a key whose dtype differs between states is an error;
+            if False floating tensors of different dtypes are averaged in the promoted dtype and
+            returned in the first state's dtype.
+
+    Integer and boolean tensors (e.g. BatchNorm's ``num_batches_tracked``) are not averaged:
+    they are copied from the first state. The result keeps the first state's key order.
+
+    Raises:
+        ValueError: naming the offending key, when keys, shapes or dtypes do not match.
+        TypeError: when a value is not a tensor.
+    """
+    if isinstance(states, Mapping) or not isinstance(states, Sequence):
+        raise TypeError("states must be a sequence of state dicts")
+    if len(states) == 0:
+        raise ValueError("states is empty; need at least one state dict to know the keys")
+    n = len(states)
+    if elementwise is not None and len(elementwise) != n:
+        raise ValueError(f"elementwise has {len(elementwise)} dicts but states has {n}")
+    if weights is not None:
+        w = torch.as_tensor(weights)
+        if w.dim() != 1 or w.shape[0] != n:
+            raise ValueError(f"weights must have shape [{n}] (one per state); got {list(w.shape)}")
+    else:
+        w = None
+
+    reference = states[0]
+    keys = list(reference.keys())
+    key_set = set(keys)
+    for i, state in enumerate(states[1:], start=1):
+        other = set(state.keys())
+        if other != key_set:
+            missing = sorted(key_set - other)
+            extra = sorted(other - key_set)
+            raise ValueError(
+                f"states[{i}] keys differ from states[0]: missing {missing[:5]}, extra {extra[:5]}"
+            )
+
+    result: dict[str, Tensor] = {}
+    for key in keys:
+        first = reference[key]
+        members = [s[key] for s in states]
+        for i, t in enumerate(members):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"key {key!r} of states[{i}] is {type(t).__name__}, not a tensor")
+            if t.shape != first.shape:
+                raise ValueError(
+                    f"key {key!r}: states[{i}] has shape {list(t.shape)}, "
+                    f"states[0] has {list(first.shape)}"
+                )
+            if t.dtype != first.dtype and (strict_dtypes or not t.is_floating_point()):
+                raise ValueError(
+                    f"key {key!r}: states[{i}] has dtype {t.dtype}, states[0] has {first.dtype}"
+                )
+        if not first.is_floating_point() and not first.is_complex():
+            result[key] = first.clone()
+            continue
+        member_weights = w
+        if elementwise is not None and key in elementwise[0]:
+            fisher = []
+            for i, e in enumerate(elementwise):
+                if key not in e:
+                    raise ValueError(f"key {key!r} is in elementwise[0] but not elementwise[{i}]")
+                if e[key].shape != first.shape:
+                    raise ValueError(
+                        f"key {key!r}: elementwise[{i}] has shape {list(e[key].shape)}, "
+                        f"the parameter has {list(first.shape)}"
+                    )
+                fisher.append(e[key])
+            stacked_fisher = torch.stack(fisher)
+            if w is not None:
+                shape = (n,) + (1,) * first.dim()
+                stacked_fisher = stacked_fisher * w.to(stacked_fisher.dtype).reshape(shape)
+            member_weights = stacked_fisher
+        try:
+            averaged = weighted_average(members, member_weights, denominator=denominator)
+        except ValueError as err:
+            raise ValueError(f"key {key!r}: {err}") from None
+        result[key] = averaged.to(first.dtype)
+    return result

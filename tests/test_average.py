@@ -1,0 +1,155 @@
+"""The averaging kernel against closed forms and the invariances an average must have."""
+
+import pytest
+import torch
+
+from meanwise.average import average_state_dicts, weighted_average
+
+
+def test_scalar_weights_closed_form():
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    # (1*[1,2] + 2*[3,6] + 1*[5,10]) / 4 = [12, 24] / 4
+    assert torch.equal(weighted_average(x, w), torch.tensor([3.0, 6.0], dtype=torch.float64))
+
+
+def test_uniform_weights_is_the_mean():
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(weighted_average(x), x.mean(0))
+    torch.testing.assert_close(weighted_average(list(x)), x.mean(0))
+
+
+def test_permutation_invariance():
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    w = torch.rand(6, dtype=torch.float64)
+    perm = torch.randperm(6)
+    torch.testing.assert_close(weighted_average(x, w), weighted_average(x[perm], w[perm]))
+    we = torch.rand(6, 5, dtype=torch.float64)
+    torch.testing.assert_close(weighted_average(x, we), weighted_average(x[perm], we[perm]))
+
+
+def test_elementwise_equals_scalar_when_constant_per_member():
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 2, dtype=torch.float64)
+    w = torch.rand(4, dtype=torch.float64) + 0.1
+    elementwise = w.reshape(4, 1, 1).expand_as(x).clone()
+    torch.testing.assert_close(weighted_average(x, w), weighted_average(x, elementwise))
+
+
+def test_elementwise_closed_form():
+    x = torch.tensor([[0.0, 10.0], [4.0, 20.0]])
+    f = torch.tensor([[1.0, 3.0], [3.0, 1.0]])
+    # element 0: (0*1 + 4*3)/4 = 3 ; element 1: (10*3 + 20*1)/4 = 12.5
+    assert torch.equal(weighted_average(x, f), torch.tensor([3.0, 12.5]))
+
+
+def test_explicit_denominator_divides_by_n():
+    x = torch.tensor([[2.0], [4.0]])
+    w = torch.tensor([1.0, 1.0])
+    # FedAvg over all N = 4 clients where only 2 participated: sum / N
+    assert torch.equal(weighted_average(x, w, denominator=4), torch.tensor([1.5]))
+
+
+def test_zero_weight_sum_needs_denominator():
+    x = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="sum to zero"):
+        weighted_average(x, torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="sum to zero at some elements"):
+        weighted_average(x, torch.tensor([[1.0, 0, 1], [1, 0, 1]]))
+    assert torch.equal(weighted_average(x, torch.tensor([1.0, -1.0]), denominator=2), torch.zeros(3))
+
+
+def test_empty_round_is_zero_update_with_denominator():
+    empty = torch.empty(0, 3, 2)
+    out = weighted_average(empty, torch.empty(0), denominator=10)
+    assert out.shape == (3, 2) and torch.equal(out, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="no members"):
+        weighted_average(empty, torch.empty(0))
+    with pytest.raises(ValueError, match="stacked is empty"):
+        weighted_average([])
+
+
+def test_bad_shapes_and_values_name_the_argument():
+    with pytest.raises(ValueError, match="weights has 3 entries but stacked has 2"):
+        weighted_average(torch.ones(2, 4), torch.ones(3))
+    with pytest.raises(ValueError, match="elementwise"):
+        weighted_average(torch.ones(2, 4), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="one shape"):
+        weighted_average([torch.ones(2), torch.ones(3)])
+    with pytest.raises(ValueError, match="finite"):
+        weighted_average(torch.ones(2, 2), torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="denominator"):
+        weighted_average(torch.ones(2, 2), denominator=0)
+    with pytest.raises(TypeError, match="stacked"):
+        weighted_average("abc")
+
+
+def test_mixed_dtypes_promote_and_half_accumulates_in_float32():
+    a = torch.tensor([1.0, 2.0], dtype=torch.float32)
+    b = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    out = weighted_average([a, b])
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.tensor([2.0, 3.0], dtype=torch.float64))
+    # 4097 half-precision members: a float16 running sum would stall at 2048
+    h = torch.ones(4097, 1, dtype=torch.float16)
+    out = weighted_average(h, denominator=4097)
+    assert out.dtype == torch.float16 and out.item() == 1.0
+    ints = torch.tensor([[1, 2], [3, 4]])
+    torch.testing.assert_close(weighted_average(ints), torch.tensor([2.0, 3.0]))
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(3, 2, generator=g, dtype=torch.float64),
+        "b": torch.randn(3, generator=g, dtype=torch.float64),
+        "bn.num_batches_tracked": torch.tensor(seed),
+    }
+
+
+def test_state_dict_average_matches_per_key_average():
+    states = [_state(s) for s in range(3)]
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    out = average_state_dicts(states, w)
+    assert list(out) == ["w", "b", "bn.num_batches_tracked"]
+    for key in ("w", "b"):
+        expected = sum(wi * s[key] for wi, s in zip(w, states, strict=True)) / w.sum()
+        torch.testing.assert_close(out[key], expected)
+    # integer buffers are taken from the first state, not averaged
+    assert out["bn.num_batches_tracked"].item() == 0
+
+
+def test_state_dict_elementwise_is_fisher_weighted():
+    states = [_state(s) for s in range(2)]
+    fishers = [{"w": torch.rand(3, 2, dtype=torch.float64) + 0.1} for _ in range(2)]
+    lam = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    out = average_state_dicts(states, lam, elementwise=fishers)
+    num = lam[0] * fishers[0]["w"] * states[0]["w"] + lam[1] * fishers[1]["w"] * states[1]["w"]
+    den = lam[0] * fishers[0]["w"] + lam[1] * fishers[1]["w"]
+    torch.testing.assert_close(out["w"], num / den)
+    # "b" has no Fisher: scalar weights only
+    torch.testing.assert_close(out["b"], 0.7 * states[0]["b"] + 0.3 * states[1]["b"])
+
+
+def test_state_dict_mismatches_name_the_key():
+    a, b = _state(0), _state(1)
+    b_missing = dict(b)
+    del b_missing["b"]
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+        average_state_dicts([a, b_missing])
+    b_shape = dict(b, w=torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="key 'w'.*shape"):
+        average_state_dicts([a, b_shape])
+    b_dtype = dict(b, w=b["w"].float())
+    with pytest.raises(ValueError, match="key 'w'.*dtype"):
+        average_state_dicts([a, b_dtype])
+    out = average_state_dicts([a, b_dtype], strict_dtypes=False)
+    assert out["w"].dtype == torch.float64
+    with pytest.raises(TypeError, match="key 'b'"):
+        average_state_dicts([a, dict(b, b=[1.0])])
+    with pytest.raises(ValueError, match="states is empty"):
+        average_state_dicts([])
+    with pytest.raises(ValueError, match="weights must have shape"):
+        average_state_dicts([a, b], [1.0, 2.0, 3.0])
