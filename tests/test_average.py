@@ -58,7 +58,9 @@ def test_zero_weight_sum_needs_denominator():
         weighted_average(x, torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="sum to zero at some elements"):
         weighted_average(x, torch.tensor([[1.0, 0, 1], [1, 0, 1]]))
-    assert torch.equal(weighted_average(x, torch.tensor([1.0, -1.0]), denominator=2), torch.zeros(3))
+    assert torch.equal(
+        weighted_average(x, torch.tensor([1.0, -1.0]), denominator=2), torch.zeros(3)
+    )
 
 
 def test_empty_round_is_zero_update_with_denominator():

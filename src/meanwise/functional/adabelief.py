@@ -1,0 +1,110 @@
+"""AdaBelief (Zhuang et al., NeurIPS 2020) as one pure update rule.
+
+The rule follows the authors' released package (adabelief-pytorch 0.2.1) exactly, quirks
+included, because users switch between the two and expect identical runs:
+
+- ``eps`` is added to the belief ``s`` inside the EMA on every step (so its bias-corrected effect
+  is ``eps / (1 - beta2)``), and again to the denominator.
+- ``rectify`` is RAdam's rule: the adaptive step is used only once the length of the
+  approximated SMA ``rho_t >= 5``; before that the step is SGD with momentum,
+  ``m / (1 - beta1^t)``, if ``degenerated_to_sgd``, else no step.
+- Quirk: with ``rectify=True`` the rectified branch reads the plain belief ``s``, so ``amsgrad``
+  has no effect on the parameters (its running maximum is still maintained).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import Tensor
+
+from meanwise.functional._ops import FUNCTIONAL, Ops
+
+
+class AdaBeliefResult(NamedTuple):
+    params: list[Tensor]
+    exp_avg: list[Tensor]
+    exp_avg_var: list[Tensor]
+    max_exp_avg_var: list[Tensor] | None
+
+
+def rectification(step: int, beta1: float, beta2: float) -> tuple[float, float]:
+    """RAdam's (rho_t, step multiplier) for 1-based ``step``.
+
+    The multiplier is ``sqrt((1 - beta2^t) r_t) / (1 - beta1^t)`` once ``rho_t >= 5`` (with r_t
+    the variance rectification term) and ``1 / (1 - beta1^t)`` before that.
+    """
+    beta2_t = beta2**step
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t)
+    bias_correction1 = 1.0 - beta1**step
+    if rho_t >= 5:
+        r_t = (rho_t - 4) / (rho_inf - 4) * (rho_t - 2) / rho_t * rho_inf / (rho_inf - 2)
+        return rho_t, math.sqrt((1.0 - beta2_t) * r_t) / bias_correction1
+    return rho_t, 1.0 / bias_correction1
+
+
+def adabelief(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg: Sequence[Tensor],
+    exp_avg_var: Sequence[Tensor],
+    max_exp_avg_var: Sequence[Tensor] | None = None,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-16,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    weight_decouple: bool = True,
+    fixed_decay: bool = False,
+    rectify: bool = True,
+    degenerated_to_sgd: bool = True,
+    ops: Ops = FUNCTIONAL,
+) -> AdaBeliefResult:
+    """One AdaBelief step on lists of tensors; ``step`` is the 1-based count after this step.
+
+    With ``ops=FUNCTIONAL`` (default) nothing is mutated and new lists are returned, so the rule
+    runs under ``torch.func.vmap``. With ``FOREACH`` or ``LOOP`` the parameter and state lists
+    are updated in place and returned. ``grads`` are never modified.
+    """
+    params, exp_avg, exp_avg_var = list(params), list(exp_avg), list(exp_avg_var)
+    if weight_decouple:
+        shrink = 1.0 - (weight_decay if fixed_decay else lr * weight_decay)
+        if shrink != 1.0:
+            params = ops.mul_scalar(params, shrink)
+    elif weight_decay != 0:
+        grads = ops.new_add(grads, params, alpha=weight_decay)
+
+    exp_avg = ops.lerp(exp_avg, grads, 1.0 - beta1)
+    residual = ops.new_sub(grads, exp_avg)
+    exp_avg_var = ops.mul_scalar(exp_avg_var, beta2)
+    exp_avg_var = ops.addcmul(exp_avg_var, residual, residual, 1.0 - beta2)
+    exp_avg_var = ops.add_scalar(exp_avg_var, eps)
+    if amsgrad:
+        if max_exp_avg_var is None:
+            raise ValueError("max_exp_avg_var is required when amsgrad=True")
+        max_exp_avg_var = ops.maximum(list(max_exp_avg_var), exp_avg_var)
+
+    if rectify:
+        rho_t, multiplier = rectification(step, beta1, beta2)
+        if rho_t >= 5:
+            # The rectified branch reads exp_avg_var even under amsgrad (the authors' quirk).
+            denom = ops.add_scalar(ops.new_sqrt(exp_avg_var), eps)
+            params = ops.addcdiv(params, exp_avg, denom, -lr * multiplier)
+        elif degenerated_to_sgd:
+            params = ops.add(params, exp_avg, alpha=-lr * multiplier)
+        return AdaBeliefResult(params, exp_avg, exp_avg_var, max_exp_avg_var)
+
+    # sqrt(s)/sqrt(bc2) + eps == (sqrt(s) + eps*sqrt(bc2)) / sqrt(bc2): fold the bias correction
+    # into the step size and save one pass over the denominator.
+    bias_correction1 = 1.0 - beta1**step
+    sqrt_bc2 = math.sqrt(1.0 - beta2**step)
+    second = max_exp_avg_var if amsgrad else exp_avg_var
+    denom = ops.add_scalar(ops.new_sqrt(second), eps * sqrt_bc2)
+    params = ops.addcdiv(params, exp_avg, denom, -lr * sqrt_bc2 / bias_correction1)
+    return AdaBeliefResult(params, exp_avg, exp_avg_var, max_exp_avg_var)

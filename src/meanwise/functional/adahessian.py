@@ -1,0 +1,167 @@
+"""AdaHessian (Yao et al., AAAI 2021): the Hutchinson Hessian diagonal and the update rule.
+
+Two pure pieces, used by :class:`meanwise.optim.AdaHessian` and usable on their own:
+
+- :func:`hutchinson_products` returns the signed ``(1/S) sum_s z_s * (H z_s)`` for Rademacher
+  probes ``z_s``; its expectation is the Hessian diagonal. It is kept *signed* so that a
+  distributed caller can average it across ranks before the absolute value, which makes the
+  estimate equal to one big batch's. :func:`hessian_diagonal` then takes ``|.|`` and applies
+  the spatial averaging.
+- :func:`adahessian` is the update: Adam's first moment of the gradient, an RMS EMA of the
+  Hessian diagonal, a Hessian power, and decoupled weight decay (as in the authors' code).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from meanwise.average import weighted_average
+from meanwise.functional._ops import FUNCTIONAL, Ops
+
+
+def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A tensor of independent ±1 entries shaped and typed like ``tensor``.
+
+    Drawn on the generator's device (so a CPU generator serves CUDA parameters too) with the
+    same draw as ``2 * torch.randint_like(tensor, high=2) - 1``.
+    """
+    device = generator.device if generator is not None else tensor.device
+    z = torch.randint(0, 2, tensor.shape, generator=generator, dtype=tensor.dtype, device=device)
+    return z.mul_(2).sub_(1).to(tensor.device)
+
+
+def hutchinson_products(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    n_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """Signed Hutchinson estimate ``(1/S) sum_s z_s * H z_s`` for each parameter.
+
+    ``grads`` must carry a graph (``loss.backward(create_graph=True)`` or
+    ``torch.autograd.grad(..., create_graph=True)``). The graph is kept (``retain_graph``) so
+    several probes can be drawn; the caller frees it by dropping the gradients.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1; got {n_samples}")
+    grads, params = list(grads), list(params)
+    # A gradient without a graph is constant in the parameters (its Hessian rows are zero);
+    # only when none has a graph did the caller forget create_graph=True.
+    with_graph = [i for i, g in enumerate(grads) if g.grad_fn is not None]
+    if not with_graph:
+        raise ValueError(
+            "the gradients carry no graph: call loss.backward(create_graph=True) "
+            "(or torch.autograd.grad(..., create_graph=True)) before a Hessian step"
+        )
+    per_probe: list[list[Tensor]] = []
+    for _ in range(n_samples):
+        probes = [rademacher_like(p, generator) for p in params]
+        hvps = torch.autograd.grad(
+            [grads[i] for i in with_graph],
+            params,
+            grad_outputs=[probes[i] for i in with_graph],
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        per_probe.append([z * hz for z, hz in zip(probes, hvps, strict=True)])
+    if n_samples == 1:
+        return per_probe[0]
+    return [weighted_average(torch.stack(samples)) for samples in zip(*per_probe, strict=True)]
+
+
+def spatial_average(diagonal: Tensor) -> Tensor:
+    """Average a kernel's Hessian diagonal over its spatial dims (all after the first two).
+
+    Tensors of three or more dims are convolution kernels ``[out, in/groups, *kernel]`` of
+    Conv1d/2d/3d and the transposed convs; one curvature per (out, in) filter pair is the
+    authors' image-classification rule, extended here to every kernel rank. Vectors and
+    matrices are returned unchanged.
+    """
+    if diagonal.dim() < 3:
+        return diagonal
+    return diagonal.mean(dim=tuple(range(2, diagonal.dim())), keepdim=True)
+
+
+def hessian_diagonal(
+    signed_products: Sequence[Tensor], spatial: Sequence[bool] | bool = True
+) -> list[Tensor]:
+    """``D = |mean_s z_s * H z_s|``, spatially averaged where ``spatial`` says so."""
+    products = list(signed_products)
+    flags = [spatial] * len(products) if isinstance(spatial, bool) else list(spatial)
+    if len(flags) != len(products):
+        raise ValueError(f"spatial has {len(flags)} flags for {len(products)} tensors")
+    return [
+        spatial_average(p.abs()) if flag else p.abs()
+        for p, flag in zip(products, flags, strict=True)
+    ]
+
+
+def estimate_hessian_diagonal(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    n_samples: int = 1,
+    generator: torch.Generator | None = None,
+    spatial: Sequence[bool] | bool = True,
+    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+) -> list[Tensor]:
+    """Hutchinson Hessian diagonal; ``reduce`` (e.g. an all-reduce mean) sees the signed
+    products before the absolute value."""
+    products = hutchinson_products(grads, params, n_samples=n_samples, generator=generator)
+    if reduce is not None:
+        products = reduce(products)
+    return hessian_diagonal(products, spatial)
+
+
+class AdaHessianResult(NamedTuple):
+    params: list[Tensor]
+    exp_avg: list[Tensor]
+    exp_hessian_diag_sq: list[Tensor]
+
+
+def adahessian(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    hessian_diag: Sequence[Tensor],
+    exp_avg: Sequence[Tensor],
+    exp_hessian_diag_sq: Sequence[Tensor],
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-4,
+    weight_decay: float = 0.0,
+    hessian_power: float = 1.0,
+    ops: Ops = FUNCTIONAL,
+) -> AdaHessianResult:
+    """One AdaHessian update; ``step`` is the 1-based count after this step.
+
+    ``m <- b1 m + (1-b1) g``; ``v <- b2 v + (1-b2) D^2``;
+    ``p <- p - lr (m / (1-b1^t) / ((sqrt(v) / sqrt(1-b2^t))^k + eps) + wd p)``.
+    ``hessian_diag`` may have size-1 spatial dims (spatial averaging); it broadcasts.
+    """
+    params = list(params)
+    exp_avg = ops.lerp(list(exp_avg), grads, 1.0 - beta1)
+    v = ops.mul_scalar(list(exp_hessian_diag_sq), beta2)
+    v = ops.addcmul(v, hessian_diag, hessian_diag, 1.0 - beta2)
+
+    # (sqrt(v)/c)^k + eps == (v^(k/2) + eps c^k) / c^k with c = sqrt(1-b2^t): the bias
+    # correction moves into the step size and the denominator costs one pass fewer.
+    correction = math.sqrt(1.0 - beta2**step) ** hessian_power
+    if hessian_power == 1.0:
+        denom = ops.new_sqrt(v)
+    else:
+        denom = ops.new_pow(v, hessian_power / 2.0)
+    denom = ops.add_scalar(denom, eps * correction)
+    if weight_decay != 0:
+        params = ops.mul_scalar(params, 1.0 - lr * weight_decay)
+    params = ops.addcdiv(params, exp_avg, denom, -lr * correction / (1.0 - beta1**step))
+    return AdaHessianResult(params, exp_avg, v)

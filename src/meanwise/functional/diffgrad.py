@@ -1,0 +1,62 @@
+"""diffGrad (Dubey et al., IEEE TNNLS 2019) as one pure update rule: the authors' v2 rule.
+
+Adam's moments, with the first moment damped elementwise by the *friction*
+``xi = sigmoid(|g_{t-1} - g_t|)`` (``g_0 = 0``): where the gradient barely changes (near an
+optimum, or on a plateau) ``xi -> 1/2`` and the step halves; where it changes fast the step is
+Adam's. Step: ``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * xi * m / (sqrt(v) + eps)``. L2 weight
+decay is added to the gradient first, so the friction sees the decayed gradient. Identical to
+torch-optimizer 0.3.0's ``DiffGrad``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import Tensor
+
+from meanwise.functional._ops import FUNCTIONAL, Ops
+
+
+class DiffGradResult(NamedTuple):
+    params: list[Tensor]
+    exp_avg: list[Tensor]
+    exp_avg_sq: list[Tensor]
+    previous_grad: list[Tensor]
+
+
+def diffgrad(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg: Sequence[Tensor],
+    exp_avg_sq: Sequence[Tensor],
+    previous_grad: Sequence[Tensor],
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    ops: Ops = FUNCTIONAL,
+) -> DiffGradResult:
+    """One diffGrad step on lists of tensors; ``step`` is the 1-based count after this step.
+
+    ``previous_grad`` holds the last (decayed) gradient; the in-place flavours overwrite that one
+    buffer instead of cloning a new gradient every step. ``grads`` are never modified.
+    """
+    params = list(params)
+    if weight_decay != 0:
+        grads = ops.new_add(grads, params, alpha=weight_decay)
+    exp_avg = ops.lerp(list(exp_avg), grads, 1.0 - beta1)
+    exp_avg_sq = ops.mul_scalar(list(exp_avg_sq), beta2)
+    exp_avg_sq = ops.addcmul(exp_avg_sq, grads, grads, 1.0 - beta2)
+
+    friction = ops.sigmoid(ops.abs(ops.new_sub(previous_grad, grads)))
+    previous_grad = ops.assign(list(previous_grad), grads)
+    damped = ops.mul(friction, exp_avg)
+    denom = ops.add_scalar(ops.new_sqrt(exp_avg_sq), eps)
+    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    params = ops.addcdiv(params, damped, denom, -step_size)
+    return DiffGradResult(params, exp_avg, exp_avg_sq, previous_grad)

@@ -1,0 +1,118 @@
+"""What the three optimizer shells share: argument checks, gathering gradients, state buckets.
+
+The classes hold state and choose an execution flavour; the math is in ``meanwise.functional``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from meanwise.functional import FOREACH, LOOP
+
+Closure = Callable[[], Any] | None
+
+
+def check_hyperparameters(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> None:
+    """Raise ValueError naming the argument when a common hyperparameter is out of range."""
+    if not isinstance(lr, float | int) or not lr >= 0.0:
+        raise ValueError(f"lr must be a non-negative number; got {lr!r}")
+    if (
+        not isinstance(betas, tuple | list)
+        or len(betas) != 2
+        or not all(isinstance(b, float | int) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ValueError(f"betas must be a pair of numbers in [0, 1); got {betas!r}")
+    if not isinstance(eps, float | int) or not eps >= 0.0:
+        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+    if not isinstance(weight_decay, float | int) or not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be a non-negative number; got {weight_decay!r}")
+
+
+def parameter_name(group: dict, group_index: int, param_index: int) -> str:
+    """The user's name for a parameter when they passed named_parameters(), else its position."""
+    names = group.get("param_names")
+    if names is not None:
+        return repr(names[param_index])
+    return f"param_groups[{group_index}]['params'][{param_index}]"
+
+
+class FunctionalOptimizer(Optimizer):
+    """A torch.optim.Optimizer whose update is a rule from ``meanwise.functional``."""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    @staticmethod
+    def _ops_for(group: dict, params: list[Tensor]):
+        """foreach=None picks the multi-tensor kernels unless the list mixes devices/dtypes,
+        which those kernels would split anyway (benchmarks/optim_step.py measures both)."""
+        foreach = group.get("foreach")
+        if foreach is None:
+            first = params[0]
+            foreach = all(p.device == first.device and p.dtype == first.dtype for p in params)
+        return FOREACH if foreach else LOOP
+
+    def _gradients(self, group_index: int, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters of a group that have gradients, and those gradients."""
+        params, grads = [], []
+        for param_index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"{type(self).__name__} does not support sparse gradients "
+                    f"(parameter {parameter_name(group, group_index, param_index)})"
+                )
+            params.append(p)
+            grads.append(p.grad)
+        if group.get("check_finite") and grads:
+            self._check_finite(group_index, group, grads)
+        return params, grads
+
+    @staticmethod
+    def _check_finite(group_index: int, group: dict, grads: list[Tensor]) -> None:
+        # One reduction and one host sync for the whole group; locate only on failure.
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if bool(finite):
+            return
+        with_grad = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        for param_index, g in zip(with_grad, grads, strict=True):
+            if not bool(torch.isfinite(g).all()):
+                name = parameter_name(group, group_index, param_index)
+                raise ValueError(
+                    f"non-finite gradient (nan or inf) in parameter {name} "
+                    f"(shape {list(g.shape)}); the step was not applied"
+                )
+
+    def _buckets(self, params: list[Tensor]) -> dict[int, list[int]]:
+        """Indices of ``params`` grouped by their step count.
+
+        Parameters that missed steps (no gradient) have their own bias corrections; grouping
+        keeps every call of the rule at one step count while still batching the usual case
+        (all parameters stepped together) into a single call.
+        """
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            buckets[self.state[p]["step"]].append(i)
+        return buckets
+
+    @staticmethod
+    def _run_closure(closure: Closure) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()

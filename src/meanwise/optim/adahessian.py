@@ -1,0 +1,258 @@
+"""``AdaHessian``: the Hutchinson-diagonal second-order optimizer as a torch.optim.Optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meanwise.functional import adahessian, hessian_diagonal, hutchinson_products
+from meanwise.optim._base import (
+    Closure,
+    FunctionalOptimizer,
+    check_hyperparameters,
+    parameter_name,
+)
+
+
+class AdaHessian(FunctionalOptimizer):
+    """AdaHessian (Yao et al., AAAI 2021): Adam with the second moment replaced by an RMS EMA of
+    a Hutchinson estimate of the Hessian diagonal.
+
+    Use it like this: the step that estimates the Hessian needs gradients that carry a graph::
+
+        loss = loss_fn(model(x), y)
+        loss.backward(create_graph=opt.hessian_due)   # True on Hessian steps
+        opt.step()
+        opt.zero_grad()
+
+    or ``opt.step(closure)`` with a closure that does the same. ``create_graph=True`` keeps the
+    backward graph alive (about one more forward+backward of activation memory) until the step,
+    which frees it by detaching the gradients. With ``update_each=k`` only every k-th step (the
+    first, then every k) estimates the Hessian; the others reuse the last estimate, keep the
+    EMA and bias corrections exact, and need a plain ``backward()`` -- much cheaper.
+
+    Args:
+        params: parameters or param groups (``model.named_parameters()`` works too).
+        lr, betas: as in Adam; ``betas[1]`` is the EMA of the squared Hessian diagonal.
+        eps: added to the denominator.
+        weight_decay: decoupled, ``p <- p - lr * wd * p`` (as in the authors' code).
+        hessian_power: k in ``denom = (sqrt(v_hat))^k + eps``, in [0, 1].
+        update_each: estimate the Hessian every this many steps.
+        n_samples: Rademacher probes per estimate; ``D = |mean_s z_s * H z_s|``.
+        spatial_average: average the diagonal of conv kernels (tensors of >= 3 dims) over
+            their spatial dims; a param-group option, so turn it off for a group of
+            non-convolution tensors with >= 3 dims.
+        generator: the probes' random generator. ``None`` makes a private one seeded from
+            torch's global generator, so ``torch.manual_seed`` before construction fixes it.
+            Its state is part of ``state_dict()``: resuming continues the same probes.
+        check_finite: raise ValueError naming the parameter if a gradient is nan/inf.
+        distributed: average gradients and Hessian probes over ``process_group`` (the
+            optimizer does the communication itself because DDP does not support double
+            backward; do not wrap the model in DDP). ``None``: on when torch.distributed is
+            initialized. Parameters must start equal on all ranks.
+        process_group: the group to average over (default: the world).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0,
+        hessian_power: float = 1.0,
+        update_each: int = 1,
+        n_samples: int = 1,
+        spatial_average: bool = True,
+        generator: torch.Generator | None = None,
+        check_finite: bool = False,
+        *,
+        foreach: bool | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
+    ) -> None:
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        if not isinstance(hessian_power, float | int) or not 0.0 <= hessian_power <= 1.0:
+            raise ValueError(f"hessian_power must be in [0, 1]; got {hessian_power!r}")
+        if not isinstance(update_each, int) or update_each < 1:
+            raise ValueError(f"update_each must be an integer >= 1; got {update_each!r}")
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be an integer >= 1; got {n_samples!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            hessian_power=float(hessian_power),
+            spatial_average=spatial_average,
+            foreach=foreach,
+            check_finite=check_finite,
+        )
+        super().__init__(params, defaults)
+        self.update_each = update_each
+        self.n_samples = n_samples
+        self.steps_taken = 0
+        if generator is None:
+            first = self.param_groups[0]["params"][0]
+            generator = torch.Generator(device=first.device)
+            generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        self.generator = generator
+        if distributed is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.distributed = distributed
+        self.process_group = process_group
+        self._generator_synced = False
+
+    @property
+    def hessian_due(self) -> bool:
+        """Whether the next step estimates the Hessian (its backward needs create_graph=True)."""
+        return self.steps_taken % self.update_each == 0
+
+    # -- distributed helpers -------------------------------------------------------------
+    def _all_reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Average tensors across ranks in one flat buffer per dtype."""
+        dist = torch.distributed
+        world = dist.get_world_size(self.process_group)
+        out: list[Tensor | None] = [None] * len(tensors)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        for indices in by_dtype.values():
+            flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+            dist.all_reduce(flat, group=self.process_group)
+            flat.div_(world)
+            sizes = [tensors[i].numel() for i in indices]
+            for i, piece in zip(indices, flat.split(sizes), strict=True):
+                out[i] = piece.view_as(tensors[i])
+        return out  # type: ignore[return-value]
+
+    def _sync_generator(self) -> None:
+        """Give every rank rank 0's probe generator, so all ranks draw the same z."""
+        dist = torch.distributed
+        state = self.generator.get_state()
+        source = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
+        dist.broadcast(state, src=source, group=self.process_group)
+        self.generator.set_state(state)
+        self._generator_synced = True
+
+    # -- the step --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Closure = None):
+        """One step; a Hessian step (see :attr:`hessian_due`) needs graph-carrying gradients."""
+        loss = self._run_closure(closure)
+        entries = []  # (group_index, group, param_index_in_group, param)
+        for group_index, group in enumerate(self.param_groups):
+            params, _ = self._gradients(group_index, group)
+            names = {id(p): i for i, p in enumerate(group["params"])}
+            entries.extend((group_index, group, names[id(p)], p) for p in params)
+        if not entries:
+            return loss
+        params = [e[3] for e in entries]
+        grads = [p.grad for p in params]
+        hessian_step = self.hessian_due
+
+        if hessian_step:
+            if all(g.grad_fn is None for g in grads):
+                group_index, group, param_index, _ = entries[0]
+                raise ValueError(
+                    "AdaHessian needs gradients that carry a graph on this step (hessian_due is "
+                    "True): call loss.backward(create_graph=True) before opt.step() (parameter "
+                    f"{parameter_name(group, group_index, param_index)} has a plain gradient)"
+                )
+            if self.distributed and not self._generator_synced:
+                self._sync_generator()
+            with torch.enable_grad():
+                products = hutchinson_products(
+                    grads, params, n_samples=self.n_samples, generator=self.generator
+                )
+            if self.distributed:
+                products = self._all_reduce_mean(products)
+            diagonals = hessian_diagonal(products, [e[1]["spatial_average"] for e in entries])
+            del products
+        # Dropping the graph-carrying gradients frees the double-backward graph.
+        for p in params:
+            p.grad = p.grad.detach()
+        grads = [p.grad for p in params]
+        if self.distributed:
+            grads = self._all_reduce_mean(grads)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+
+        for i, (group_index, group, param_index, p) in enumerate(entries):
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_hessian_diag_sq"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
+            if hessian_step:
+                if self.update_each > 1:
+                    state["hessian_diag"] = diagonals[i]
+            elif "hessian_diag" not in state:
+                raise ValueError(
+                    f"parameter {parameter_name(group, group_index, param_index)} has no Hessian "
+                    "estimate yet: its first gradient came on a step without one; give it a "
+                    "gradient on a Hessian step (opt.hessian_due) first"
+                )
+
+        position = {id(p): i for i, p in enumerate(params)}
+        for group in self.param_groups:
+            members = [i for i, p in enumerate(params) if entries[i][1] is group]
+            if not members:
+                continue
+            group_params = [params[i] for i in members]
+            ops = self._ops_for(group, group_params)
+            beta1, beta2 = group["betas"]
+            for step, indices in self._buckets(group_params).items():
+                chosen = [group_params[j] for j in indices]
+                states = [self.state[p] for p in chosen]
+                adahessian(
+                    chosen,
+                    [grads[position[id(p)]] for p in chosen],
+                    [
+                        diagonals[position[id(p)]] if hessian_step else s["hessian_diag"]
+                        for p, s in zip(chosen, states, strict=True)
+                    ],
+                    [s["exp_avg"] for s in states],
+                    [s["exp_hessian_diag_sq"] for s in states],
+                    step=step + 1,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    hessian_power=group["hessian_power"],
+                    ops=ops,
+                )
+                for s in states:
+                    s["step"] = step + 1
+        self.steps_taken += 1
+        return loss
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict plus the step counter and the probe generator's state."""
+        state = super().state_dict()
+        state["adahessian"] = {
+            "steps_taken": self.steps_taken,
+            "update_each": self.update_each,
+            "n_samples": self.n_samples,
+            "generator_state": self.generator.get_state(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("adahessian", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.steps_taken = int(extra["steps_taken"])
+            self.update_each = int(extra["update_each"])
+            self.n_samples = int(extra["n_samples"])
+            self.generator.set_state(extra["generator_state"])

@@ -1,0 +1,86 @@
+"""``DiffGrad``: the authors' v2 rule as a torch.optim.Optimizer (= torch-optimizer's DiffGrad)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from meanwise.functional import diffgrad
+from meanwise.optim._base import Closure, FunctionalOptimizer, check_hyperparameters
+
+
+class DiffGrad(FunctionalOptimizer):
+    """diffGrad (Dubey et al., IEEE TNNLS 2019): Adam whose first moment is damped by the
+    friction ``sigmoid(|g_{t-1} - g_t|)``, so steps shrink where the gradient stops changing.
+
+    Numerically identical to torch-optimizer 0.3.0's ``DiffGrad`` (the authors' v2 rule), but
+    with multi-tensor kernels, one previous-gradient buffer updated in place (no clone per
+    step), and the gradients left untouched.
+
+    Args:
+        params: parameters or param groups.
+        lr, betas, eps: as in Adam (eps is added to ``sqrt(v)``; the bias corrections are in
+            the step size).
+        weight_decay: L2, added to the gradient before the friction is computed.
+        foreach: multi-tensor kernels (None: yes, unless the group mixes devices or dtypes).
+        check_finite: raise ValueError naming the parameter if a gradient is nan/inf.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        *,
+        foreach: bool | None = None,
+        check_finite: bool = False,
+    ) -> None:
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            check_finite=check_finite,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Closure = None):
+        """One step for every parameter with a gradient; returns the closure's loss."""
+        loss = self._run_closure(closure)
+        for group_index, group in enumerate(self.param_groups):
+            params, grads = self._gradients(group_index, group)
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    for key in ("exp_avg", "exp_avg_sq", "previous_grad"):
+                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            ops = self._ops_for(group, params)
+            beta1, beta2 = group["betas"]
+            for step, indices in self._buckets(params).items():
+                states = [self.state[params[i]] for i in indices]
+                diffgrad(
+                    [params[i] for i in indices],
+                    [grads[i] for i in indices],
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [s["previous_grad"] for s in states],
+                    step=step + 1,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    ops=ops,
+                )
+                for s in states:
+                    s["step"] = step + 1
+        return loss
