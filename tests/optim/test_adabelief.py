@@ -23,7 +23,7 @@ OPTION_SETS = [
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(sorted(o)) or "defaults")
-def test_matches_adabelief_pytorch(kind, options):
+def test_matches_adabelief_pytorch(kind, options, chunking):
     ours_model = make(kind)
     ref_model = copy.deepcopy(ours_model)
     ours = AdaBelief(ours_model.parameters(), **options)

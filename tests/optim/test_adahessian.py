@@ -67,7 +67,7 @@ def by_hand(params, a_steps, b, *, lr, betas, eps, wd, power, update_each, spati
     "power, update_each, n_samples, wd",
     [(1.0, 1, 1, 0.0), (0.5, 1, 1, 1e-2), (1.0, 4, 1, 0.0), (0.5, 4, 3, 1e-3)],
 )
-def test_matches_equations_on_separable_quadratic(power, update_each, n_samples, wd):
+def test_matches_equations_on_separable_quadratic(power, update_each, n_samples, wd, chunking):
     modules = quadratic_modules()
     params = list(modules.parameters())
     n_steps = 101
@@ -111,7 +111,7 @@ def test_spatial_average_is_a_group_option():
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_matches_torch_optimizer_adahessian(kind):
+def test_matches_torch_optimizer_adahessian(kind, chunking):
     """torch-optimizer draws its probes from the global generator: give ours the same stream."""
     ours_model = make(kind)
     ref_model = copy.deepcopy(ours_model)

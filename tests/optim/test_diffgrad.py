@@ -19,7 +19,7 @@ from tests.optim._models import assert_same_params, batches, loss_of, make
     [{}, {"lr": 1e-2, "weight_decay": 5e-4}, {"betas": (0.95, 0.99), "eps": 1e-6}],
     ids=["defaults", "decay", "betas"],
 )
-def test_matches_torch_optimizer(kind, options):
+def test_matches_torch_optimizer(kind, options, chunking):
     ours_model = make(kind)
     ref_model = copy.deepcopy(ours_model)
     ours = DiffGrad(ours_model.parameters(), **options)

@@ -53,10 +53,12 @@ def diffgrad(
     exp_avg_sq = ops.mul_scalar(list(exp_avg_sq), beta2)
     exp_avg_sq = ops.addcmul(exp_avg_sq, grads, grads, 1.0 - beta2)
 
-    friction = ops.sigmoid(ops.abs(ops.new_sub(previous_grad, grads)))
-    previous_grad = ops.assign(list(previous_grad), grads)
+    # The friction is computed in the previous-gradient buffer, which is dead until it is
+    # overwritten with this gradient at the end: no temporary for it in the in-place flavours.
+    friction = ops.sigmoid(ops.abs(ops.add(list(previous_grad), grads, alpha=-1.0)))
     damped = ops.mul(friction, exp_avg)
     denom = ops.add_scalar(ops.new_sqrt(exp_avg_sq), eps)
     step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
     params = ops.addcdiv(params, damped, denom, -step_size)
+    previous_grad = ops.assign(damped, grads)
     return DiffGradResult(params, exp_avg, exp_avg_sq, previous_grad)

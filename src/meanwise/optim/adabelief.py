@@ -94,25 +94,31 @@ class AdaBelief(FunctionalOptimizer):
             beta1, beta2 = group["betas"]
             for step, indices in self._buckets(params).items():
                 states = [self.state[params[i]] for i in indices]
-                adabelief(
+                columns = [
                     [params[i] for i in indices],
                     [grads[i] for i in indices],
                     [s["exp_avg"] for s in states],
                     [s["exp_avg_var"] for s in states],
-                    [s["max_exp_avg_var"] for s in states] if amsgrad else None,
-                    step=step + 1,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    amsgrad=amsgrad,
-                    weight_decouple=group["weight_decouple"],
-                    fixed_decay=group["fixed_decay"],
-                    rectify=group["rectify"],
-                    degenerated_to_sgd=group["degenerated_to_sgd"],
-                    ops=ops,
-                )
+                ]
+                if amsgrad:
+                    columns.append([s["max_exp_avg_var"] for s in states])
+                for bundle in self._bundles(ops, columns):
+                    adabelief(
+                        *bundle[:4],
+                        bundle[4] if amsgrad else None,
+                        step=step + 1,
+                        lr=group["lr"],
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                        amsgrad=amsgrad,
+                        weight_decouple=group["weight_decouple"],
+                        fixed_decay=group["fixed_decay"],
+                        rectify=group["rectify"],
+                        degenerated_to_sgd=group["degenerated_to_sgd"],
+                        ops=ops,
+                    )
                 for s in states:
                     s["step"] = step + 1
         return loss

@@ -212,7 +212,7 @@ class AdaHessian(FunctionalOptimizer):
             for step, indices in self._buckets(group_params).items():
                 chosen = [group_params[j] for j in indices]
                 states = [self.state[p] for p in chosen]
-                adahessian(
+                columns = [
                     chosen,
                     [grads[position[id(p)]] for p in chosen],
                     [
@@ -221,15 +221,19 @@ class AdaHessian(FunctionalOptimizer):
                     ],
                     [s["exp_avg"] for s in states],
                     [s["exp_hessian_diag_sq"] for s in states],
-                    step=step + 1,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    hessian_power=group["hessian_power"],
-                    ops=ops,
-                )
+                ]
+                for bundle in self._bundles(ops, columns):
+                    adahessian(
+                        *bundle,
+                        step=step + 1,
+                        lr=group["lr"],
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                        hessian_power=group["hessian_power"],
+                        ops=ops,
+                    )
                 for s in states:
                     s["step"] = step + 1
         self.steps_taken += 1

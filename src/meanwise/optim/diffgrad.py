@@ -67,20 +67,24 @@ class DiffGrad(FunctionalOptimizer):
             beta1, beta2 = group["betas"]
             for step, indices in self._buckets(params).items():
                 states = [self.state[params[i]] for i in indices]
-                diffgrad(
+                columns = [
                     [params[i] for i in indices],
                     [grads[i] for i in indices],
                     [s["exp_avg"] for s in states],
                     [s["exp_avg_sq"] for s in states],
                     [s["previous_grad"] for s in states],
-                    step=step + 1,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    ops=ops,
-                )
+                ]
+                for bundle in self._bundles(ops, columns):
+                    diffgrad(
+                        *bundle,
+                        step=step + 1,
+                        lr=group["lr"],
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                        ops=ops,
+                    )
                 for s in states:
                     s["step"] = step + 1
         return loss
