@@ -112,7 +112,7 @@ def test_spatial_average_is_a_group_option():
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_matches_torch_optimizer_adahessian(kind, chunking):
-    """torch-optimizer draws its probes from the global generator: give ours the same stream."""
+    """torch-optimizer draws its probes from the global generator: ours gets the same stream."""
     ours_model = make(kind)
     ref_model = copy.deepcopy(ours_model)
     data = batches(kind, 100)
@@ -120,6 +120,9 @@ def test_matches_torch_optimizer_adahessian(kind, chunking):
     ours = AdaHessian(
         ours_model.parameters(), **settings, generator=torch.Generator().manual_seed(123)
     )
+    # torch-optimizer draws one randint per entry; ours draws packed bits. Give ours the same
+    # probes so the comparison is of the estimator and the update, not of the random stream.
+    ours.probe = lambda p, g: torch.randint(0, 2, p.shape, generator=g, dtype=p.dtype) * 2 - 1
     ref = torch_optimizer.Adahessian(ref_model.parameters(), **settings)
     torch.manual_seed(123)
     for batch in data:
@@ -246,3 +249,21 @@ def test_default_generator_follows_the_global_seed():
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
         AdaHessian(make("mlp").parameters(), **kwargs)
+
+
+def test_rademacher_probes_are_fair_signs():
+    from meanwise.functional import rademacher_like
+
+    template = torch.empty(1000, 37, dtype=torch.float64)
+    z = rademacher_like(template, torch.Generator().manual_seed(0))
+    assert z.shape == template.shape and z.dtype == torch.float64
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    assert abs(z.mean().item()) < 0.01  # 37,000 fair signs: sd of the mean is 0.005
+    # every bit position of the packed bytes is used fairly, and neighbours are uncorrelated
+    flat = z.reshape(-1)[: 8 * 4000].reshape(4000, 8)
+    assert (flat.mean(0).abs() < 0.06).all()
+    assert abs((flat[:, :-1] * flat[:, 1:]).mean().item()) < 0.03
+    again = rademacher_like(template, torch.Generator().manual_seed(0))
+    assert torch.equal(z, again)
+    odd = rademacher_like(torch.empty(3, 5, 7), torch.Generator().manual_seed(1))
+    assert odd.shape == (3, 5, 7) and odd.abs().eq(1).all()

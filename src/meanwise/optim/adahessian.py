@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanwise.functional import adahessian, hessian_diagonal, hutchinson_products
+from meanwise.functional import adahessian, hessian_diagonal, hutchinson_products, rademacher_like
 from meanwise.optim._base import (
     Closure,
     FunctionalOptimizer,
@@ -48,6 +48,8 @@ class AdaHessian(FunctionalOptimizer):
         generator: the probes' random generator. ``None`` makes a private one seeded from
             torch's global generator, so ``torch.manual_seed`` before construction fixes it.
             Its state is part of ``state_dict()``: resuming continues the same probes.
+            The probes are drawn by the attribute ``probe(tensor, generator)``
+            (:func:`meanwise.functional.rademacher_like`); assign another to change them.
         check_finite: raise ValueError naming the parameter if a gradient is nan/inf.
         distributed: average gradients and Hessian probes over ``process_group`` (the
             optimizer does the communication itself because DDP does not support double
@@ -102,6 +104,7 @@ class AdaHessian(FunctionalOptimizer):
             generator = torch.Generator(device=first.device)
             generator.manual_seed(int(torch.randint(0, 2**62, ())))
         self.generator = generator
+        self.probe = rademacher_like
         if distributed is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.distributed = distributed
@@ -168,7 +171,12 @@ class AdaHessian(FunctionalOptimizer):
                 self._sync_generator()
             with torch.enable_grad():
                 products = hutchinson_products(
-                    grads, params, n_samples=self.n_samples, generator=self.generator
+                    grads,
+                    params,
+                    n_samples=self.n_samples,
+                    generator=self.generator,
+                    keep_sign=self.distributed,  # ranks average signed products
+                    probe=self.probe,
                 )
             if self.distributed:
                 products = self._all_reduce_mean(products)

@@ -1,0 +1,139 @@
+"""The `meanwise` command: list the reproductions, run them, rebuild the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from meanwise import __version__
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+_REPRODUCE_HELP = """\
+Runs the named experiments (or all of them) over seeds 0..N-1 and writes into DIR:
+  results.json   every experiment's config, per-seed results, summary and verdict
+  index.html     the report (open it in a browser), figures/ its PNG figures
+
+Existing results are merged: running one experiment keeps the other experiments' entries in
+results.json and regenerates index.html from the merged file.
+
+Resume: every finished seed is cached in DIR/.cache/<name>/<config-hash>-seed<k>.json, and
+long seeds also cache their finished stages (e.g. one optimizer's training run) next to it.
+Rerunning the same command with the same config reuses them, so an interrupted run continues
+where it stopped and a finished one only rebuilds the report. The hash covers the config
+(not the number of seeds) and the meanwise version; --fresh ignores and overwrites the cache.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed so the docs and tests can inspect it)."""
+    parser = argparse.ArgumentParser(
+        prog="meanwise",
+        description="Reproduce the headline comparisons of nine averaging methods and write "
+        "an HTML report.",
+    )
+    parser.add_argument("--version", action="version", version=f"meanwise {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("list", help="list the experiments (name and title)")
+
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="run experiments and write DIR/results.json and DIR/index.html",
+        description=_REPRODUCE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    reproduce.add_argument("names", nargs="+", metavar="NAME", help="experiment names, or 'all'")
+    reproduce.add_argument(
+        "--quick", action="store_true", help="the quick preset (minutes) instead of the full one"
+    )
+    reproduce.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run seeds 0..N-1 (default: the experiment's own number, 3 for optimizers)",
+    )
+    reproduce.add_argument(
+        "--out", default="reports", metavar="DIR", help="output folder (default: reports)"
+    )
+    reproduce.add_argument("--fresh", action="store_true", help="ignore and overwrite the cache")
+    reproduce.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+    report = commands.add_parser(
+        "report", help="rebuild DIR/index.html from DIR/results.json without running anything"
+    )
+    report.add_argument("--out", default="reports", metavar="DIR", help="the report folder")
+    return parser
+
+
+def _list() -> int:
+    from meanwise.experiments import registry
+
+    experiments = registry.experiments()
+    width = max((len(e.name) for e in experiments), default=0)
+    for experiment in experiments:
+        print(f"{experiment.name:<{width}}  {experiment.title}")
+    return EXIT_OK
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from meanwise.experiments import registry
+
+    known = registry.names()
+    names = known if "all" in args.names else list(dict.fromkeys(args.names))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(
+            f"meanwise: unknown experiment(s) {', '.join(unknown)}; "
+            f"known experiments: {', '.join(known)} (or 'all')",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.seeds is not None and args.seeds < 1:
+        print(f"meanwise: --seeds must be >= 1; got {args.seeds}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from meanwise.report import INDEX_FILE, reproduce
+
+    reproduce(
+        names,
+        args.out,
+        quick=args.quick,
+        n_seeds=args.seeds,
+        fresh=args.fresh,
+        show_progress=not args.no_progress,
+    )
+    print(f"meanwise: wrote {args.out}/results.json and {args.out}/{INDEX_FILE}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from meanwise.report import rebuild
+
+    path = rebuild(args.out)
+    print(f"meanwise: wrote {path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `meanwise` command; returns the exit status (2: usage errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return _list()
+        if args.command == "reproduce":
+            return _reproduce(args)
+        return _report(args)
+    except ValueError as error:
+        print(f"meanwise: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("meanwise: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The registry of reproductions: `register`, `get(name)`, `names()`.
+
+Built-in experiments live in the modules listed in `_BUILTIN_MODULES` and register themselves on
+import. They are imported lazily, on the first lookup, so that importing the registry is cheap
+and one experiment with a missing optional dependency cannot break the others' import.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from meanwise.experiments.base import Experiment
+
+__all__ = ["register", "get", "names", "experiments"]
+
+_BUILTIN_MODULES: tuple[str, ...] = ("meanwise.experiments.optimizers",)
+
+_REGISTRY: dict[str, Experiment] = {}
+_builtins_loaded = False
+
+
+def register(experiment: Experiment, *, replace: bool = False) -> Experiment:
+    """Add `experiment` under its name; a second, different one with that name is an error."""
+    if not isinstance(experiment, Experiment):
+        raise TypeError(f"register expects an Experiment; got {type(experiment).__name__}")
+    existing = _REGISTRY.get(experiment.name)
+    if existing is not None and existing is not experiment and not replace:
+        raise ValueError(
+            f"an experiment named {experiment.name!r} is already registered; "
+            "pass replace=True to override it"
+        )
+    _REGISTRY[experiment.name] = experiment
+    return experiment
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def names() -> list[str]:
+    """Registered experiment names, in registration order."""
+    _load_builtins()
+    return list(_REGISTRY)
+
+
+def experiments() -> list[Experiment]:
+    """Registered experiments, in registration order."""
+    _load_builtins()
+    return list(_REGISTRY.values())
+
+
+def get(name: str) -> Experiment:
+    """The experiment called `name`; a ValueError lists the known names otherwise."""
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(_REGISTRY) or "(none)"
+        raise ValueError(f"unknown experiment {name!r}; known experiments: {known}") from None

@@ -1,0 +1,168 @@
+"""The registry, the presets, and the runner's cache keys and stage checkpoints."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from meanwise.experiments import Experiment, Table, get, names, register, registry
+from meanwise.experiments.base import (
+    atomic_write_text,
+    cached_stage,
+    format_mean_std,
+    mean_std,
+    runner_context,
+    torch_threads,
+)
+from meanwise.experiments.optimizers import OptimizersConfig
+from meanwise.experiments.runner import config_hash, run_experiment
+
+
+def _toy_experiment(name="toy", run=None):
+    @dataclasses.dataclass(frozen=True)
+    class ToyConfig:
+        seeds: int = 2
+        scale: float = 1.0
+
+        @classmethod
+        def quick(cls):
+            return cls(scale=0.5)
+
+        @classmethod
+        def full(cls):
+            return cls()
+
+    def default_run(config, seed):
+        return {"value": config.scale * (seed + 1)}
+
+    return Experiment(
+        name=name,
+        title="A toy",
+        config_cls=ToyConfig,
+        run=run or default_run,
+        claim="c",
+        published=[],
+        summarize=lambda results: [Table(["v"], [[str(r["value"])] for r in results])],
+        verdict=lambda results: "HOLDS",
+    )
+
+
+def test_optimizers_is_registered():
+    assert "optimizers" in names()
+    assert get("optimizers").name == "optimizers"
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ValueError, match="unknown experiment 'nope'.*optimizers"):
+        get("nope")
+
+
+@pytest.mark.parametrize("name", names())
+def test_every_experiment_has_quick_and_full_presets(name):
+    experiment = get(name)
+    quick, full = experiment.config(quick=True), experiment.config(quick=False)
+    assert isinstance(quick, experiment.config_cls) and isinstance(full, experiment.config_cls)
+    assert quick.seeds >= 1 and full.seeds >= 1
+    json.dumps(dataclasses.asdict(quick))  # configs are JSON-friendly
+
+
+def test_optimizers_presets():
+    quick, full = OptimizersConfig.quick(), OptimizersConfig.full()
+    assert quick.seeds == full.seeds == 3
+    assert quick.epochs < full.epochs
+    assert set(full.methods) == {"SGD", "Adam", "AdamW", "AdaBelief", "diffGrad", "AdaHessian"}
+    with pytest.raises(ValueError, match="unknown methods"):
+        OptimizersConfig(methods=("Lion",))
+
+
+def test_register_refuses_a_second_experiment_with_the_same_name(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    toy = register(_toy_experiment())
+    assert register(toy) is toy  # the same object again is fine (re-import)
+    with pytest.raises(ValueError, match="already registered"):
+        register(_toy_experiment())
+    other = register(_toy_experiment(), replace=True)
+    assert get("toy") is other
+    with pytest.raises(TypeError):
+        register("toy")
+
+
+def test_config_hash_ignores_seed_count_only():
+    a = OptimizersConfig(epochs=3)
+    more_seeds = dataclasses.replace(a, seeds=7)
+    assert config_hash("optimizers", a) == config_hash("optimizers", more_seeds)
+    assert config_hash("optimizers", a) != config_hash("optimizers", OptimizersConfig(epochs=4))
+    assert config_hash("optimizers", a) != config_hash("other", a)
+
+
+def test_runner_caches_each_seed_and_reuses_it(tmp_path):
+    calls = []
+
+    def run(config, seed):
+        calls.append(seed)
+        return {"value": config.scale * (seed + 1)}
+
+    toy = _toy_experiment(run=run)
+    config = toy.config(quick=True)
+    first = run_experiment(toy, config, [0, 1], cache_dir=tmp_path)
+    assert calls == [0, 1] and [s.cached for s in first.seeds] == [False, False]
+    second = run_experiment(toy, config, [0, 1, 2], cache_dir=tmp_path)
+    assert calls == [0, 1, 2]  # only the new seed ran
+    assert [s.cached for s in second.seeds] == [True, True, False]
+    assert second.results[:2] == first.results
+    fresh = run_experiment(toy, config, [0], cache_dir=tmp_path, fresh=True)
+    assert calls[-1] == 0 and not fresh.seeds[0].cached
+    # a changed config is a different cache key
+    run_experiment(toy, toy.config(quick=False), [0], cache_dir=tmp_path)
+    assert calls[-1] == 0 and len(calls) == 5
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_runner_rejects_results_that_are_not_json(tmp_path):
+    toy = _toy_experiment(run=lambda config, seed: {"tensor": torch.zeros(1)})
+    with pytest.raises(TypeError, match="not JSON"):
+        run_experiment(toy, toy.config(True), [0], cache_dir=tmp_path)
+
+
+def test_cached_stage_resumes_without_recomputing(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": 0.1 + 0.2}
+
+    assert cached_stage("a", compute) == {"x": 0.1 + 0.2}  # no runner: a plain call
+    with runner_context(show_progress=False, stage_dir=tmp_path):
+        assert cached_stage("a", compute) == {"x": 0.1 + 0.2}
+        assert cached_stage("a", compute) == {"x": 0.1 + 0.2}  # exact float round trip
+    assert len(calls) == 2
+    assert (tmp_path / "a.json").exists()
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "f.json"
+    atomic_write_text(path, "old")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_mean_std_and_formatting():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std
+    assert format_mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
+    assert format_mean_std([5.0]) == "5.00"
+
+
+def test_torch_threads_restores():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
