@@ -205,7 +205,9 @@ def table(title: str, medians: dict[str, float], baseline: str, targets: dict[st
     for name, seconds in medians.items():
         ratio = seconds / base
         target = targets.get(name)
-        mark = "" if target is None else f"<= {target:.1f}x " + ("ok" if ratio <= target else "MISSED")
+        mark = ""
+        if target is not None:
+            mark = f"<= {target:.1f}x " + ("ok" if ratio <= target else "MISSED")
         print(f"  {name:52s} {seconds * 1e3:8.2f}ms {ratio:19.2f}x  {mark}")
         rows.append({"candidate": name, "median_ms": seconds * 1e3, "ratio": ratio,
                      "target": target})  # fmt: skip
