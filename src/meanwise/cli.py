@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -11,6 +12,10 @@ from meanwise import __version__
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Method areas add their own commands (e.g. `meanwise merge`): each module listed here has
+# `add_commands(subparsers)`, which adds parsers that set a `handler(args) -> int` default.
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 _REPRODUCE_HELP = """\
 Runs the named experiments (or all of them) over seeds 0..N-1 and writes into DIR:
@@ -66,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="rebuild DIR/index.html from DIR/results.json without running anything"
     )
     report.add_argument("--out", default="reports", metavar="DIR", help="the report folder")
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).add_commands(commands)
     return parser
 
 
@@ -126,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list()
         if args.command == "reproduce":
             return _reproduce(args)
-        return _report(args)
+        if args.command == "report":
+            return _report(args)
+        return args.handler(args)
     except ValueError as error:
         print(f"meanwise: {error}", file=sys.stderr)
         return EXIT_FAILED
