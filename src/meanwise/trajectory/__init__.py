@@ -1,0 +1,1 @@
+"""Trajectory prediction: ETH/UCY data, Social-Implicit, and distribution-aware metrics."""

@@ -1,0 +1,32 @@
+"""Shared fixtures: the reference data folder, or a skip that says why it is missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meanwise.trajectory.data import resolve_data_dir
+
+
+def _data_root() -> Path | None:
+    root = resolve_data_dir()
+    return root if root is not None and (root / "eth_ucy").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = _data_root()
+    if root is None:
+        pytest.skip(
+            "ETH/UCY data not found: set MEANWISE_DATA_DIR or place ../shared/data beside the repo"
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def checkpoints_root(data_root: Path) -> Path:
+    folder = data_root / "social_implicit_checkpoints"
+    if not folder.is_dir():
+        pytest.skip(f"released Social-Implicit weights not found under {folder}")
+    return folder

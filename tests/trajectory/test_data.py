@@ -1,0 +1,124 @@
+"""The ETH/UCY reader: published window counts, Social-GAN's loader written out as an oracle,
+and errors that point at the offending file and line."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from meanwise.trajectory.data import (
+    load_split,
+    read_annotations,
+    split_dir,
+    windows_from_annotations,
+)
+
+# scenes / pedestrian-windows of the test subsets, as published with Social-STGCNN/-Implicit
+EXPECTED_COUNTS = {
+    "eth": (70, 181),
+    "hotel": (301, 1053),
+    "univ": (947, 24334),
+    "zara1": (602, 2253),
+    "zara2": (921, 5833),
+    "sdd": (292, 738),
+}
+
+
+@pytest.mark.parametrize("split", sorted(EXPECTED_COUNTS))
+def test_test_window_counts_match_the_published_ones(data_root, split):
+    scenes = load_split(split, "test", data_root)
+    assert (len(scenes), sum(s.num_pedestrians for s in scenes)) == EXPECTED_COUNTS[split]
+
+
+def _social_gan_windows(data: np.ndarray, seq_len: int = 20, min_ped: int = 1):
+    """Social-GAN's TrajectoryDataset loop (sgan/data/trajectories.py), transcribed."""
+    frames = np.unique(data[:, 0]).tolist()
+    frame_data = [data[frame == data[:, 0], :] for frame in frames]
+    num_sequences = int(math.ceil((len(frames) - seq_len + 1) / 1))
+    out = []
+    for idx in range(0, num_sequences + 1):
+        curr = np.concatenate(frame_data[idx : idx + seq_len], axis=0)
+        peds = np.unique(curr[:, 1])
+        tracks = []
+        for ped_id in peds:
+            seq = np.around(curr[curr[:, 1] == ped_id, :], decimals=4)
+            pad_front = frames.index(seq[0, 0]) - idx
+            pad_end = frames.index(seq[-1, 0]) - idx + 1
+            if pad_end - pad_front != seq_len:
+                continue
+            tracks.append((ped_id, seq[:, 2:]))
+        if len(tracks) > min_ped:
+            out.append((frames[idx], tracks))
+    return out
+
+
+def test_windows_equal_social_gans_loader_on_zara1(data_root):
+    path = split_dir(data_root, "zara1", "test") / "crowds_zara01.txt"
+    data = read_annotations(path)
+    ours = windows_from_annotations(data)
+    reference = _social_gan_windows(data)
+    assert len(ours) == len(reference)
+    for scene, (first_frame, tracks) in zip(ours, reference, strict=True):
+        assert scene.frame_ids[0].item() == first_frame
+        assert scene.pedestrian_ids.tolist() == [t[0] for t in tracks]
+        expected = torch.tensor(np.stack([t[1] for t in tracks], axis=1))  # [20, N, 2]
+        assert torch.equal(torch.cat([scene.observed, scene.future]), expected)
+
+
+def test_hand_made_windowing_gaps_and_order(tmp_path):
+    rows = []
+    # ped 7 in frames 0..19 (full), ped 3 in 0..19 but missing frame 50 (index 5),
+    # ped 5 in 1..20 (full, starts one window later); frame ids jump by 10 except 60 -> 200
+    frame_ids = [10 * i for i in range(21)]
+    frame_ids[-1] = 2000
+    for i, f in enumerate(frame_ids):
+        if i < 20:
+            rows.append((f, 7, i, 0.0))
+            if i != 5:
+                rows.append((f, 3, 0.0, i))
+        if i >= 1:
+            rows.append((f, 5, i, i + 0.123456))
+    data = np.asarray(rows, dtype=np.float64)
+    assert windows_from_annotations(data) == []  # no window has 2 full pedestrians
+    rows.extend((frame_ids[i], 9, -1.0, float(i)) for i in range(1, 21))
+    scenes = windows_from_annotations(np.asarray(rows))
+    assert len(scenes) == 1
+    assert scenes[0].pedestrian_ids.tolist() == [5, 9]  # ascending id, ped 7/3 excluded
+    assert scenes[0].frame_ids.tolist() == frame_ids[1:]
+    assert scenes[0].observed[0, 0].tolist() == [1.0, 1.1235]  # rounded to 4 decimals
+    rel = scenes[0].observed_displacements()
+    assert torch.equal(rel[0], torch.zeros(2, 2)) and torch.allclose(
+        rel[1:], scenes[0].observed[1:] - scenes[0].observed[:-1]
+    )
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("10\t1\t2.0\n", "expected 4 fields"),
+        ("10\t1\tx\t2.0\n", "fields must be numbers"),
+        ("10\t1\tnan\t2.0\n", "non-finite"),
+    ],
+)
+def test_malformed_line_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "scene.txt"
+    path.write_text("0\t1\t1.0\t2.0\n\n" + line)
+    with pytest.raises(ValueError, match=rf"scene\.txt:3: {message}"):
+        read_annotations(path)
+
+
+def test_duplicate_annotation_and_bad_arguments_raise(tmp_path):
+    data = np.asarray([(f, 1, 0.0, 0.0) for f in range(20)] + [(3, 1, 1.0, 1.0)], float)
+    with pytest.raises(ValueError, match="annotated twice in frame 3"):
+        windows_from_annotations(data)
+    with pytest.raises(ValueError, match="split must be one of"):
+        split_dir(tmp_path, "mars", "test")
+    with pytest.raises(ValueError, match="subset must be one of"):
+        split_dir(tmp_path, "eth", "dev")
+    with pytest.raises(ValueError, match="no eth/test"):
+        split_dir(tmp_path, "eth", "test")
+    with pytest.raises(ValueError, match="data_dir"):
+        split_dir(tmp_path / "missing", "eth", "test")
