@@ -1,0 +1,262 @@
+"""Social-Implicit (Mohamed et al., ECCV 2022): a 5.8K-parameter implicit trajectory sampler.
+
+Tensors follow the metrics' layout, time first: observed displacements `[8, N, 2]` in, sampled
+future displacements `[K, 12, N, 2]` out (`predict` turns them into absolute positions). Inside,
+the cells work on the authors' layout `[K, 2, time, N]` because the released weights' conv
+kernels are laid out for it (the global stream's 3x3 kernels run across the pedestrian axis).
+
+Zones. Each pedestrian is routed to one Social-Cell by its observed speed: zone =
+bucketize(max over the observed steps of the inf-norm of the displacement, bins, right=True) - 1
+(`torch.bucketize(..., right=True)`, as the authors call it: bin i holds bins[i] <= s < bins[i+1],
+the last bin is open above). The authors' code takes the norm of the *first* observed step only,
+which their loader sets to zero, so every pedestrian lands in zone 0 and only the first cell was
+ever trained; `compat=True` reproduces that (and is what `from_official_checkpoint` sets), the
+default routes by real speed.
+
+Noise. One 2-D standard normal draw per sample, shared by all pedestrians, steps and zones of the
+scene, scaled per zone by the cell's learnable `noise_w` times a fixed zone factor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from meanwise.trajectory.data import OBS_LEN, PRED_LEN
+
+__all__ = [
+    "SocialCell",
+    "SocialImplicit",
+    "ZONE_BINS",
+    "NOISE_FACTORS",
+    "NOISE_FACTORS_ETH",
+    "noise_factors_for",
+]
+
+ZONE_BINS: tuple[float, ...] = (0.0, 0.01, 0.1, 1.2)
+NOISE_FACTORS: tuple[float, ...] = (0.05, 1.0, 4.0, 8.0)
+NOISE_FACTORS_ETH: tuple[float, ...] = (0.175, 1.5, 4.0, 8.0)
+
+
+def noise_factors_for(dataset: str) -> tuple[float, ...]:
+    """The zone noise factors the authors used for a split (ETH has its own, larger ones)."""
+    return NOISE_FACTORS_ETH if dataset == "eth" else NOISE_FACTORS
+
+
+class _LocalStream(nn.Module):
+    """Per-pedestrian stream: conv over time with x/y as channels, then time as channels."""
+
+    def __init__(self, obs_len: int, pred_len: int) -> None:
+        super().__init__()
+        self.feat = nn.Conv1d(2, 2, 3, padding=1)
+        self.highway_input = nn.Conv1d(2, 2, 1)
+        self.tpcnn = nn.Conv1d(obs_len, pred_len, 3, padding=1)
+        self.highway = nn.Conv1d(obs_len, pred_len, 1)
+        self.pred_len = pred_len
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, _, t, n = x.shape
+        seq = x.permute(0, 3, 1, 2).reshape(k * n, 2, t)  # [K*N, x/y, time]
+        a = torch.relu(self.feat(seq)) + self.highway_input(seq)
+        a = a.transpose(1, 2)  # [K*N, time, x/y]: the temporal kernel runs along x/y (released)
+        b = self.tpcnn(a) + self.highway(a)  # [K*N, 12, 2]
+        return b.reshape(k, n, self.pred_len, 2).permute(0, 3, 2, 1)
+
+
+class SocialCell(nn.Module):
+    """One zone's cell (1,459 parameters): a global stream over the time x pedestrian grid and
+    a local per-pedestrian stream, mixed by learnable scalars (all three start at zero, as in
+    the released code, so an untrained cell predicts zero displacement)."""
+
+    def __init__(self, obs_len: int = OBS_LEN, pred_len: int = PRED_LEN) -> None:
+        super().__init__()
+        self.feat = nn.Conv2d(2, 2, 3, padding=1)
+        self.highway_input = nn.Conv2d(2, 2, 1)
+        self.tpcnn = nn.Conv2d(obs_len, pred_len, 3, padding=1)
+        self.highway = nn.Conv2d(obs_len, pred_len, 1)
+        self.noise_w = nn.Parameter(torch.zeros(1))
+        self.global_w = nn.Parameter(torch.zeros(1))
+        self.local_w = nn.Parameter(torch.zeros(1))
+        self.ped = _LocalStream(obs_len, pred_len)
+
+    def forward(self, x: Tensor, noise: Tensor, noise_factor: float) -> Tensor:
+        """x: [1, 2, obs_len, N] displacements; noise: [K, 2, 1, 1] -> [K, 2, pred_len, N]."""
+        x = x + self.noise_w * noise_factor * noise
+        local = self.ped(x)
+        a = torch.relu(self.feat(x)) + self.highway_input(x)
+        a = a.transpose(1, 2)  # [K, time, x/y, N]: time becomes the channel axis
+        b = (self.tpcnn(a) + self.highway(a)).transpose(1, 2)
+        return self.global_w * b + self.local_w * local
+
+
+class SocialImplicit(nn.Module):
+    """Social-Implicit: one `SocialCell` per speed zone; `forward` samples K futures.
+
+    Args:
+        bins: zone lower edges (speed in metres per observed step), ascending, first 0.
+        noise_factors: one fixed noise scale per zone.
+        compat: route by the first observed displacement, as the released code does (every
+            pedestrian then falls in zone 0); the default routes by the maximum observed speed.
+    """
+
+    def __init__(
+        self,
+        bins: Sequence[float] = ZONE_BINS,
+        noise_factors: Sequence[float] = NOISE_FACTORS,
+        *,
+        compat: bool = False,
+        obs_len: int = OBS_LEN,
+        pred_len: int = PRED_LEN,
+    ) -> None:
+        super().__init__()
+        bins = [float(b) for b in bins]
+        if not bins or any(b1 <= b0 for b0, b1 in zip(bins, bins[1:], strict=False)):
+            raise ValueError(f"bins must be non-empty and strictly ascending; got {bins}")
+        if len(noise_factors) != len(bins):
+            raise ValueError(
+                f"noise_factors needs one value per zone ({len(bins)}); got {list(noise_factors)}"
+            )
+        self.register_buffer("bins", torch.tensor(bins, dtype=torch.float64), persistent=False)
+        self.noise_factors = tuple(float(f) for f in noise_factors)
+        self.compat = compat
+        self.obs_len, self.pred_len = obs_len, pred_len
+        self.implicit_cells = nn.ModuleList(SocialCell(obs_len, pred_len) for _ in range(len(bins)))
+
+    # --- zones -------------------------------------------------------------------------------
+
+    def zones(self, displacements: Tensor) -> Tensor:
+        """[N] zone index of each pedestrian, from observed displacements [obs_len, N, 2]."""
+        if self.compat:
+            speed = displacements[0].abs().amax(dim=-1)  # the released code's first step
+        else:
+            speed = displacements.abs().amax(dim=(0, 2))
+        return torch.bucketize(speed.to(self.bins.dtype), self.bins, right=True) - 1
+
+    # --- sampling ----------------------------------------------------------------------------
+
+    def _check(self, displacements: Tensor) -> None:
+        if (
+            displacements.dim() != 3
+            or displacements.shape[0] != self.obs_len
+            or (displacements.shape[2] != 2)
+        ):
+            raise ValueError(
+                f"displacements must be [{self.obs_len}, N, 2]; got {tuple(displacements.shape)}"
+            )
+        if displacements.shape[1] == 0:
+            raise ValueError("displacements has no pedestrians (N = 0)")
+
+    def forward(
+        self,
+        displacements: Tensor,
+        num_samples: int = 20,
+        *,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """K samples of future displacements [K, pred_len, N, 2] for one scene.
+
+        Args:
+            displacements: observed displacements [obs_len, N, 2] (first step 0 by the
+                loader's convention), in the model's dtype.
+            num_samples: K.
+            generator: torch generator for the noise (reproducible sampling).
+            noise: explicit noise [K, 2] instead of drawing it (tests, IMLE with fixed draws).
+        """
+        self._check(displacements)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+        dtype = self.implicit_cells[0].feat.weight.dtype
+        x = displacements.to(dtype).permute(2, 0, 1).unsqueeze(0)  # [1, 2, obs_len, N]
+        if noise is None:
+            noise = torch.randn(num_samples, 2, generator=generator, dtype=dtype)
+        elif noise.shape != (num_samples, 2):
+            raise ValueError(f"noise must be [{num_samples}, 2]; got {tuple(noise.shape)}")
+        noise = noise.to(dtype).view(num_samples, 2, 1, 1)
+        zone = self.zones(displacements)
+        first = int(zone[0])
+        if bool((zone == first).all()):
+            # one zone (always so in compat mode): no gather/scatter over pedestrians
+            out = self.implicit_cells[first](x, noise, self.noise_factors[first])
+        else:
+            out = x.new_zeros(num_samples, 2, self.pred_len, x.shape[-1])
+            for i in torch.unique(zone).tolist():
+                select = zone == i
+                out[..., select] = self.implicit_cells[i](
+                    x[..., select], noise, self.noise_factors[i]
+                )
+        return out.permute(0, 2, 3, 1)
+
+    def predict(
+        self,
+        observed: Tensor,
+        num_samples: int = 20,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """K sampled futures in absolute positions [K, pred_len, N, 2] from observed positions
+        [obs_len, N, 2]: the cumulative sum of the sampled displacements plus the last
+        observed position."""
+        if observed.dim() != 3 or observed.shape[0] != self.obs_len or observed.shape[2] != 2:
+            raise ValueError(
+                f"observed must be [{self.obs_len}, N, 2]; got {tuple(observed.shape)}"
+            )
+        rel = torch.zeros_like(observed)
+        rel[1:] = observed[1:] - observed[:-1]
+        steps = self(rel, num_samples, generator=generator)
+        return steps.cumsum(dim=1) + observed[-1].to(steps.dtype)
+
+    # --- the released weights ----------------------------------------------------------------
+
+    @classmethod
+    def from_official_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        dataset: str | None = None,
+        compat: bool = True,
+    ) -> SocialImplicit:
+        """Load the authors' `val_best.pth` (a plain state dict; loaded with weights_only=True).
+
+        `path` is the file or its folder. The zone noise factors are not in the state dict; they
+        follow the split named by `dataset`, else by the `dataset` field of the `args.json` next
+        to the weights. The model is float64 (the weights were trained and evaluated in it) and
+        in compatibility mode unless `compat=False`.
+        """
+        path = Path(path)
+        weights = path / "val_best.pth" if path.is_dir() else path
+        if not weights.is_file():
+            raise ValueError(f"path {str(path)!r}: no checkpoint file {str(weights)!r}")
+        if dataset is None:
+            args_file = weights.parent / "args.json"
+            if not args_file.is_file():
+                raise ValueError(
+                    f"path {str(path)!r}: no args.json beside the weights; pass dataset= "
+                    "(the split they were trained for, which sets the noise factors)"
+                )
+            dataset = json.loads(args_file.read_text()).get("dataset")
+            if not isinstance(dataset, str):
+                raise ValueError(f"{args_file}: no 'dataset' string field")
+        # the released tensors were saved on a GPU; map them to the CPU
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{weights}: expected a state dict; got {type(state).__name__}")
+        model = cls(noise_factors=noise_factors_for(dataset), compat=compat).double()
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(
+            k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k].shape
+        )
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{weights} does not match SocialImplicit: missing {missing[:4]}, unexpected "
+                f"{unexpected[:4]}, wrong shapes {wrong[:4]}"
+            )
+        model.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
+        return model.eval()
