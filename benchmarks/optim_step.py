@@ -94,6 +94,14 @@ def step_candidates() -> dict[str, Callable]:
     return candidates
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_interleaved(turns: dict[str, Callable[[], None]], rounds: int, warmup: int = 3):
     """Median seconds per call of every turn, taking turns round-robin."""
     for _ in range(warmup):
@@ -102,8 +110,10 @@ def time_interleaved(turns: dict[str, Callable[[], None]], rounds: int, warmup: 
     samples: dict[str, list[float]] = {name: [] for name in turns}
     for _ in range(rounds):
         for name, turn in turns.items():
+            _sync()
             start = time.perf_counter()
             turn()
+            _sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in samples.items()}
 
@@ -112,7 +122,7 @@ def bench_steps(model_fn: Callable[[], nn.Module], rounds: int) -> dict[str, flo
     turns = {}
     for name, make in step_candidates().items():
         torch.manual_seed(0)
-        model = model_fn()
+        model = model_fn().to(DEVICE)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-2
         opt = make(model.parameters())
@@ -121,7 +131,7 @@ def bench_steps(model_fn: Callable[[], nn.Module], rounds: int) -> dict[str, flo
 
 
 def bench_iterations(model_fn, batch, rounds: int) -> dict[str, float]:
-    x, y = batch
+    x, y = (t.to(DEVICE) for t in batch)
     loss_fn = nn.CrossEntropyLoss()
 
     def plain(opt, model):
@@ -184,7 +194,7 @@ def bench_iterations(model_fn, batch, rounds: int) -> dict[str, float]:
     turns = {}
     for name, build in builders.items():
         torch.manual_seed(0)
-        iteration = build(model_fn())
+        iteration = build(model_fn().to(DEVICE))
 
         def period(iteration=iteration):
             # A turn is 4 iterations, one whole update_each=4 period: a median over single
@@ -219,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (about a minute)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     rounds = 10 if args.quick else 40
     step_targets = {"AdaBelief (meanwise)": 1.0, "DiffGrad (meanwise)": 1.2}
     iteration_targets = {
@@ -233,10 +246,14 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "platform": platform.platform(),
             "threads": args.threads,
+            "device": str(DEVICE),
         },
         "quick": args.quick,
     }
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {rounds} interleaved rounds")
+    print(
+        f"torch {torch.__version__} on {DEVICE}, {args.threads} thread(s), "
+        f"{rounds} interleaved rounds"
+    )
     for label, model_fn in (("MLP ~5.4M params", mlp), ("CNN ~0.3M params", cnn)):
         n = sum(p.numel() for p in model_fn().parameters())
         medians = bench_steps(model_fn, rounds)
