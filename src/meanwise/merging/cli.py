@@ -1,0 +1,174 @@
+"""`meanwise fisher` (compute and store a diagonal Fisher) and `meanwise merge` (merge
+checkpoints from a YAML config, streaming). Registered through `meanwise.cli`'s command modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["add_commands", "run_fisher", "run_merge"]
+
+_MERGE_HELP = """\
+Merges checkpoints as the YAML config says, one tensor at a time, into the folder DIR
+(model.safetensors, or shards with model.safetensors.index.json). DIR appears only when
+complete. Example config:
+
+  method: fisher          # or average
+  models:
+    - {path: a/, fisher: fisher-a.safetensors, weight: 1.0}
+    - {path: b.safetensors, fisher: fisher-b.safetensors, weight: 1.0}
+  dtype: bfloat16         # optional
+  out_shard_size: 2GB     # optional
+  keep_target: [classifier]
+  parameters: {preset: authors}
+"""
+
+_FISHER_HELP = """\
+Computes the diagonal Fisher of a model on data and stores it as safetensors (parameter name ->
+Fisher). MODEL is 'package.module:factory', a callable returning the nn.Module (imported from
+the current folder or sys.path); --weights loads a checkpoint into it (safetensors or a torch
+state dict, never a pickle). DATA is a safetensors or torch file with tensors 'inputs' (and
+'targets' for --mode empirical), or 'package.module:callable' returning an iterable of
+(inputs, targets) batches.
+"""
+
+
+def _import_callable(spec: str, what: str):
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} must be 'package.module:callable'; got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{what}: cannot import {module_name!r}: {error}") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{what}: {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{what}: {spec!r} is not callable")
+    return target
+
+
+def _tensor_batches(inputs: Tensor, targets: Tensor | None, size: int) -> Iterator:
+    for start in range(0, inputs.shape[0], size):
+        stop = start + size
+        yield inputs[start:stop], None if targets is None else targets[start:stop]
+
+
+def _load_data(spec: str, batch_size: int) -> Iterable:
+    from meanwise.merging.checkpoints import load_state_dict
+
+    if ":" in spec and not Path(spec).exists():
+        return _import_callable(spec, "--data")()
+    tensors = load_state_dict(spec)
+    if "inputs" not in tensors:
+        raise ValueError(f"--data {spec}: expected a tensor named 'inputs'; found {list(tensors)}")
+    inputs, targets = tensors["inputs"], tensors.get("targets")
+    if targets is not None and targets.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"--data {spec}: 'targets' has {targets.shape[0]} rows, 'inputs' {inputs.shape[0]}"
+        )
+    return _tensor_batches(inputs, targets, batch_size)
+
+
+def run_fisher(args: argparse.Namespace) -> int:
+    from meanwise.merging.checkpoints import load_state_dict, save_safetensors
+    from meanwise.merging.fisher import diagonal_fisher
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    model = _import_callable(args.model, "--model")()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {args.model} returned {type(model).__name__}, not an nn.Module")
+    if args.weights:
+        state = load_state_dict(args.weights)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"--weights {args.weights} does not fit the model: {error}") from None
+    generator = torch.Generator().manual_seed(args.seed)
+    fisher = diagonal_fisher(
+        model,
+        _load_data(args.data, args.batch_size),
+        mode=args.mode,
+        n_samples=args.n_samples,
+        max_examples=args.max_examples,
+        likelihood=args.likelihood,
+        generator=generator,
+    )
+    metadata = {"mode": args.mode, "likelihood": args.likelihood, "model": args.model,
+                "n_samples": str(args.n_samples), "created_by": "meanwise fisher"}  # fmt: skip
+    save_safetensors({k: v.contiguous() for k, v in fisher.items()}, args.out, metadata)
+    print(f"meanwise: wrote the {args.mode} Fisher of {len(fisher)} tensors to {args.out}",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from meanwise.merging.config import load_merge_config
+    from meanwise.merging.streaming import merge_checkpoints
+
+    config = load_merge_config(args.config)
+    summary = merge_checkpoints(
+        [m.path for m in config.models],
+        [m.fisher for m in config.models] if config.method == "fisher" else None,
+        args.out,
+        coefficients=[m.weight for m in config.models],
+        options=config.options,
+        dtype=config.dtype,
+        max_shard_bytes=config.out_shard_size,
+        keep_target=config.keep_target,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"meanwise: merged {summary.tensors} tensors ({summary.total_bytes / 1e6:.1f} MB, "
+        f"{config.method}) into {summary.out}/ ({', '.join(summary.files)}) in "
+        f"{summary.seconds:.1f}s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `fisher` and `merge` to the `meanwise` command."""
+    from meanwise.merging.fisher import FISHER_MODES, LIKELIHOODS
+
+    fisher = subparsers.add_parser(
+        "fisher",
+        help="compute a model's diagonal Fisher and store it as safetensors",
+        description=_FISHER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fisher.add_argument("--model", required=True, metavar="MODULE:FACTORY")
+    fisher.add_argument("--weights", metavar="CHECKPOINT", help="weights to load into the model")
+    fisher.add_argument("--data", required=True, metavar="FILE|MODULE:CALLABLE")
+    fisher.add_argument("--out", required=True, metavar="FISHER.safetensors")
+    fisher.add_argument("--mode", choices=FISHER_MODES, default="exact")
+    fisher.add_argument("--likelihood", choices=LIKELIHOODS, default="categorical")
+    fisher.add_argument("--n-samples", type=int, default=1, help="draws per example (sampled)")
+    fisher.add_argument("--max-examples", type=int, default=None)
+    fisher.add_argument("--batch-size", type=int, default=256, help="for tensor --data files")
+    fisher.add_argument("--seed", type=int, default=0, help="seed of --mode sampled")
+    fisher.set_defaults(handler=run_fisher)
+
+    merge = subparsers.add_parser(
+        "merge",
+        help="merge checkpoints (Fisher-weighted or plain) from a YAML config, streaming",
+        description=_MERGE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("config", metavar="CONFIG.yaml")
+    merge.add_argument("--out", required=True, metavar="DIR")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
+    merge.set_defaults(handler=run_merge)

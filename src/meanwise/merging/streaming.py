@@ -1,0 +1,238 @@
+"""Merge checkpoints tensor by tensor: peak memory is about one tensor times (models + Fishers).
+
+Every key is read from each model (and its Fisher), merged with `merge.merge_tensor` -- the same
+function `fisher_merge` uses in memory, so the results are bit-identical -- cast to the output
+dtype, appended to the current output shard and dropped. ``normalize`` needs the global norm of
+every Fisher before the first merged tensor, so it costs one extra pass over the Fisher files
+(one tensor at a time as well).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from meanwise.merging.checkpoints import (
+    Checkpoint,
+    SafetensorsWriter,
+    TensorSpec,
+    atomic_directory,
+    open_checkpoint,
+    plan_shards,
+)
+from meanwise.merging.merge import (
+    MergeOptions,
+    fisher_norm,
+    merge_tensor,
+    validate_coefficients,
+)
+
+__all__ = ["MergeSummary", "merge_checkpoints", "merge_opened"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass
+class MergeSummary:
+    """What a streaming merge wrote."""
+
+    out: Path
+    files: list[str] = field(default_factory=list)
+    tensors: int = 0
+    total_bytes: int = 0
+    seconds: float = 0.0
+
+
+def _is_kept(key: str, keep_target: Sequence[str]) -> bool:
+    return any(key == k or key.startswith(k.rstrip(".") + ".") for k in keep_target)
+
+
+def _validate_models(
+    models: Sequence[Checkpoint], keep_target: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """(all target keys in order, the merged ones); mismatches name the tensor and the file."""
+    target = models[0]
+    keys = target.keys()
+    merged = [k for k in keys if not _is_kept(k, keep_target)]
+    hint = " (a task-specific head? list it under keep_target)"
+    for i, model in enumerate(models[1:], start=1):
+        theirs = set(model.keys())
+        missing = [k for k in merged if k not in theirs]
+        if missing:
+            raise ValueError(f"models[{i}] ({model.path}) lacks tensors {missing[:5]}{hint}")
+        mine = set(keys)
+        extra = [k for k in model.keys() if k not in mine and not _is_kept(k, keep_target)]
+        if extra:
+            raise ValueError(f"models[{i}] ({model.path}) has extra tensors {extra[:5]}{hint}")
+        for key in merged:
+            a, b = target.spec(key), model.spec(key)
+            if a.shape != b.shape:
+                raise ValueError(
+                    f"tensor {key!r}: models[{i}] ({model.path}) has shape {list(b.shape)}, "
+                    f"models[0] has {list(a.shape)}{hint}"
+                )
+            if a.dtype != b.dtype:
+                raise ValueError(
+                    f"tensor {key!r}: models[{i}] ({model.path}) has dtype {b.dtype}, models[0] "
+                    f"has {a.dtype}; convert one, or set dtype for the output"
+                )
+    return keys, merged
+
+
+def _validate_fishers(
+    fishers: Sequence[Checkpoint], target: Checkpoint, merged: Sequence[str], missing: str
+) -> set[str]:
+    merged_set = set(merged)
+    covered = set(fishers[0].keys())
+    for i, fisher in enumerate(fishers):
+        keys = set(fisher.keys())
+        unknown = sorted(keys - merged_set)
+        if unknown:
+            raise ValueError(
+                f"fisher of models[{i}] ({fisher.path}) has tensors {unknown[:5]} that are not "
+                "merged parameters of models[0]"
+            )
+        if keys != covered:
+            raise ValueError(
+                f"the Fishers of models[{i}] and models[0] cover different tensors: "
+                f"{sorted(keys ^ covered)[:5]}"
+            )
+        for key in keys:
+            if fisher.spec(key).shape != target.spec(key).shape:
+                raise ValueError(
+                    f"tensor {key!r}: fisher of models[{i}] ({fisher.path}) has shape "
+                    f"{list(fisher.spec(key).shape)}, the parameter {list(target.spec(key).shape)}"
+                )
+            if not fisher.spec(key).dtype.is_floating_point:
+                raise ValueError(f"tensor {key!r}: fisher of models[{i}] is not floating point")
+    if missing == "error":
+        lacking = [k for k in merged if k not in covered and target.spec(k).dtype.is_floating_point]
+        if lacking:
+            raise ValueError(f"tensors {lacking[:5]} have no Fisher (missing: error)")
+    return covered
+
+
+def merge_opened(
+    models: Sequence[Checkpoint],
+    fishers: Sequence[Checkpoint] | None,
+    out: Path | str,
+    coefficients: Sequence[float] | None = None,
+    options: MergeOptions = MergeOptions(),  # noqa: B008 - frozen
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    keep_target: Sequence[str] = (),
+    overwrite: bool = False,
+) -> MergeSummary:
+    """Merge opened checkpoints into the folder `out` (fishers None: plain λ-average)."""
+    start = time.perf_counter()
+    if not models:
+        raise ValueError("need at least one model to merge")
+    if fishers is not None and len(fishers) != len(models):
+        raise ValueError(f"{len(fishers)} Fishers for {len(models)} models; give one per model")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype; got {dtype}")
+    lambdas = validate_coefficients(coefficients, len(models))
+    keys, merged = _validate_models(models, keep_target)
+    merged_set = set(merged)
+    covered: set[str] = set()
+    if fishers is not None:
+        covered = _validate_fishers(fishers, models[0], merged, options.missing)
+    norms = None
+    if fishers is not None and options.normalize:
+        norms = []
+        for i, fisher in enumerate(fishers):
+            squares = 0.0
+            for key in covered:
+                squares += float(fisher.get(key).double().square().sum())
+            norms.append(fisher_norm(squares, i))
+
+    def out_spec(key: str) -> TensorSpec:
+        spec = models[0].spec(key)
+        if dtype is not None and spec.dtype.is_floating_point:
+            return TensorSpec(dtype, spec.shape)
+        return spec
+
+    specs = {key: out_spec(key) for key in keys}
+    shards = plan_shards(specs, max_shard_bytes)
+    count = len(shards)
+    names = (
+        [SINGLE_NAME]
+        if count == 1
+        else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    )
+    summary = MergeSummary(Path(out), files=list(names))
+    metadata = {
+        "format": "pt",
+        "merged_by": "meanwise",
+        "method": "fisher" if fishers else "average",
+    }
+    with atomic_directory(out, overwrite) as folder:
+        weight_map = {}
+        for name, shard in zip(names, shards, strict=True):
+            with SafetensorsWriter(folder / name, {k: specs[k] for k in shard}, metadata) as w:
+                for key in shard:
+                    if key in merged_set:
+                        members = [m.get(key) for m in models]
+                        key_fishers = [f.get(key) for f in fishers] if key in covered else None
+                        try:
+                            tensor = merge_tensor(
+                                key, members, key_fishers, lambdas, options, norms
+                            )
+                        except ValueError as error:
+                            raise ValueError(f"tensor {key!r}: {error}") from None
+                        del members, key_fishers
+                    else:
+                        tensor = models[0].get(key)
+                    w.write(key, tensor.to(specs[key].dtype))
+                    summary.tensors += 1
+                    summary.total_bytes += specs[key].nbytes
+                    weight_map[key] = name
+                    del tensor
+        if count > 1:
+            index = {"metadata": {"total_size": summary.total_bytes}, "weight_map": weight_map}
+            (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+            summary.files.append(INDEX_NAME)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def merge_checkpoints(
+    models: Sequence[Path | str],
+    fishers: Sequence[Path | str] | None,
+    out: Path | str,
+    coefficients: Sequence[float] | None = None,
+    options: MergeOptions = MergeOptions(),  # noqa: B008 - frozen
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    keep_target: Sequence[str] = (),
+    overwrite: bool = False,
+) -> MergeSummary:
+    """Open the checkpoint paths (any format `open_checkpoint` reads) and `merge_opened` them.
+
+    The output is a folder: ``model.safetensors``, or shards ``model-0000k-of-0000n.safetensors``
+    with ``model.safetensors.index.json`` when it exceeds `max_shard_bytes`; it appears only
+    when complete.
+    """
+    opened: list[Checkpoint] = []
+    try:
+        for path in models:
+            opened.append(open_checkpoint(path))
+        opened_fishers = None
+        if fishers is not None:
+            opened_fishers = []
+            for path in fishers:
+                opened_fishers.append(open_checkpoint(path))
+                opened.append(opened_fishers[-1])
+        return merge_opened(
+            opened[: len(models)], opened_fishers, out, coefficients, options, dtype,
+            max_shard_bytes, keep_target, overwrite,
+        )  # fmt: skip
+    finally:
+        for checkpoint in opened:
+            checkpoint.close()
