@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import struct
 import tempfile
@@ -530,15 +531,13 @@ def parse_size(value: int | str) -> int:
     if isinstance(value, int):
         result = value
     elif isinstance(value, str):
-        text = value.strip().upper().replace(" ", "")
-        number = text.rstrip("KMGTIB")
-        unit = text[len(number) :]
+        match = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if match is None:
+            raise ValueError(f"cannot read {value!r} as a size like '5GB'")
+        unit = match.group(2).upper()
         if unit not in _UNITS:
             raise ValueError(f"unknown size unit in {value!r}; use B, KB, MB, GB, MiB, GiB")
-        try:
-            result = int(float(number) * _UNITS[unit])
-        except ValueError:
-            raise ValueError(f"cannot read {value!r} as a size like '5GB'") from None
+        result = int(float(match.group(1)) * _UNITS[unit])
     else:
         raise TypeError(f"a size must be a number of bytes or a string like '5GB'; got {value!r}")
     if result < 1:

@@ -168,8 +168,10 @@ def merge_tensor(
     if fishers is not None and members[0].is_floating_point():
         weights = _elementwise_weights(key, members[0].shape, fishers, coefficients, options, norms)
         elementwise = [{key: w} for w in weights]
-    # float32 λ: float64 weights would promote a float32 merge (and its memory) to float64
-    weights = torch.tensor(coefficients, dtype=torch.float32)
+    # λ in float32 unless the members are float64: float64 weights would promote a float32
+    # merge (and its memory) to float64
+    wide = members[0].dtype == torch.float64
+    weights = torch.tensor(coefficients, dtype=torch.float64 if wide else torch.float32)
     return average_state_dicts(states, weights=weights, elementwise=elementwise)[key]
 
 
@@ -206,7 +208,10 @@ def _shared_keys(states: Sequence[Mapping[str, Tensor]], keep_target: Sequence[s
 
 
 def _fisher_keys(
-    fishers: Sequence[Mapping[str, Tensor]], merged: Sequence[str], options: MergeOptions
+    fishers: Sequence[Mapping[str, Tensor]],
+    merged: Sequence[str],
+    options: MergeOptions,
+    target: Mapping[str, Tensor],
 ) -> set[str]:
     """Keys merged with Fisher weights; the others are averaged (or rejected)."""
     merged_set = set(merged)
@@ -217,13 +222,20 @@ def _fisher_keys(
                 f"fishers[{i}] has keys {unknown[:5]} that are not merged parameters of the "
                 "states (a Fisher of another model, or a key listed in keep_target?)"
             )
+        integer = [k for k in fisher if not target[k].is_floating_point()]
+        if integer:
+            raise ValueError(
+                f"fishers[{i}] has keys {integer[:5]} of integer tensors, which are copied from "
+                "the target and never weighted"
+            )
     with_fisher = set(fishers[0])
     for i, fisher in enumerate(fishers[1:], start=1):
         if set(fisher) != with_fisher:
             diff = sorted(set(fisher) ^ with_fisher)
             raise ValueError(f"fishers[{i}] and fishers[0] cover different keys: {diff[:5]}")
     if options.missing == "error":
-        lacking = [k for k in merged if k not in with_fisher]
+        # integer buffers (step counters) are copied from the target, never weighted
+        lacking = [k for k in merged if k not in with_fisher and target[k].is_floating_point()]
         if lacking:
             raise ValueError(
                 f"keys {lacking[:5]} have no Fisher; pass missing='average' to average them"
@@ -278,7 +290,7 @@ def fisher_merge(
         options = MergeOptions.from_preset(preset, floor=floor, missing=missing)
     lambdas = validate_coefficients(coefficients, len(states))
     merged_keys = _shared_keys(states, keep_target)
-    with_fisher = _fisher_keys(fishers, merged_keys, options)
+    with_fisher = _fisher_keys(fishers, merged_keys, options, states[0])
     norms = None
     if options.normalize:
         norms = [
