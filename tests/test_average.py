@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from meanwise.average import average_state_dicts, weighted_average
+from meanwise.average import (
+    average_state_dicts,
+    member_variance,
+    rescale_to_variance,
+    weighted_average,
+)
 
 
 def test_scalar_weights_closed_form():
@@ -155,3 +160,34 @@ def test_state_dict_mismatches_name_the_key():
         average_state_dicts([])
     with pytest.raises(ValueError, match="weights must have shape"):
         average_state_dicts([a, b], [1.0, 2.0, 3.0])
+
+
+def test_member_variance_is_the_weighted_mean_of_unbiased_variances():
+    torch.manual_seed(3)
+    x = torch.randn(3, 50, dtype=torch.float64) * torch.tensor(
+        [[1.0], [2.0], [3.0]], dtype=torch.float64
+    )
+    w = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    expected = sum(wi * xi.var(unbiased=True) for wi, xi in zip(w, x, strict=True))
+    torch.testing.assert_close(member_variance(x, w), expected)
+    with pytest.raises(ValueError, match="at least 2 elements"):
+        member_variance(torch.ones(3, 1))
+
+
+def test_rescale_to_variance_closed_form_and_vanishing_variance():
+    torch.manual_seed(4)
+    m = 8
+    members = torch.randn(m, 64, 32, dtype=torch.float64) * 0.1  # independent inits, sd 0.1
+    merged = weighted_average(members)
+    # the vanishing variance: a plain mean of m independent tensors keeps ~1/m of the variance
+    assert merged.var().item() == pytest.approx(0.01 / m, rel=0.1)
+    target = member_variance(members)
+    fixed = rescale_to_variance(merged, target, eps=1e-4)
+    expected_var = merged.var() * (target + 1e-4) / (merged.var() + 1e-4)
+    torch.testing.assert_close(fixed.var(), expected_var)
+    torch.testing.assert_close(fixed.mean(), merged.mean())
+    # the pattern is kept: the correction is an affine map of the merged tensor
+    centred = merged - merged.mean()
+    torch.testing.assert_close(fixed - fixed.mean(), centred * (fixed.std() / merged.std()))
+    one = torch.tensor([3.0])
+    assert rescale_to_variance(one, 10.0) is one

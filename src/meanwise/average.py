@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["weighted_average", "average_state_dicts"]
+__all__ = ["weighted_average", "average_state_dicts", "member_variance", "rescale_to_variance"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -221,3 +221,38 @@ def average_state_dicts(
             raise ValueError(f"key {key!r}: {err}") from None
         result[key] = averaged.to(first.dtype)
     return result
+
+
+def member_variance(stacked: Tensor | Sequence[Tensor], weights: Tensor | None = None) -> Tensor:
+    """The weighted mean over members of each member's unbiased variance over its elements.
+
+    This is the variance a merge should keep: averaging m independently initialised tensors
+    shrinks the elementwise variance to about 1/m of theirs (Tian et al., 2024), and
+    :func:`rescale_to_variance` restores it. ``weights`` as in :func:`weighted_average`
+    (scalar per member; ``None``: uniform).
+    """
+    x = _stack(stacked, "stacked")
+    if x[0].numel() < 2:
+        raise ValueError("member_variance needs tensors with at least 2 elements")
+    acc, _ = _accumulation_dtype(x.dtype)
+    variances = x.reshape(x.shape[0], -1).to(acc).var(dim=1, unbiased=True)
+    return weighted_average(variances, weights)
+
+
+def rescale_to_variance(
+    merged: Tensor, target_variance: Tensor | float, eps: float = 1e-4
+) -> Tensor:
+    """``(W - mean(W)) * sqrt((v + eps) / (Var(W) + eps)) + mean(W)``: the variance correction.
+
+    Keeps the merged tensor's mean and pattern and gives it (about) the variance ``v``;
+    ``eps`` inside both variances keeps a near-constant tensor from being blown up. Var is the
+    unbiased variance over the tensor's elements. A tensor with fewer than 2 elements is
+    returned unchanged (it has no spread to correct).
+    """
+    if merged.numel() < 2:
+        return merged
+    acc, out = _accumulation_dtype(merged.dtype)
+    w = merged.to(acc)
+    mean = w.mean()
+    scale = torch.sqrt((torch.as_tensor(target_variance, dtype=acc) + eps) / (w.var() + eps))
+    return ((w - mean) * scale + mean).to(out)
