@@ -1,5 +1,16 @@
 """Federated averaging under unknown and anarchic participation (FedAU, AFA-CD, AFA-CS)."""
 
+from meanwise.federated.aggregators import (
+    AFA_CD,
+    AFA_CS,
+    MIFA,
+    Aggregator,
+    FedAU,
+    FedAvg,
+    FedVARP,
+    KnownParticipation,
+    ParticipationIntervalWeights,
+)
 from meanwise.federated.participation import (
     Anarchic,
     Arrivals,
@@ -12,6 +23,15 @@ from meanwise.federated.participation import (
 )
 
 __all__ = [
+    "AFA_CD",
+    "AFA_CS",
+    "MIFA",
+    "Aggregator",
+    "FedAU",
+    "FedAvg",
+    "FedVARP",
+    "KnownParticipation",
+    "ParticipationIntervalWeights",
     "Anarchic",
     "Arrivals",
     "Bernoulli",

@@ -1,0 +1,366 @@
+"""Server-side aggregation rules over flat client updates, all through ``meanwise.average``.
+
+Every aggregator sees the round's client deltas Δ_n = y_n − x as one ``[S, P]`` tensor (S
+participants, P flattened parameters) with the clients' indices ``[S]``, and returns the new
+global vector ``x + server_lr · direction``. Working on flat vectors keeps the memory-based
+methods (MIFA, FedVARP, AFA-CS: one stored vector per client) a single ``[N, P]`` tensor.
+
+Shared rules: a client whose update is not finite is dropped and counted as absent
+(``dropped_nonfinite``, with a warning), so the global model never becomes NaN; a round
+without (finite) participants leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meanwise.average import weighted_average
+from meanwise.federated.participation import validate_probabilities
+
+__all__ = [
+    "Aggregator",
+    "FedAvg",
+    "KnownParticipation",
+    "MIFA",
+    "FedVARP",
+    "FedAU",
+    "ParticipationIntervalWeights",
+    "AFA_CD",
+    "AFA_CS",
+]
+
+
+class ParticipationIntervalWeights:
+    """FedAU's online weights: the mean of each client's recorded participation intervals.
+
+    ``update(mask)`` takes the round's boolean mask ``[N]`` and returns float64 weights ``[N]``:
+    for a participating client the mean of its intervals recorded so far (1.0 if none), for an
+    absent client 0. Afterwards it records, as in the paper's released code: a participating
+    client records (rounds absent since its last record) + 1 and resets; with ``cutoff`` K an
+    absent client that reaches K rounds of absence records K and resets. O(N) memory: a sum, a
+    count and an absence counter per client.
+    """
+
+    def __init__(self, n_clients: int, cutoff: int | None = None) -> None:
+        if int(n_clients) < 1:
+            raise ValueError(f"n_clients must be positive; got {n_clients}")
+        if cutoff is not None and int(cutoff) < 1:
+            raise ValueError(f"cutoff must be a positive integer or None; got {cutoff}")
+        self.n_clients = int(n_clients)
+        self.cutoff = None if cutoff is None else int(cutoff)
+        self.absent_rounds = torch.zeros(self.n_clients, dtype=torch.long)
+        self.interval_sum = torch.zeros(self.n_clients, dtype=torch.float64)
+        self.interval_count = torch.zeros(self.n_clients, dtype=torch.long)
+
+    def update(self, mask: Tensor | Sequence[bool]) -> Tensor:
+        m = torch.as_tensor(mask, dtype=torch.bool)
+        if m.shape != (self.n_clients,):
+            raise ValueError(
+                f"mask must be a boolean vector of shape [{self.n_clients}]; got {list(m.shape)}"
+            )
+        counted = self.interval_count > 0
+        mean = self.interval_sum / self.interval_count.clamp(min=1)
+        weights = torch.where(counted, mean, torch.ones_like(mean))
+        weights = torch.where(m, weights, torch.zeros_like(weights))
+
+        self.absent_rounds = torch.where(m, self.absent_rounds, self.absent_rounds + 1)
+        recorded = m.clone()
+        interval = torch.where(m, self.absent_rounds + 1, self.absent_rounds)
+        if self.cutoff is not None:
+            recorded |= self.absent_rounds >= self.cutoff
+        self.interval_sum += torch.where(recorded, interval, 0).double()
+        self.interval_count += recorded.long()
+        self.absent_rounds = torch.where(recorded, 0, self.absent_rounds)
+        return weights
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "n_clients": self.n_clients,
+            "cutoff": self.cutoff,
+            "absent_rounds": self.absent_rounds.clone(),
+            "interval_sum": self.interval_sum.clone(),
+            "interval_count": self.interval_count.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["n_clients"]) != self.n_clients or state["cutoff"] != self.cutoff:
+            raise ValueError(
+                f"state has n_clients={state['n_clients']}, cutoff={state['cutoff']}; "
+                f"expected {self.n_clients}, {self.cutoff}"
+            )
+        self.absent_rounds = state["absent_rounds"].clone()
+        self.interval_sum = state["interval_sum"].clone()
+        self.interval_count = state["interval_count"].clone()
+
+
+class Aggregator:
+    """Base class: validation, the non-finite filter, the empty-round rule, checkpointing."""
+
+    #: whether ``step`` needs ``local_steps`` (the AFA rules normalize by them)
+    needs_local_steps = False
+
+    def __init__(self, n_clients: int, server_lr: float = 1.0) -> None:
+        if int(n_clients) < 1:
+            raise ValueError(f"n_clients must be positive; got {n_clients}")
+        if not (server_lr > 0 and torch.isfinite(torch.tensor(float(server_lr)))):
+            raise ValueError(f"server_lr must be positive and finite; got {server_lr}")
+        self.n_clients = int(n_clients)
+        self.server_lr = float(server_lr)
+        self.dropped_nonfinite = 0
+        self.rounds = 0
+
+    def step(
+        self,
+        x: Tensor,
+        deltas: Tensor,
+        clients: Tensor | Sequence[int],
+        *,
+        local_steps: Tensor | Sequence[int] | None = None,
+    ) -> Tensor:
+        """Return the new global vector after one round.
+
+        Args:
+            x: the global parameters ``[P]``.
+            deltas: the participants' updates ``[S, P]`` (y_n − x_start).
+            clients: their indices ``[S]``, distinct, in ``[0, n_clients)``.
+            local_steps: ``[S]`` local step counts (required by AFA-CD / AFA-CS).
+        """
+        idx = torch.as_tensor(clients, dtype=torch.long).reshape(-1)
+        if x.dim() != 1:
+            raise ValueError(f"x must be the flat global vector [P]; got shape {list(x.shape)}")
+        if deltas.dim() != 2 or deltas.shape[1] != x.shape[0] or deltas.shape[0] != idx.numel():
+            raise ValueError(
+                f"deltas must be [S={idx.numel()}, P={x.shape[0]}] (one row per client); "
+                f"got {list(deltas.shape)}"
+            )
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_clients):
+            raise ValueError(f"clients must lie in [0, n_clients={self.n_clients})")
+        if idx.unique().numel() != idx.numel():
+            raise ValueError("clients must be distinct within a round")
+        steps = None
+        if self.needs_local_steps:
+            if local_steps is None:
+                raise ValueError(f"{type(self).__name__} needs local_steps (one per client)")
+            steps = torch.as_tensor(local_steps, dtype=torch.long).reshape(-1)
+            if steps.numel() != idx.numel() or (steps < 1).any():
+                raise ValueError("local_steps must be [S] positive integers, one per client")
+        finite = torch.isfinite(deltas).all(dim=1)
+        if not bool(finite.all()):
+            dropped = int((~finite).sum())
+            self.dropped_nonfinite += dropped
+            warnings.warn(
+                f"{type(self).__name__}: dropped {dropped} non-finite client update(s) "
+                f"(clients {idx[~finite].tolist()}); counted as absent",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            deltas, idx = deltas[finite], idx[finite]
+            steps = None if steps is None else steps[finite]
+        self.rounds += 1
+        direction = self._direction(deltas, idx, steps)
+        if direction is None:  # nobody (finite) took part: the model stays where it is
+            return x.clone()
+        return x + self.server_lr * direction.to(x.dtype)
+
+    def _direction(self, deltas: Tensor, clients: Tensor, steps: Tensor | None) -> Tensor | None:
+        raise NotImplementedError
+
+    def _mask(self, clients: Tensor) -> Tensor:
+        mask = torch.zeros(self.n_clients, dtype=torch.bool)
+        mask[clients] = True
+        return mask
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": type(self).__name__,
+            "n_clients": self.n_clients,
+            "dropped_nonfinite": self.dropped_nonfinite,
+            "rounds": self.rounds,
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != type(self).__name__ or int(state["n_clients"]) != self.n_clients:
+            raise ValueError(
+                f"state is for {state.get('kind')!r} with n_clients={state.get('n_clients')}; "
+                f"this is {type(self).__name__} with {self.n_clients}"
+            )
+        self.dropped_nonfinite = int(state["dropped_nonfinite"])
+        self.rounds = int(state["rounds"])
+        self._load_extra_state(state)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class FedAvg(Aggregator):
+    """Plain averaging: ``over="participants"`` (1/|S| Σ_S Δ_n) or ``"all"`` (1/N Σ_S Δ_n)."""
+
+    def __init__(self, n_clients: int, over: str = "participants", server_lr: float = 1.0):
+        super().__init__(n_clients, server_lr)
+        if over not in ("participants", "all"):
+            raise ValueError(f"over must be 'participants' or 'all'; got {over!r}")
+        self.over = over
+
+    def _direction(self, deltas, clients, steps):
+        if clients.numel() == 0:
+            return None
+        if self.over == "participants":
+            return weighted_average(deltas)
+        return weighted_average(deltas, denominator=self.n_clients)
+
+
+class KnownParticipation(Aggregator):
+    """The oracle with known probabilities: 1/N Σ_S Δ_n / p_n (unbiased for the full average)."""
+
+    def __init__(self, probs: Tensor | Sequence[float], server_lr: float = 1.0):
+        p = validate_probabilities(probs)
+        super().__init__(p.numel(), server_lr)
+        self.probs = p
+
+    def _direction(self, deltas, clients, steps):
+        if clients.numel() == 0:
+            return None
+        return weighted_average(deltas, 1.0 / self.probs[clients], denominator=self.n_clients)
+
+
+class _Memory(Aggregator):
+    """Aggregators that keep one stored vector per client (allocated on first use)."""
+
+    def __init__(self, n_clients: int, server_lr: float = 1.0):
+        super().__init__(n_clients, server_lr)
+        self.memory: Tensor | None = None
+
+    def _ensure_memory(self, like: Tensor) -> Tensor:
+        if self.memory is None:
+            self.memory = like.new_zeros((self.n_clients, like.shape[1]))
+        elif self.memory.shape[1] != like.shape[1]:
+            raise ValueError(
+                f"updates have {like.shape[1]} parameters; the memory has {self.memory.shape[1]}"
+            )
+        return self.memory
+
+    def _extra_state(self):
+        return {"memory": None if self.memory is None else self.memory.clone()}
+
+    def _load_extra_state(self, state):
+        memory = state["memory"]
+        self.memory = None if memory is None else memory.clone()
+
+
+class MIFA(_Memory):
+    """MIFA (Gu et al., 2021): average of every client's latest update, 1/N Σ_n G_n.
+
+    Clients that have not participated yet contribute zero (the memory starts at zero).
+    """
+
+    def _direction(self, deltas, clients, steps):
+        if clients.numel() == 0:
+            return None
+        memory = self._ensure_memory(deltas)
+        memory[clients] = deltas.to(memory.dtype)
+        return weighted_average(memory)
+
+
+class FedVARP(_Memory):
+    """FedVARP (Jhunjhunwala et al., 2022): 1/N Σ_n y_n + 1/|S| Σ_S (Δ_n − y_n), then y_S ← Δ_S.
+
+    The stored y_n are each client's last update (zero before its first), a control variate
+    that removes the variance of client sampling.
+    """
+
+    def _direction(self, deltas, clients, steps):
+        if clients.numel() == 0:
+            return None
+        memory = self._ensure_memory(deltas)
+        correction = weighted_average(deltas.to(memory.dtype) - memory[clients])
+        direction = weighted_average(memory) + correction
+        memory[clients] = deltas.to(memory.dtype)
+        return direction
+
+
+class FedAU(Aggregator):
+    """FedAU (Wang & Ji, NeurIPS 2023): 1/N Σ_S ω_n Δ_n, ω_n from participation intervals."""
+
+    def __init__(self, n_clients: int, cutoff: int | None = None, server_lr: float = 1.0):
+        super().__init__(n_clients, server_lr)
+        self.weights = ParticipationIntervalWeights(n_clients, cutoff)
+
+    def _direction(self, deltas, clients, steps):
+        # The intervals advance every round, empty ones included: absence is information.
+        omega = self.weights.update(self._mask(clients))
+        if clients.numel() == 0:
+            return None
+        return weighted_average(deltas, omega[clients], denominator=self.n_clients)
+
+    def _extra_state(self):
+        return {"weights": self.weights.state_dict()}
+
+    def _load_extra_state(self, state):
+        self.weights.load_state_dict(state["weights"])
+
+
+class AFA_CD(Aggregator):
+    """AFA-CD (Yang et al., ICML 2022): x ← x − η·η_L·mean_i G_i, G_i = (x_start − y_i)/(η_L K_i).
+
+    ``n_clients`` is the number of workers M. ``arrivals_per_round`` (m) is the round size the
+    participation process delivers; the rule itself averages whatever arrived.
+    """
+
+    needs_local_steps = True
+
+    def __init__(
+        self, n_clients: int, server_lr: float, local_lr: float, arrivals_per_round: int = 1
+    ):
+        super().__init__(n_clients, server_lr)
+        if not local_lr > 0:
+            raise ValueError(f"local_lr must be positive; got {local_lr}")
+        if not 1 <= int(arrivals_per_round) <= self.n_clients:
+            raise ValueError(
+                f"arrivals_per_round must lie in [1, {self.n_clients}]; got {arrivals_per_round}"
+            )
+        self.local_lr = float(local_lr)
+        self.arrivals_per_round = int(arrivals_per_round)
+
+    def normalized_updates(self, deltas: Tensor, steps: Tensor) -> Tensor:
+        """G_i = (x_start − y_i) / (η_L K_i) = −Δ_i / (η_L K_i): the average local gradient."""
+        return -deltas / (self.local_lr * steps.to(deltas.dtype))[:, None]
+
+    def _direction(self, deltas, clients, steps):
+        if clients.numel() == 0:
+            return None
+        g = weighted_average(self.normalized_updates(deltas, steps))
+        return -self.local_lr * g
+
+
+class AFA_CS(AFA_CD):
+    """AFA-CS: x ← x − η·η_L·(1/M) Σ_{all M workers} G_i with each worker's latest G_i.
+
+    The memory starts at zero; stale entries of workers that did not arrive are included, which
+    is what removes AFA-CD's bias under non-uniform arrivals.
+    """
+
+    def __init__(
+        self, n_clients: int, server_lr: float, local_lr: float, arrivals_per_round: int = 1
+    ):
+        super().__init__(n_clients, server_lr, local_lr, arrivals_per_round)
+        self.memory: Tensor | None = None
+
+    def _direction(self, deltas, clients, steps):
+        if clients.numel() == 0:
+            return None
+        if self.memory is None:
+            self.memory = deltas.new_zeros((self.n_clients, deltas.shape[1]))
+        self.memory[clients] = self.normalized_updates(deltas, steps).to(self.memory.dtype)
+        return -self.local_lr * weighted_average(self.memory)
+
+    _extra_state = _Memory._extra_state
+    _load_extra_state = _Memory._load_extra_state
