@@ -103,10 +103,15 @@ def _check_fisher(fisher: Tensor, key: str, index: int, shape: torch.Size) -> Te
         )
     if not fisher.is_floating_point():
         raise TypeError(f"key {key!r}: fishers[{index}] must be floating point; got {fisher.dtype}")
-    if not torch.isfinite(fisher).all():
-        raise ValueError(f"key {key!r}: fishers[{index}] has non-finite entries")
-    if (fisher < 0).any():
-        raise ValueError(f"key {key!r}: fishers[{index}] has negative entries (a Fisher is >= 0)")
+    if fisher.numel():
+        # one pass, no temporary: NaN propagates into the min/max, inf shows in the max
+        low, high = (float(v) for v in torch.aminmax(fisher))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"key {key!r}: fishers[{index}] has non-finite entries")
+        if low < 0:
+            raise ValueError(
+                f"key {key!r}: fishers[{index}] has negative entries (a Fisher is >= 0)"
+            )
     return fisher
 
 
