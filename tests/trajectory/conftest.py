@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from meanwise.trajectory.data import resolve_data_dir
 
@@ -30,3 +31,13 @@ def checkpoints_root(data_root: Path) -> Path:
     if not folder.is_dir():
         pytest.skip(f"released Social-Implicit weights not found under {folder}")
     return folder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The model and metric kernels here are many small ops; on a shared CPU extra intra-op
+    threads only oversubscribe it (a 3x slowdown measured), so these tests run single-threaded."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -34,7 +34,7 @@ def test_test_window_counts_match_the_published_ones(data_root, split):
 
 
 def _social_gan_windows(data: np.ndarray, seq_len: int = 20, min_ped: int = 1):
-    """Social-GAN's TrajectoryDataset loop (sgan/data/trajectories.py), transcribed."""
+    """The protocol of the data README as a plain per-window loop over pedestrians."""
     frames = np.unique(data[:, 0]).tolist()
     frame_data = [data[frame == data[:, 0], :] for frame in frames]
     num_sequences = int(math.ceil((len(frames) - seq_len + 1) / 1))

@@ -71,7 +71,8 @@ def test_noise_factors_follow_args_json(checkpoints_root, tmp_path):
 
 
 def _authors_cell(params: dict, prefix: str, v, noise, factor):
-    """SocialCellGlobal.forward of the released model.py, transcribed with functional ops."""
+    """One Social-Cell as ../shared/REFERENCES.md describes it, in functional ops on the
+    released layout [K, 2, time, N] (independent of the module code under test)."""
 
     def p(name):
         return params[prefix + name]
