@@ -5,7 +5,13 @@ those of graphs for S_n; `FrameAveraging` wraps a backbone; `nbody` and `models`
 charged-particle simulator and the n-body models of the paper's experiment.
 """
 
-from meanwise.symmetry.frame_averaging import OUTPUTS, FrameAveraging, repeat_for_frames
+from meanwise.symmetry.frame_averaging import (
+    GRAPH_OUTPUTS,
+    OUTPUTS,
+    FrameAveraging,
+    reframe,
+    repeat_for_frames,
+)
 from meanwise.symmetry.frames import (
     DegenerateFrameError,
     DegenerateFrameWarning,
@@ -15,11 +21,25 @@ from meanwise.symmetry.frames import (
     pca_frames,
     relative_eigengaps,
 )
+from meanwise.symmetry.graph_frames import (
+    GIN,
+    AdjacencyMLP,
+    PermutationFrames,
+    permutation_frames,
+    spectral_node_features,
+)
 
 __all__ = [
     "FrameAveraging",
     "OUTPUTS",
+    "GRAPH_OUTPUTS",
+    "reframe",
     "repeat_for_frames",
+    "PermutationFrames",
+    "permutation_frames",
+    "spectral_node_features",
+    "GIN",
+    "AdjacencyMLP",
     "DegenerateFrameError",
     "DegenerateFrameWarning",
     "Frames",

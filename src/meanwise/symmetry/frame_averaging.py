@@ -22,10 +22,13 @@ from meanwise.symmetry.frames import (
     parse_group,
     pca_frames,
 )
+from meanwise.symmetry.graph_frames import permutation_frames
 
-__all__ = ["FrameAveraging", "OUTPUTS", "reframe", "repeat_for_frames"]
+__all__ = ["FrameAveraging", "OUTPUTS", "GRAPH_OUTPUTS", "reframe", "repeat_for_frames"]
 
 OUTPUTS: tuple[str, ...] = ("invariant", "vector", "position")
+GRAPH_OUTPUTS: tuple[str, ...] = ("invariant", "node")
+_GRAPH_GROUPS = ("SN", "S(N)", "S_N")
 
 
 def repeat_for_frames(x: Tensor, size: int) -> Tensor:
@@ -39,7 +42,10 @@ class FrameAveraging(nn.Module):
     Args:
         backbone: called as ``backbone(framed_points, mask=mask, **extra)`` on a batch of
             F·B canonical clouds [F·B, N, d] (``mask`` only when one is given).
-        group: 'O3', 'SO3', 'E3', 'SE3' or 'O(d)'-style names (any d).
+        group: 'O3', 'SO3', 'E3', 'SE3' or 'O(d)'-style names (any d), or 'Sn' for graphs:
+            then ``forward(adjacency [B, n, n], mask=None, **extra)``, the backbone is called
+            as ``backbone(canonical_adjacency [F·B, n, n], mask=..., **extra)`` and `output`
+            is 'invariant' or 'node' (per-node outputs [F·B, n, ...] permuted back).
         output: 'invariant' (any output shape [F·B, ...], averaged), 'vector' (last axis d,
             rotated back: velocities, forces, normals) or 'position' (rotated back, then the
             centroid added: predicted coordinates; needs a group with translations).
@@ -50,6 +56,9 @@ class FrameAveraging(nn.Module):
             training (an unbiased estimate of the full average, |F| times cheaper); the full
             average in eval mode, or always with ``stochastic="always"``.
         on_degenerate, eigengap_tol, degenerate_samples: see `pca_frames`.
+        node_inputs, max_elements: for 'Sn': names of keyword inputs that are node features
+            [B, n, ...] (permuted into each order), and the cap on |F| per graph (beyond it
+            orders are sampled, see `permutation_frames`).
 
     ``forward(points, mask=None, weights=None, **extra)``: ``points`` [B, N, d] or [N, d];
     ``weights`` [B, N] optional masses for the frame; padded points (mask False) are zeroed
@@ -68,15 +77,19 @@ class FrameAveraging(nn.Module):
         on_degenerate: str = "warn",
         eigengap_tol: float = DEFAULT_EIGENGAP_TOL,
         degenerate_samples: int = 16,
+        node_inputs: Iterable[str] = (),
+        max_elements: int = 64,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if not callable(backbone):
             raise TypeError(f"backbone must be callable (an nn.Module); got {type(backbone)}")
-        self.spec: GroupSpec = parse_group(group)
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
-        if output == "position" and not self.spec.translations:
+        self.graph = isinstance(group, str) and group.strip().upper() in _GRAPH_GROUPS
+        self.spec: GroupSpec | None = None if self.graph else parse_group(group)
+        allowed = GRAPH_OUTPUTS if self.graph else OUTPUTS
+        if output not in allowed:
+            raise ValueError(f"output must be one of {allowed} for group {group!r}; got {output!r}")
+        if self.spec is not None and output == "position" and not self.spec.translations:
             raise ValueError(
                 f"output='position' needs a group with translations (E(d)/SE(d)); got "
                 f"{self.spec.name}: use output='vector' for O(d)/SO(d)"
@@ -85,11 +98,15 @@ class FrameAveraging(nn.Module):
             raise ValueError(f"stochastic must be False, True or 'always'; got {stochastic!r}")
         if on_degenerate not in ON_DEGENERATE:
             raise ValueError(f"on_degenerate must be one of {ON_DEGENERATE}; got {on_degenerate!r}")
-        if isinstance(vector_inputs, str):
-            raise TypeError("vector_inputs must be a collection of names, not one string")
+        if isinstance(vector_inputs, str) or isinstance(node_inputs, str):
+            raise TypeError("vector_inputs/node_inputs must be collections of names, not strings")
+        if max_elements < 1:
+            raise ValueError(f"max_elements must be >= 1; got {max_elements}")
         self.backbone = backbone
         self.output = output
         self.vector_inputs = tuple(vector_inputs)
+        self.node_inputs = tuple(node_inputs)
+        self.max_elements = max_elements
         self.stochastic = stochastic
         self.on_degenerate = on_degenerate
         self.eigengap_tol = eigengap_tol
@@ -99,7 +116,7 @@ class FrameAveraging(nn.Module):
 
     @property
     def group(self) -> str:
-        return self.spec.name
+        return "Sn" if self.spec is None else self.spec.name
 
     def frames(
         self, points: Tensor, mask: Tensor | None = None, weights: Tensor | None = None
@@ -128,6 +145,8 @@ class FrameAveraging(nn.Module):
     ) -> Tensor:
         if not isinstance(points, Tensor):
             raise TypeError(f"points must be a tensor [B, N, d]; got {type(points).__name__}")
+        if self.graph:
+            return self._forward_graph(points, mask, extra)
         unbatched = points.dim() == 2
         if unbatched:
             points = points.unsqueeze(0)
@@ -175,9 +194,54 @@ class FrameAveraging(nn.Module):
             result = frames.restore(out, translate=self.output == "position")
         return result.squeeze(0) if unbatched else result
 
+    def _forward_graph(self, adjacency: Tensor, mask: Tensor | None, extra: dict) -> Tensor:
+        unbatched = adjacency.dim() == 2
+        if unbatched:
+            adjacency = adjacency.unsqueeze(0)
+            mask = None if mask is None else mask.unsqueeze(0)
+            extra = {k: v.unsqueeze(0) if isinstance(v, Tensor) else v for k, v in extra.items()}
+        missing = [name for name in self.node_inputs if name not in extra]
+        if missing:
+            raise ValueError(f"node inputs {missing} were declared but not passed to forward")
+        frames = permutation_frames(
+            adjacency, mask, max_elements=self.max_elements, generator=self.generator
+        )
+        if self._use_sample():
+            frames = frames.sample(self.generator)
+        self.last_frames = frames
+        size, batch = frames.size, adjacency.shape[0]
+        canonical = frames.canonicalize_adjacency(adjacency).flatten(0, 1)
+        inputs: dict[str, Any] = {}
+        for name, value in extra.items():
+            if name in self.node_inputs:
+                inputs[name] = frames.canonicalize_nodes(value).flatten(0, 1)
+            elif isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                inputs[name] = repeat_for_frames(value, size)
+            else:
+                inputs[name] = value
+        if mask is not None:
+            inputs["mask"] = frames.canonicalize_nodes(frames.mask).flatten(0, 1)
+        out = self.backbone(canonical, **inputs)
+        if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != size * batch:
+            shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"backbone must return a tensor with leading axis F*B = {size * batch}; got {shape}"
+            )
+        out = out.reshape(size, batch, *out.shape[1:])
+        if self.output == "invariant":
+            result = frames.average(out)
+        else:
+            if out.dim() < 3 or out.shape[2] != adjacency.shape[1]:
+                raise ValueError(
+                    f"output='node' needs backbone outputs [F*B, n={adjacency.shape[1]}, ...]; "
+                    f"got {[size * batch, *out.shape[2:]]}"
+                )
+            result = frames.restore_nodes(out)
+        return result.squeeze(0) if unbatched else result
+
     def extra_repr(self) -> str:
         return (
-            f"group={self.spec.name!r}, output={self.output!r}, "
+            f"group={self.group!r}, output={self.output!r}, "
             f"stochastic={self.stochastic!r}, on_degenerate={self.on_degenerate!r}"
         )
 

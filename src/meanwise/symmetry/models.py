@@ -93,6 +93,8 @@ class FAGNN(nn.Module):
         self.layers = nn.ModuleList(GraphConv(hidden, hidden, 2) for _ in range(layers))
         self.decoder = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3))
         self.input_frames: Frames | None = None
+        # [B] bool after a forward: some frame of that system (input or latent) was degenerate
+        self.degenerate: Tensor | None = None
 
     def forward(self, positions: Tensor, velocities: Tensor, charges: Tensor) -> Tensor:
         batch, n, _ = positions.shape
@@ -103,12 +105,15 @@ class FAGNN(nn.Module):
         h = self.embedding(torch.cat([x, v], -1))  # [F, B, n, hidden]
         edges = edge_features(positions, charges, distances=True)
         latent = frames
+        degenerate = frames.degenerate
         for index, layer in enumerate(self.layers):
             h = layer(h, edges)
             if index < len(self.layers) - 1:
                 vectors = h.reshape(latent.size, batch, n * self.hidden // 3, 3)
                 vectors, latent = reframe(vectors, latent, "E3", **self.frame_options)
+                degenerate = degenerate | latent.degenerate
                 h = vectors.reshape(latent.size, batch, n, self.hidden)
+        self.degenerate = degenerate
         out = latent.restore(self.decoder(h))  # rotate back with the last frame, average
         return out + frames.centroid.unsqueeze(1)
 
