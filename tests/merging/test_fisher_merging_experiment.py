@@ -102,6 +102,8 @@ def test_verdict_says_holds_or_not_with_numbers():
     lost = verdict(_fake([80, 81], [88, 89], [70, 90], [80, 81]))
     assert "exact Fisher: Fisher merging ≥ plain averaging does NOT hold here" in lost
     assert "smaller than the seed-to-seed standard deviation" in lost
+    assert held.startswith("Overall: Fisher merging ≥ plain averaging holds here in 3 of 3")
+    assert lost.startswith("Overall: Fisher merging ≥ plain averaging holds here in 0 of 3")
     assert verdict([]) == "No comparable runs in these results."
 
 
