@@ -11,6 +11,7 @@ from meanwise.federated.aggregators import (
     KnownParticipation,
     ParticipationIntervalWeights,
 )
+from meanwise.federated.local import LocalTraining
 from meanwise.federated.participation import (
     Anarchic,
     Arrivals,
@@ -21,8 +22,11 @@ from meanwise.federated.participation import (
     heterogeneous_probabilities,
     validate_probabilities,
 )
+from meanwise.federated.simulator import FederatedSimulator
 
 __all__ = [
+    "FederatedSimulator",
+    "LocalTraining",
     "AFA_CD",
     "AFA_CS",
     "MIFA",

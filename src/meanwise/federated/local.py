@@ -1,0 +1,191 @@
+"""Clients' local training: vectorized with torch.func, or a sequential fallback loop.
+
+The vectorized path stacks the round's S client models on a leading axis and runs
+``vmap(grad(loss))`` through ``functional_call``: one batched forward/backward for all clients
+per local step. The optimizer rules of ``meanwise.functional`` are elementwise, so they run on
+the stacked tensors directly (a vmap around them would be the identity transform). Clients with
+fewer local steps than the round's maximum are frozen by masking: after their last step the
+update is discarded with ``torch.where``, so their parameters and optimizer state stop moving.
+
+Minibatches are drawn by index from the flat client storage (never padded per client): a client
+with more than ``batch_size`` examples draws ``batch_size`` of them uniformly with replacement
+each step; a smaller client uses all of its examples, padded to ``batch_size`` and masked out of
+the loss. Both paths consume the same random stream, so they see the same minibatches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from meanwise.data.federated_split import FederatedDataset
+from meanwise.functional.adabelief import adabelief
+from meanwise.functional.adam import adam
+from meanwise.functional.diffgrad import diffgrad
+from meanwise.functional.sgd import sgd
+
+__all__ = ["LocalTraining", "draw_batches", "train_vectorized", "train_sequential", "RULES"]
+
+RULES = ("sgd", "momentum", "adam", "adabelief", "diffgrad")
+# optimizer state buffers (zeros at the start of every round) per rule
+_STATE_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2, "adabelief": 2, "diffgrad": 3}
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What every client does in a round: ``steps`` steps of ``rule`` at ``lr`` on minibatches.
+
+    ``options`` are passed to the rule (e.g. ``{"momentum": 0.9}`` for ``"momentum"``, betas for
+    ``"adam"``: ``{"beta1": 0.9, "beta2": 0.999}``). The local optimizer state starts from zero
+    every round, as in FedAvg.
+    """
+
+    rule: str = "sgd"
+    lr: float = 0.1
+    steps: int = 5
+    batch_size: int = 32
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}; got {self.rule!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive; got {self.lr}")
+        if int(self.steps) < 1 or int(self.batch_size) < 1:
+            raise ValueError(
+                f"steps and batch_size must be positive; got {self.steps}, {self.batch_size}"
+            )
+        if self.options.get("amsgrad"):
+            raise ValueError("amsgrad is not supported for local training")
+
+    def init_state(self, params: list[Tensor]) -> list[list[Tensor]]:
+        return [[torch.zeros_like(p) for p in params] for _ in range(_STATE_SLOTS[self.rule])]
+
+    def apply(
+        self, params: list[Tensor], grads: list[Tensor], state: list[list[Tensor]], step: int
+    ) -> tuple[list[Tensor], list[list[Tensor]]]:
+        """One step of the rule (pure: returns new params and state)."""
+        kw = dict(self.options)
+        if self.rule == "sgd":
+            return sgd(params, grads, None, step=step, lr=self.lr, **kw).params, state
+        if self.rule == "momentum":
+            kw.setdefault("momentum", 0.9)
+            out = sgd(params, grads, state[0], step=step, lr=self.lr, **kw)
+            return out.params, [out.momentum_buffer]
+        if self.rule == "adam":
+            out = adam(params, grads, *state, step=step, lr=self.lr, **kw)
+            return out.params, [out.exp_avg, out.exp_avg_sq]
+        if self.rule == "adabelief":
+            out = adabelief(params, grads, *state, step=step, lr=self.lr, **kw)
+            return out.params, [out.exp_avg, out.exp_avg_var]
+        out = diffgrad(params, grads, *state, step=step, lr=self.lr, **kw)
+        return out.params, [out.exp_avg, out.exp_avg_sq, out.previous_grad]
+
+
+def draw_batches(
+    data: FederatedDataset,
+    clients: Tensor,
+    max_steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Row indices ``[K, S, B]`` into the flat storage and a validity mask of the same shape."""
+    size = data.sizes[clients]  # [S]
+    u = torch.rand(max_steps, clients.numel(), batch_size, generator=generator, dtype=torch.float64)
+    sampled = (u * size[None, :, None]).long().clamp(max=(size - 1)[None, :, None])
+    position = torch.arange(batch_size).expand_as(sampled)
+    small = (size <= batch_size)[None, :, None]
+    valid = torch.where(small, position < size[None, :, None], torch.ones_like(small))
+    pos = torch.where(small, torch.where(valid, position, 0), sampled)
+    return data.offsets[clients][None, :, None] + pos, valid
+
+
+LossFn = Callable[..., Tensor]
+
+
+def _masked_loss(model, loss_fn, names, buffers):
+    def loss(params: tuple[Tensor, ...], x: Tensor, y: Tensor, valid: Tensor) -> Tensor:
+        out = functional_call(model, {**dict(zip(names, params, strict=True)), **buffers}, (x,))
+        per_example = loss_fn(out, y, reduction="none")
+        w = valid.to(per_example.dtype)
+        return (per_example * w).sum() / w.sum()
+
+    return loss
+
+
+def _keep(active: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    return torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def train_vectorized(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    data: FederatedDataset,
+    index: Tensor,
+    valid: Tensor,
+    steps: Tensor,
+    local: LocalTraining,
+    loss_fn: LossFn,
+) -> dict[str, Tensor]:
+    """Train the stacked client models ``params[name]: [S, ...]``; client s runs ``steps[s]``."""
+    names = list(params)
+    buffers = dict(model.named_buffers())
+    batched_grad = vmap(grad(_masked_loss(model, loss_fn, names, buffers)))
+    current = [params[n] for n in names]
+    state = local.init_state(current)
+    for k in range(int(steps.max())):
+        x, y = data.features[index[k]], data.labels[index[k]]
+        grads = list(batched_grad(tuple(current), x, y, valid[k]))
+        new, new_state = local.apply(current, grads, state, k + 1)
+        active = k < steps  # clients whose local budget is not yet spent
+        if bool(active.all()):
+            current, state = new, new_state
+            continue
+        current = [_keep(active, a, b) for a, b in zip(new, current, strict=True)]
+        state = [
+            [_keep(active, a, b) for a, b in zip(ns, s, strict=True)]
+            for ns, s in zip(new_state, state, strict=True)
+        ]
+    return dict(zip(names, current, strict=True))
+
+
+def train_sequential(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    data: FederatedDataset,
+    index: Tensor,
+    valid: Tensor,
+    steps: Tensor,
+    local: LocalTraining,
+    loss_fn: LossFn,
+) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """One client at a time with plain autograd (for models vmap cannot run, e.g. BatchNorm in
+    train mode, whose running statistics are updated in place). Returns the stacked parameters
+    and each client's final buffers."""
+    names = list(params)
+    finals: list[list[Tensor]] = []
+    client_buffers = []
+    for s in range(steps.numel()):
+        current = [params[n][s] for n in names]
+        own_buffers = {k: v.clone() for k, v in buffers.items()}
+        state = local.init_state(current)
+        for k in range(int(steps[s])):
+            leaves = [p.detach().requires_grad_(True) for p in current]
+            # only the valid rows: padding would leak into BatchNorm's batch statistics
+            i = index[k, s][valid[k, s]]
+            out = functional_call(
+                model, {**dict(zip(names, leaves, strict=True)), **own_buffers}, (data.features[i],)
+            )
+            loss = loss_fn(out, data.labels[i], reduction="none").mean()
+            grads = list(torch.autograd.grad(loss, leaves))
+            current, state = local.apply([p.detach() for p in current], grads, state, k + 1)
+        finals.append(current)
+        client_buffers.append(own_buffers)
+    stacked = {n: torch.stack([f[j] for f in finals]) for j, n in enumerate(names)}
+    return stacked, client_buffers
