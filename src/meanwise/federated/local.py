@@ -118,6 +118,12 @@ def _masked_loss(model, loss_fn, names, buffers):
     return loss
 
 
+def _gather(table: Tensor, index: Tensor) -> Tensor:
+    # index_select on the flattened index is ~2x faster than advanced indexing with a 2-D index
+    flat = table.index_select(0, index.reshape(-1))
+    return flat.view(*index.shape, *table.shape[1:])
+
+
 def _keep(active: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old)
 
@@ -139,7 +145,7 @@ def train_vectorized(
     current = [params[n] for n in names]
     state = local.init_state(current)
     for k in range(int(steps.max())):
-        x, y = data.features[index[k]], data.labels[index[k]]
+        x, y = _gather(data.features, index[k]), _gather(data.labels, index[k])
         grads = list(batched_grad(tuple(current), x, y, valid[k]))
         new, new_state = local.apply(current, grads, state, k + 1)
         active = k < steps  # clients whose local budget is not yet spent
