@@ -67,6 +67,12 @@ def _mean(runs: list[JSON], key: str) -> float:
     return mean_std([r[key] for r in runs])[0]
 
 
+def _format_sci(values: list[float]) -> str:
+    """'mean ± std' in scientific notation: errors span 1e-8 (exact) to 1 (none)."""
+    mean, std = mean_std(values)
+    return f"{mean:.1e}" if len(values) == 1 else f"{mean:.1e} ± {std:.1e}"
+
+
 def summarize(results: list[JSON]) -> list[Table]:
     """Our n-body table beside the published MSE, and the normal-estimation table."""
     tables = []
@@ -83,9 +89,7 @@ def summarize(results: list[JSON]) -> list[Table]:
                     format_mean_std([r["test_mse"] for r in runs], 4),
                     "" if published is None else f"{published:.4f}",
                     str(ranking.index(model) + 1),
-                    format_mean_std([r["equivariance_error"] for r in runs], 7)
-                    if model != "GNN"
-                    else format_mean_std([r["equivariance_error"] for r in runs], 3),
+                    _format_sci([r["equivariance_error"] for r in runs]),
                     ", ".join(f"{r['best_epoch'] + 1}/{r['epochs_run']}" for r in runs),
                     str(runs[0]["parameters"]),
                     f"{_mean(runs, 'seconds'):.0f}",
@@ -121,7 +125,7 @@ def summarize(results: list[JSON]) -> list[Table]:
                 model,
                 format_mean_std([r["aligned_error_deg"] for r in runs], 2),
                 format_mean_std([r["rotated_error_deg"] for r in runs], 2),
-                format_mean_std([r["equivariance_error"] for r in runs], 6),
+                _format_sci([r["equivariance_error"] for r in runs]),
                 f"{_mean(runs, 'seconds'):.0f}",
             ]
             for model, runs in normals.items()

@@ -157,6 +157,8 @@ class Frames:
         flat, rest = self._flat(y[0], "y[0]")
         stacked = y.reshape(self.size, *flat.shape)
         rotated = torch.matmul(stacked, self.rotations.to(y.dtype).transpose(-1, -2))
+        # The shared kernel rather than one fused einsum over (f, i): measured 1.04-1.3x the
+        # einsum's time for this step, which is under 0.5% of an FA forward (the benchmark).
         out = weighted_average(rotated)
         if translate:
             out = out + self.centroid.to(out.dtype).unsqueeze(1)
@@ -177,7 +179,8 @@ class Frames:
         """
         batch = self.centroid.shape[0]
         pick = torch.randint(self.size, (batch,), generator=generator)
-        chosen = self.rotations[pick.to(self.rotations.device), torch.arange(batch)]
+        device = self.rotations.device
+        chosen = self.rotations[pick.to(device), torch.arange(batch, device=device)]
         return replace(self, rotations=chosen.unsqueeze(0))
 
     def detach(self) -> Frames:
@@ -231,6 +234,7 @@ def _sample_within_eigenspaces(
     identity and its average is unchanged.
     """
     batch, d = clusters.shape
+    clusters = clusters.cpu()  # drawn on the CPU (the generator's device), moved by the caller
     same = clusters.unsqueeze(2) == clusters.unsqueeze(1)
     gauss = torch.randn(samples, batch, d, d, dtype=torch.float64, generator=generator)
     q, r = torch.linalg.qr(gauss * same)
@@ -339,7 +343,8 @@ def pca_frames(
             warnings.warn(message, DegenerateFrameWarning, stacklevel=2)
         if on_degenerate == "expand":
             clusters = _degenerate_clusters(eigenvalues.detach(), eigengap_tol)
-            clusters = torch.where(degenerate.unsqueeze(1), clusters, torch.arange(spec.dim))
+            singletons = torch.arange(spec.dim, device=clusters.device)
+            clusters = torch.where(degenerate.unsqueeze(1), clusters, singletons)
             q = _sample_within_eigenspaces(clusters, degenerate_samples, spec.proper, generator)
             # R = V Q S: rotate within the eigenspaces, then choose signs
             rotated = vectors.unsqueeze(0) @ q.to(vectors.device)  # [K, B, d, d]
