@@ -292,7 +292,7 @@ class DistributionMetrics:
             kde_sum = torch.zeros(scenes, dtype=torch.float64).index_add_(0, local, clipped)
         for j in range(scenes):
             self._dist[first + j] += float(dist_sum[j])
-            self._cov[first + j] += cov_sum[j]
+            self._cov[first + j] = self._cov[first + j] + cov_sum[j]  # inference-mode safe
             if self.kde:
                 self._kde[first + j] += float(kde_sum[j])
 

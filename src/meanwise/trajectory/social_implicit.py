@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from meanwise.trajectory.data import OBS_LEN, PRED_LEN
 
@@ -48,8 +49,15 @@ def noise_factors_for(dataset: str) -> tuple[float, ...]:
     return NOISE_FACTORS_ETH if dataset == "eth" else NOISE_FACTORS
 
 
+def _patches(images: Tensor) -> Tensor:
+    """[B, C, H, W] -> zero-padded 3x3 neighbourhoods [B, C, H, W, 3, 3], a strided view."""
+    return F.pad(images, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)
+
+
 class _LocalStream(nn.Module):
-    """Per-pedestrian stream: conv over time with x/y as channels, then time as channels."""
+    """The per-pedestrian stream's parameters (the released `ped.*` keys): a conv over time
+    with x/y as channels, then one with time as channels along x/y. `SocialCell` runs them
+    fused with the global stream."""
 
     def __init__(self, obs_len: int, pred_len: int) -> None:
         super().__init__()
@@ -57,21 +65,20 @@ class _LocalStream(nn.Module):
         self.highway_input = nn.Conv1d(2, 2, 1)
         self.tpcnn = nn.Conv1d(obs_len, pred_len, 3, padding=1)
         self.highway = nn.Conv1d(obs_len, pred_len, 1)
-        self.pred_len = pred_len
-
-    def forward(self, x: Tensor) -> Tensor:
-        k, _, t, n = x.shape
-        seq = x.permute(0, 3, 1, 2).reshape(k * n, 2, t)  # [K*N, x/y, time]
-        a = torch.relu(self.feat(seq)) + self.highway_input(seq)
-        a = a.transpose(1, 2)  # [K*N, time, x/y]: the temporal kernel runs along x/y (released)
-        b = self.tpcnn(a) + self.highway(a)  # [K*N, 12, 2]
-        return b.reshape(k, n, self.pred_len, 2).permute(0, 3, 2, 1)
 
 
 class SocialCell(nn.Module):
     """One zone's cell (1,459 parameters): a global stream over the time x pedestrian grid and
     a local per-pedestrian stream, mixed by learnable scalars (all three start at zero, as in
-    the released code, so an untrained cell predicts zero displacement)."""
+    the released code, so an untrained cell predicts zero displacement).
+
+    The parameters keep the released layout (so the state dicts load as they are), but the
+    forward runs as two convolutions: every first-stage kernel (global 3x3 and 1x1, local 3 and
+    1 along time) is one 2 -> 8 channel 3x3 convolution, and the second stage (global 3x3 + 1x1,
+    local 3 + 1 along x/y, each scaled by its mixing weight) is one 16 -> 12 channel 3x3
+    convolution; the zero taps keep the local stream per pedestrian. On a CPU these tiny
+    convolutions cost their call overhead, so four times fewer calls is four times faster.
+    """
 
     def __init__(self, obs_len: int = OBS_LEN, pred_len: int = PRED_LEN) -> None:
         super().__init__()
@@ -83,15 +90,69 @@ class SocialCell(nn.Module):
         self.global_w = nn.Parameter(torch.zeros(1))
         self.local_w = nn.Parameter(torch.zeros(1))
         self.ped = _LocalStream(obs_len, pred_len)
+        self.obs_len, self.pred_len = obs_len, pred_len
+
+    def fused_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(w1 [8, 2, 3, 3], b1 [8], w2 [pred, 2 obs, 3, 3], b2 [pred]) of the two-conv form.
+
+        Stage-1 output channels: global ReLU branch (2), local ReLU branch (2), global linear
+        branch (2), local linear branch (2). Stage-2 input channels: (stream, time).
+        """
+        p = self.ped
+        w1 = self.feat.weight.new_zeros(8, 2, 3, 3)
+        w1[0:2] = self.feat.weight
+        w1[2:4, :, :, 1] = p.feat.weight  # along time only: no mixing across pedestrians
+        w1[4:6, :, 1, 1] = self.highway_input.weight[:, :, 0, 0]
+        w1[6:8, :, 1, 1] = p.highway_input.weight[:, :, 0]
+        b1 = torch.cat([self.feat.bias, p.feat.bias, self.highway_input.bias, p.highway_input.bias])
+        t_in, t_out = self.obs_len, self.pred_len
+        w_global = self.tpcnn.weight.clone()
+        w_global[:, :, 1, 1] += self.highway.weight[:, :, 0, 0]
+        w_local = self.tpcnn.weight.new_zeros(t_out, t_in, 3, 3)
+        w_local[:, :, :, 1] = p.tpcnn.weight  # along x/y only, per pedestrian
+        w_local[:, :, 1, 1] += p.highway.weight[:, :, 0]
+        w2 = torch.cat([self.global_w * w_global, self.local_w * w_local], dim=1)
+        b2 = self.global_w * (self.tpcnn.bias + self.highway.bias) + self.local_w * (
+            p.tpcnn.bias + p.highway.bias
+        )
+        return w1, b1, w2, b2
 
     def forward(self, x: Tensor, noise: Tensor, noise_factor: float) -> Tensor:
-        """x: [1, 2, obs_len, N] displacements; noise: [K, 2, 1, 1] -> [K, 2, pred_len, N]."""
-        x = x + self.noise_w * noise_factor * noise
-        local = self.ped(x)
-        a = torch.relu(self.feat(x)) + self.highway_input(x)
-        a = a.transpose(1, 2)  # [K, time, x/y, N]: time becomes the channel axis
-        b = (self.tpcnn(a) + self.highway(a)).transpose(1, 2)
-        return self.global_w * b + self.local_w * local
+        """x: [1, 2, obs_len, N] displacements; noise: [K, 2, 1, 1] -> [K, pred_len, 2, N].
+
+        The noise is one 2-vector per sample, constant over time and pedestrians, and stage 1
+        is linear before its ReLU, so stage 1 of sample k is conv(x) + c_k0 conv(1_0) +
+        c_k1 conv(1_1) (1_i: a field of ones in channel i): three single-image convolutions
+        and one matmul serve all K samples. Convolutions run as unfold + matmul: torch's CPU
+        convolution loops over the batch, and K tiny images cost K calls.
+        """
+        w1, b1, w2, b2 = self._weights()
+        k, t, n = noise.shape[0], x.shape[-2], x.shape[-1]
+        ones = x.new_zeros(2, 2, t, n)
+        ones[0, 0], ones[1, 1] = 1.0, 1.0
+        basis = torch.einsum("bcxnij,ocij->boxn", _patches(torch.cat([x, ones])), w1)
+        scale = (self.noise_w * noise_factor) * noise.view(k, 2)
+        h = torch.addmm(
+            (basis[0] + b1[:, None, None]).reshape(1, -1), scale, basis[1:].reshape(2, -1)
+        )
+        h = h.view(k, 8, t, n)
+        a = torch.relu(h[:, :4]) + h[:, 4:]  # [K, (stream, x/y), obs, N]
+        a = a.view(k, 2, 2, t, n).transpose(2, 3).reshape(k, 2 * t, 2, n)  # time as channels
+        out = torch.einsum("kcxnij,ocij->koxn", _patches(a), w2)
+        return out + b2[:, None, None]  # [K, pred, x/y, N]
+
+    def _weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`fused_weights`, cached while no parameter changes and no gradient is recorded
+        (building them is a dozen small ops, a sizeable part of a one-scene forward)."""
+        if torch.is_grad_enabled():
+            return self.fused_weights()
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        cached = getattr(self, "_fused_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.fused_weights())
+            self._fused_cache = cached
+        return cached[1]
 
 
 class SocialImplicit(nn.Module):
@@ -184,13 +245,13 @@ class SocialImplicit(nn.Module):
             # one zone (always so in compat mode): no gather/scatter over pedestrians
             out = self.implicit_cells[first](x, noise, self.noise_factors[first])
         else:
-            out = x.new_zeros(num_samples, 2, self.pred_len, x.shape[-1])
+            out = x.new_zeros(num_samples, self.pred_len, 2, x.shape[-1])
             for i in torch.unique(zone).tolist():
                 select = zone == i
                 out[..., select] = self.implicit_cells[i](
                     x[..., select], noise, self.noise_factors[i]
                 )
-        return out.permute(0, 2, 3, 1)
+        return out.permute(0, 1, 3, 2)
 
     def predict(
         self,
