@@ -15,7 +15,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Method areas add their own commands (e.g. `meanwise merge`): each module listed here has
 # `add_commands(subparsers)`, which adds parsers that set a `handler(args) -> int` default.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = (
+    "meanwise.merging.cli",
+    "meanwise.trajectory.cli",
+)
 
 _REPRODUCE_HELP = """\
 Runs the named experiments (or all of them) over seeds 0..N-1 and writes into DIR:

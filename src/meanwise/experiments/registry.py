@@ -13,7 +13,11 @@ from meanwise.experiments.base import Experiment
 
 __all__ = ["register", "get", "names", "experiments"]
 
-_BUILTIN_MODULES: tuple[str, ...] = ("meanwise.experiments.optimizers",)
+_BUILTIN_MODULES: tuple[str, ...] = (
+    "meanwise.experiments.optimizers",
+    "meanwise.experiments.fisher_merging",
+    "meanwise.experiments.frame_averaging",
+)
 
 _REGISTRY: dict[str, Experiment] = {}
 _builtins_loaded = False

@@ -11,7 +11,9 @@ from meanwise.functional.adahessian import (
     rademacher_like,
     spatial_average,
 )
+from meanwise.functional.adam import AdamResult, adam
 from meanwise.functional.diffgrad import DiffGradResult, diffgrad
+from meanwise.functional.sgd import SGDResult, sgd
 
 __all__ = [
     "FOREACH",
@@ -30,4 +32,8 @@ __all__ = [
     "hutchinson_products",
     "rademacher_like",
     "spatial_average",
+    "sgd",
+    "SGDResult",
+    "adam",
+    "AdamResult",
 ]
