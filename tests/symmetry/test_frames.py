@@ -411,11 +411,31 @@ def test_chunked_backbone_calls_give_the_same_average():
 
     points, mask = _padded_batch(3, seed=12, sizes=(5, 9, 12))
     charges = torch.randn(points.shape[:2])
-    whole = FrameAveraging(Recorder(3, 3), "E3", "position")
+    whole = FrameAveraging(Recorder(3, 3), "E3", "position", chunk_size=None)
     chunked = FrameAveraging(whole.backbone, "E3", "position", chunk_size=5)
     expected = whole(points, mask, charges=charges)
     calls.clear()
     torch.testing.assert_close(chunked(points, mask, charges=charges), expected)
     assert calls == [5, 5, 5, 5, 4]  # 8 elements x 3 clouds = 24 canonical clouds
-    with pytest.raises(ValueError, match="chunk_size must be None or a positive int"):
+    with pytest.raises(ValueError, match="chunk_size must be None, 'auto' or a positive int"):
         FrameAveraging(whole.backbone, "E3", chunk_size=0)
+
+
+def test_auto_chunks_keep_each_call_near_the_points_budget():
+    from meanwise.symmetry.frame_averaging import AUTO_POINTS_PER_CALL
+
+    calls = []
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            return x.sum(1)
+
+    g = torch.Generator().manual_seed(13)
+    big = torch.randn(2, 4096, 3, generator=g) * torch.tensor([1.0, 2.0, 3.0])
+    out = FrameAveraging(Recorder(), "E3")(big)  # 'auto' is the default
+    per_call = AUTO_POINTS_PER_CALL // 4096
+    assert calls == [(per_call, 4096, 3)] * (16 // per_call)
+    calls.clear()
+    torch.testing.assert_close(FrameAveraging(Recorder(), "E3", chunk_size=None)(big), out)
+    assert calls == [(16, 4096, 3)]

@@ -24,9 +24,23 @@ from meanwise.symmetry.frames import (
 )
 from meanwise.symmetry.graph_frames import permutation_frames
 
-__all__ = ["FrameAveraging", "OUTPUTS", "GRAPH_OUTPUTS", "reframe", "repeat_for_frames"]
+__all__ = [
+    "FrameAveraging",
+    "OUTPUTS",
+    "GRAPH_OUTPUTS",
+    "AUTO_POINTS_PER_CALL",
+    "reframe",
+    "repeat_for_frames",
+]
 
 OUTPUTS: tuple[str, ...] = ("invariant", "vector", "position")
+
+# chunk_size="auto" on the CPU: at most this many points (clouds x points per cloud) per
+# backbone call. Measured here (benchmarks/frame_averaging.py, a 64-wide PointNet, one thread,
+# 32 MiB L3): per frame element, one call over all F*B clouds cost 1.35x-2x a bare call once
+# F*B*N passed ~65k points (the activations fall out of cache), chunks of 16k points 0.84x-0.91x,
+# for 32x256, 8x2048 and 4x4096 clouds. Small inputs (n-body: 100 x 5 points) stay one call.
+AUTO_POINTS_PER_CALL = 16384
 GRAPH_OUTPUTS: tuple[str, ...] = ("invariant", "node")
 _GRAPH_GROUPS = ("SN", "S(N)", "S_N")
 
@@ -56,10 +70,10 @@ class FrameAveraging(nn.Module):
             training (an unbiased estimate of the full average, |F| times cheaper); the full
             average in eval mode, or always with ``stochastic="always"``.
         on_degenerate, eigengap_tol, degenerate_samples: see `pca_frames`.
-        chunk_size: at most this many canonical inputs per backbone call (None: all F·B in
-            one call, the default). One call avoids per-call overhead, but on a CPU an F-times
-            larger batch can fall out of cache: for 8 x 2048-point clouds and a 64-wide
-            PointNet the single call measured 2x slower than chunks of B (the benchmark).
+        chunk_size: at most this many canonical inputs per backbone call; None: all F·B in
+            one call; 'auto' (default): one call on accelerators, and on the CPU calls of
+            about AUTO_POINTS_PER_CALL points, since an F-times larger batch can fall out of
+            cache (measured up to 2x slower per element for 2048-point clouds).
         node_inputs, max_elements: for 'Sn': names of keyword inputs that are node features
             [B, n, ...] (permuted into each order), and the cap on |F| per graph (beyond it
             orders are sampled, see `permutation_frames`).
@@ -83,7 +97,7 @@ class FrameAveraging(nn.Module):
         degenerate_samples: int = 16,
         node_inputs: Iterable[str] = (),
         max_elements: int = 64,
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = "auto",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -107,8 +121,10 @@ class FrameAveraging(nn.Module):
             raise TypeError("vector_inputs/node_inputs must be collections of names, not strings")
         if max_elements < 1:
             raise ValueError(f"max_elements must be >= 1; got {max_elements}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or a positive int; got {chunk_size!r}")
+        if chunk_size not in (None, "auto") and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(
+                f"chunk_size must be None, 'auto' or a positive int; got {chunk_size!r}"
+            )
         self.backbone = backbone
         self.output = output
         self.vector_inputs = tuple(vector_inputs)
@@ -205,11 +221,16 @@ class FrameAveraging(nn.Module):
     def _call_backbone(self, framed: Tensor, inputs: dict[str, Any]) -> Tensor:
         """One backbone call on all F·B canonical inputs, or calls of `chunk_size` of them."""
         total = framed.shape[0]
-        if self.chunk_size is None or total <= self.chunk_size:
+        chunk = self.chunk_size
+        if chunk == "auto":
+            per_cloud = framed.shape[1] if framed.dim() > 2 else 1
+            chunk = None if framed.device.type != "cpu" else AUTO_POINTS_PER_CALL // per_cloud
+            chunk = None if chunk is None else max(1, chunk)
+        if chunk is None or total <= chunk:
             return self.backbone(framed, **inputs)
         outputs = []
-        for start in range(0, total, self.chunk_size):
-            end = min(start + self.chunk_size, total)
+        for start in range(0, total, chunk):
+            end = min(start + chunk, total)
             part = {
                 k: v[start:end] if isinstance(v, Tensor) and v.dim() and v.shape[0] == total else v
                 for k, v in inputs.items()
