@@ -269,7 +269,7 @@ def train_nbody(name: str, config: FrameAveragingConfig, seed: int) -> NBodyRun:
         }  # fmt: skip
         path = _checkpoint_path(f"nbody-{name}")
         if path is not None and path.exists():
-            state = torch.load(path, weights_only=False)
+            state = torch.load(path, weights_only=True)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             order.set_state(state["order"])

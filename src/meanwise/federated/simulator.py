@@ -289,7 +289,7 @@ class FederatedSimulator:
             if self.checkpoint_path is None:
                 raise ValueError("resume=True needs a checkpoint_path")
             if self.checkpoint_path.exists():
-                self.load_state_dict(torch.load(self.checkpoint_path, weights_only=False))
+                self.load_state_dict(torch.load(self.checkpoint_path, weights_only=True))
                 self._rewrite_log()
         while self.round < rounds:
             record = self.step()
