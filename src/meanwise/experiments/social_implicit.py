@@ -1,0 +1,321 @@
+"""Experiment `social-implicit`: IMLE-trained Social-Implicit on ETH/UCY, beside the released
+weights and the published table, and the paper's argument for AMD/AMV as a shift probe.
+
+Per split (quick: ZARA1, or the synthetic social-force crowd when no ETH/UCY folder is found;
+full: the five leave-one-out splits), for one seed:
+
+1. train Social-Implicit with `meanwise.trajectory.train` (the paper's recipe, fewer epochs in
+   the quick preset), keeping the best epoch on validation ADE;
+2. evaluate on the test scenes: best-of-20 ADE/FDE per pedestrian (the tables' protocol) and
+   AMD/AMV/KDE-NLL at `distribution_samples` samples; the same for the authors' released weights
+   on the same split (ETH/UCY only) and for a constant-velocity extrapolation (a yardstick that
+   needs no training);
+3. the shift probe: add a constant offset of increasing length (along the diagonal) to every
+   sample of our trained model and recompute ADE/FDE and AMD/AMV on the first `shift_scenes`
+   test scenes, with the same draws for every offset.
+
+Training checkpoints live next to the runner's stage files, so an interrupted run resumes at
+the last finished epoch; each finished split is a cached stage. The report side is in
+`social_implicit_report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from meanwise.experiments import base
+from meanwise.experiments.base import cached_stage, progress, torch_threads
+from meanwise.trajectory.data import SPLITS, Scene, load_split, resolve_data_dir
+from meanwise.trajectory.evaluate import evaluate_scenes
+from meanwise.trajectory.social_implicit import SocialImplicit
+from meanwise.trajectory.synthetic import synthetic_scenes
+from meanwise.trajectory.train import TrainConfig, train_social_implicit
+
+__all__ = [
+    "SocialImplicitConfig",
+    "SocialImplicitResult",
+    "SplitResult",
+    "ShiftPoint",
+    "run",
+    "run_split",
+    "load_data",
+    "constant_velocity",
+]
+
+ETH_UCY_SPLITS: tuple[str, ...] = ("eth", "hotel", "univ", "zara1", "zara2")
+DATA_CHOICES: tuple[str, ...] = ("auto", "eth_ucy", "synthetic")
+
+
+@dataclass(frozen=True)
+class SocialImplicitConfig:
+    """Settings; `quick()` runs in about 3-4 minutes on 2 busy cores for the one seed."""
+
+    seeds: int = 1
+    splits: tuple[str, ...] = ("zara1",)
+    data: str = "auto"  # "auto": ETH/UCY when its folder is found, else the synthetic crowd
+    data_dir: str = ""  # "": --data-dir's default lookup ($MEANWISE_DATA_DIR, ../shared/data)
+    synthetic_duration: float = 600.0  # seconds of simulated crowd for training
+    epochs: int = 50
+    max_train_scenes: int = 0  # 0: every training scene every epoch
+    samples: int = 20  # K for best-of-K ADE/FDE
+    distribution_samples: int = 50  # K for AMD/AMV/KDE-NLL (the paper uses 1000)
+    shift_offsets: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
+    shift_scenes: int = 150  # test scenes used by the shift probe (0: all)
+    released: bool = True  # also evaluate the authors' weights (ETH/UCY only)
+    num_threads: int = 1  # tiny convolutions: extra threads only oversubscribe a busy CPU
+
+    def __post_init__(self) -> None:
+        if self.data not in DATA_CHOICES:
+            raise ValueError(f"data must be one of {DATA_CHOICES}; got {self.data!r}")
+        if not self.splits:
+            raise ValueError("splits must name at least one split")
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown:
+            raise ValueError(f"splits: unknown {unknown}; expected some of {SPLITS}")
+        for name in ("seeds", "epochs", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.distribution_samples < 3:
+            raise ValueError(
+                f"distribution_samples must be >= 3 (a mixture fit needs samples); "
+                f"got {self.distribution_samples}"
+            )
+        if not self.shift_offsets or any(not o >= 0 for o in self.shift_offsets):
+            raise ValueError(f"shift_offsets must be non-empty and >= 0; got {self.shift_offsets}")
+        if self.shift_offsets[0] != 0.0:
+            raise ValueError("shift_offsets must start at 0.0 (the unshifted reference)")
+        if self.shift_scenes < 0 or self.max_train_scenes < 0:
+            raise ValueError("shift_scenes and max_train_scenes must be >= 0")
+
+    @classmethod
+    def quick(cls) -> SocialImplicitConfig:
+        """ZARA1 (or the synthetic crowd), 3 epochs of at most 1,200 scenes each."""
+        return cls(epochs=3, max_train_scenes=1200)
+
+    @classmethod
+    def full(cls) -> SocialImplicitConfig:
+        """The five splits, 50 epochs over all scenes, AMD/AMV at K = 1000 as in the paper."""
+        return cls(
+            splits=ETH_UCY_SPLITS,
+            epochs=50,
+            distribution_samples=1000,
+            shift_scenes=300,
+        )
+
+
+@dataclass
+class ShiftPoint:
+    """Metrics of our trained model's samples moved by `offset` metres (along the diagonal)."""
+
+    offset: float
+    ade: float
+    fde: float
+    amd: float
+    amv: float
+
+
+@dataclass
+class SplitResult:
+    """One split: data sizes, training curves and the metrics of each predictor on test."""
+
+    split: str
+    data: str  # "eth_ucy" or "synthetic"
+    train_scenes: int
+    val_scenes: int
+    test_scenes: int
+    test_pedestrians: int
+    epochs: int
+    scenes_per_epoch: int
+    best_epoch: int
+    train_loss: list[float]
+    val_ade: list[float]
+    val_fde: list[float]
+    train_seconds: float
+    trained: dict[str, float]
+    constant_velocity: dict[str, float]
+    released: dict[str, float] | None = None
+    shift: list[ShiftPoint] = field(default_factory=list)
+    shift_scenes: int = 0
+
+
+@dataclass
+class SocialImplicitResult:
+    seed: int
+    num_parameters: int = 0
+    samples: int = 20
+    distribution_samples: int = 50
+    splits: list[SplitResult] = field(default_factory=list)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def _eth_ucy_root(config: SocialImplicitConfig) -> Path | None:
+    root = resolve_data_dir(config.data_dir or None)
+    if root is None:
+        return None
+    return root if (root / "eth_ucy").is_dir() or (root / "zara1").is_dir() else None
+
+
+def load_data(config: SocialImplicitConfig, split: str, seed: int) -> tuple[str, dict]:
+    """("eth_ucy" | "synthetic", {"train", "val", "test": scenes}) for one split."""
+    root = _eth_ucy_root(config) if config.data != "synthetic" else None
+    if config.data == "eth_ucy" and root is None:
+        raise ValueError(
+            "data='eth_ucy' but no ETH/UCY folder was found: set data_dir or $MEANWISE_DATA_DIR"
+        )
+    if root is None:
+        # the crowd is the data, not the seed's: every seed trains on the same simulation
+        return "synthetic", synthetic_scenes(config.synthetic_duration, seed=0)
+    return "eth_ucy", {s: load_split(split, s, root) for s in ("train", "val", "test")}
+
+
+def constant_velocity(observed: Tensor, num_samples: int, generator: torch.Generator) -> Tensor:
+    """Every sample continues the last observed displacement: [K, 12, N, 2]."""
+    step = observed[-1] - observed[-2]
+    path = observed[-1] + step * torch.arange(1, 13, dtype=observed.dtype)[:, None, None]
+    return path.expand(num_samples, *path.shape)
+
+
+def _sampler(model: SocialImplicit):
+    return lambda observed, k, generator: model.predict(observed, k, generator=generator)
+
+
+def _metrics(sample, scenes: list[Scene], config: SocialImplicitConfig, seed: int) -> dict:
+    result = evaluate_scenes(
+        sample,
+        scenes,
+        samples=config.samples,
+        seed=seed,
+        distribution_metrics=True,
+        distribution_samples=config.distribution_samples,
+    )
+    return {k: float(result[k]) for k in ("ade", "fde", "amd", "amv", "kde_nll")}
+
+
+def _released_model(config: SocialImplicitConfig, split: str) -> SocialImplicit | None:
+    root = _eth_ucy_root(config)
+    folder = None if root is None else root / "social_implicit_checkpoints" / split
+    if folder is None or not (folder / "val_best.pth").is_file():
+        return None
+    return SocialImplicit.from_official_checkpoint(folder)
+
+
+def _checkpoint_dir(key: str) -> Path | None:
+    """Training checkpoints sit beside the runner's stage files (none without a runner)."""
+    stage_dir = base._current().stage_dir
+    return None if stage_dir is None else stage_dir / key
+
+
+# --- one split -----------------------------------------------------------------------------------
+
+
+def run_split(config: SocialImplicitConfig, split: str, seed: int) -> SplitResult:
+    """Train on `split`, evaluate the three predictors and run the shift probe."""
+    data, scenes = load_data(config, split, seed)
+    name = split if data == "eth_ucy" else "synthetic"
+    train_config = TrainConfig.for_split(
+        name, epochs=config.epochs, max_train_scenes=config.max_train_scenes
+    )
+    bar = iter(progress(range(config.epochs), desc=f"seed {seed} {name} epochs"))
+    next(bar, None)
+    trained = train_social_implicit(
+        scenes["train"],
+        scenes["val"],
+        train_config,
+        seed=seed,
+        checkpoint_dir=_checkpoint_dir(f"train-{name}"),
+        on_epoch=lambda epoch, history: next(bar, None),
+    )
+    model, history = trained.model, trained.history
+    test = scenes["test"]
+    result = SplitResult(
+        split=name,
+        data=data,
+        train_scenes=len(scenes["train"]),
+        val_scenes=len(scenes["val"]),
+        test_scenes=len(test),
+        test_pedestrians=sum(s.num_pedestrians for s in test),
+        epochs=history.epochs_run,
+        scenes_per_epoch=min(len(scenes["train"]), config.max_train_scenes or math.inf),
+        best_epoch=history.best_epoch,
+        train_loss=history.train_loss,
+        val_ade=history.val_ade,
+        val_fde=history.val_fde,
+        train_seconds=history.seconds,
+        trained=_metrics(_sampler(model), test, config, seed),
+        constant_velocity=_metrics(constant_velocity, test, config, seed),
+    )
+    if data == "eth_ucy" and config.released:
+        released = _released_model(config, split)
+        if released is not None:
+            result.released = _metrics(_sampler(released), test, config, seed)
+    probe = test[: config.shift_scenes] if config.shift_scenes else test
+    result.shift_scenes = len(probe)
+    for offset in progress(config.shift_offsets, desc=f"seed {seed} {name} shift"):
+        # along the diagonal, so the offset's length is `offset` metres
+        d = offset / math.sqrt(2.0)
+        m = evaluate_scenes(
+            _sampler(model),
+            probe,
+            samples=config.samples,
+            seed=seed,
+            distribution_metrics=True,
+            distribution_samples=config.distribution_samples,
+            shift=(d, d),
+        )
+        result.shift.append(ShiftPoint(offset, m["ade"], m["fde"], m["amd"], m["amv"]))
+    return result
+
+
+def run(config: SocialImplicitConfig, seed: int) -> SocialImplicitResult:
+    """Every split of the config for one seed; each finished split is a cached stage."""
+    with base.seeded(0):  # building a module draws from the global generator
+        parameters = sum(p.numel() for p in SocialImplicit().parameters())
+    result = SocialImplicitResult(
+        seed=seed,
+        num_parameters=parameters,
+        samples=config.samples,
+        distribution_samples=config.distribution_samples,
+    )
+    with torch_threads(config.num_threads):
+        for split in config.splits:
+            stage = cached_stage(
+                f"split-{split}", lambda s=split: dataclasses.asdict(run_split(config, s, seed))
+            )
+            stage["shift"] = [ShiftPoint(**p) for p in stage["shift"]]
+            result.splits.append(SplitResult(**stage))
+            if result.splits[-1].data == "synthetic":
+                break  # the synthetic crowd has one split; repeating it would add nothing
+    return result
+
+
+def _register() -> None:
+    from meanwise.experiments import social_implicit_report as report
+    from meanwise.experiments.base import Experiment
+    from meanwise.experiments.registry import register
+
+    register(
+        Experiment(
+            name="social-implicit",
+            title="Social-Implicit: IMLE training on ETH/UCY and the AMD/AMV shift probe",
+            paper=report.PAPER,
+            config_cls=SocialImplicitConfig,
+            run=run,
+            claim=report.CLAIM,
+            published=report.PUBLISHED,
+            summarize=report.summarize,
+            metrics=report.metrics,
+            figures=report.figures,
+            verdict=report.verdict,
+        )
+    )
+
+
+_register()
