@@ -22,6 +22,7 @@ TINY = SocialImplicitConfig(
     synthetic_duration=150.0,
     epochs=1,
     max_train_scenes=12,
+    accumulate=4,
     distribution_samples=8,
     shift_offsets=(0.0, 1.0),
     shift_scenes=3,
@@ -102,7 +103,8 @@ def _split(ade, fde, *, released=None, shift=None, split="zara1", data="eth_ucy"
     point = lambda offset, a, f, amd, amv: dict(offset=offset, ade=a, fde=f, amd=amd, amv=amv)  # noqa: E731
     return {
         "split": split, "data": data, "train_scenes": 100, "val_scenes": 10, "test_scenes": 20,
-        "test_pedestrians": 50, "epochs": 3, "scenes_per_epoch": 100, "best_epoch": 2,
+        "test_pedestrians": 50, "epochs": 3, "scenes_per_epoch": 100, "accumulate": 16,
+        "best_epoch": 2,
         "train_loss": [0.3, 0.2, 0.1], "val_ade": [0.9, 0.5, 0.4], "val_fde": [1.8, 1.0, 0.8],
         "train_seconds": 1.0,
         "trained": {"ade": ade, "fde": fde, "amd": 2.0, "amv": 0.1, "kde_nll": 1.0},

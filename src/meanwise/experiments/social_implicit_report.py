@@ -213,8 +213,9 @@ def summarize(results: list[JSON]) -> list[Table]:
                      f"{r['train_seconds']:.0f}"]
                     for seed, r in zip((res["seed"] for res in results), runs, strict=False)
                 ],
-                caption=f"{split}: training (IMLE, K = 20, SGD lr 1.0, StepLR(45, 0.1), 128 "
-                "scenes per step, the seven augmentations); val {first['val_scenes']} scenes.",
+                caption=f"{split}: training (IMLE, K = 20, SGD lr 1.0, StepLR(45, 0.1), "
+                f"{first['accumulate']} scenes per step (the paper: 128), the seven "
+                f"augmentations); val {first['val_scenes']} scenes.",
             )
         )  # fmt: skip
     return tables
