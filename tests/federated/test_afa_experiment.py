@@ -48,6 +48,10 @@ def test_training_reduces_the_excess_objective_and_it_stays_positive(tiny_runs):
     result = tiny_runs[0]
     for r in result.runs:
         assert 0 < r.excess[-1] < result.initial_excess
+        assert 0 < r.tail_average_excess < result.initial_excess
+    # the bias floors are excess objectives at other minimizers: non-negative, AFA-CS's zero
+    assert result.predicted_bias["AFA-CS"] == 0.0
+    assert result.predicted_bias["AFA-CD"] >= -1e-9 and result.predicted_bias["FedAvg"] >= -1e-9
 
 
 def test_optimum_is_below_what_gradient_descent_reaches():
@@ -83,6 +87,7 @@ def _run(method, final, initial_ratio=0.01, m=4, rounds_to_target=None):
         "test_acc": [50.0, 80.0],
         "final_excess": final,
         "final_test_acc": 80.0,
+        "tail_average_excess": final,
         "rounds_to_target": rounds_to_target,
         "chosen": True,
     }
@@ -97,6 +102,7 @@ def _result(cd, cs, fedavg, speedup_rounds):
         "arrival_counts": [5, 10, 20, 5],
         "local_steps": [1, 2, 3, 4],
         "mean_staleness": 1.5,
+        "predicted_bias": {"AFA-CD": 0.03, "AFA-CS": 0.0, "FedAvg": 0.05},
         "runs": [_run("AFA-CD", cd), _run("AFA-CS", cs), _run("FedAvg", fedavg)],
         "speedup": [
             _run("AFA-CD", 0.1, m=m, rounds_to_target=r)
@@ -120,6 +126,11 @@ def test_verdict_does_not_hold():
     assert "does NOT hold" in lines[0]  # 0.6 / 2.0 = 0.3 of the initial excess: not converged
     assert "does NOT hold" in lines[1] and "below AFA-CD" in lines[1]
     assert "does NOT hold" in lines[2] and "not reached" in lines[2]
+
+
+def test_speedup_counts_not_reached_as_infinitely_slow():
+    text = verdict([_result(0.05, 0.02, 0.08, (None, None, 60))])
+    assert "Speedup" in text.splitlines()[2] and "HOLDS" in text.splitlines()[2]
 
 
 def test_registered():

@@ -141,3 +141,17 @@ def test_verdict_says_not_when_a_fedavg_variant_wins_or_fedau_is_far_behind():
 
 def test_registered():
     assert get("fedau").config_cls is FedAUConfig
+
+
+def test_verdict_judges_each_fedau_variant_separately():
+    accs = {
+        "FedAU": 84.0,
+        "FedAU-K50": 90.0,
+        "FedAvg-participants": 85.0,
+        "FedAvg-all": 84.5,
+        "Known-p": 90.5,
+        "MIFA": 89.0,
+    }
+    text = verdict([_result(accs)])
+    assert "FedAU beats both FedAvg variants: does NOT hold" in text
+    assert "FedAU-K50 beats both FedAvg variants: HOLDS" in text

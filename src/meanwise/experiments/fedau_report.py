@@ -65,6 +65,7 @@ PUBLISHED = [
 
 _MEMORY = {
     "FedAU": "O(N) scalars",
+    "FedAU-K50": "O(N) scalars",
     "FedAvg-participants": "none",
     "FedAvg-all": "none",
     "Known-p": "needs p_n (oracle)",
@@ -208,38 +209,44 @@ def metrics(results: list[JSON]) -> dict[str, float]:
 # --- verdict -------------------------------------------------------------------------------------
 
 
-def _setting_verdict(chosen, dataset: str, pattern: str) -> str | None:
-    methods = _methods(chosen, dataset, pattern)
-    if "FedAU" not in methods:
-        return None
-    accs = {m: _acc(chosen[(dataset, pattern, m)]) for m in methods}
+def _variant_verdict(accs: dict[str, list[float]], fedau: str) -> str:
     mean = {m: mean_std(v)[0] for m, v in accs.items()}
-    numbers = ", ".join(f"{m} {format_mean_std(accs[m])}%" for m in methods)
     parts = []
     baselines = [m for m in ("FedAvg-participants", "FedAvg-all") if m in mean]
     if baselines:
-        not_beaten = [m for m in baselines if mean[m] >= mean["FedAU"]]
+        not_beaten = [m for m in baselines if mean[m] >= mean[fedau]]
         if not_beaten:
             parts.append(
-                f"FedAU beats both FedAvg variants: does NOT hold (not above {not_beaten})"
+                f"{fedau} beats both FedAvg variants: does NOT hold (not above {not_beaten})"
             )
         else:
-            margin = min(mean["FedAU"] - mean[m] for m in baselines)
-            spread = max(mean_std(accs[m])[1] for m in ["FedAU", *baselines])
-            text = f"FedAU beats both FedAvg variants: HOLDS (by ≥ {margin:.2f} points)"
-            if len(accs["FedAU"]) > 1 and margin < spread:
+            margin = min(mean[fedau] - mean[m] for m in baselines)
+            spread = max(mean_std(accs[m])[1] for m in [fedau, *baselines])
+            text = f"{fedau} beats both FedAvg variants: HOLDS (by ≥ {margin:.2f} points)"
+            if len(accs[fedau]) > 1 and margin < spread:
                 text += ", but by less than the seed-to-seed std, so not a clear result"
             parts.append(text)
     references = [m for m in ("Known-p", "MIFA") if m in mean]
     if references:
-        far = [m for m in references if mean[m] - mean["FedAU"] > CLOSE_POINTS]
-        gaps = ", ".join(f"{m} {mean[m] - mean['FedAU']:+.2f}" for m in references)
+        far = [m for m in references if mean[m] - mean[fedau] > CLOSE_POINTS]
+        gaps = ", ".join(f"{m} {mean[m] - mean[fedau]:+.2f}" for m in references)
         outcome = "does NOT hold" if far else "HOLDS"
         parts.append(
-            f"FedAU within {CLOSE_POINTS:g} point of Known-p and MIFA: {outcome} "
-            f"(their lead over FedAU: {gaps})"
+            f"{fedau} within {CLOSE_POINTS:g} point of Known-p and MIFA: {outcome} "
+            f"(their lead over {fedau}: {gaps})"
         )
-    return f"{dataset}, {pattern}: " + "; ".join(parts) + f". ({numbers})"
+    return "; ".join(parts)
+
+
+def _setting_verdict(chosen, dataset: str, pattern: str) -> str | None:
+    methods = _methods(chosen, dataset, pattern)
+    variants = [m for m in ("FedAU", "FedAU-K50") if m in methods]
+    if not variants:
+        return None
+    accs = {m: _acc(chosen[(dataset, pattern, m)]) for m in methods}
+    numbers = ", ".join(f"{m} {format_mean_std(accs[m])}%" for m in methods)
+    verdicts = "; ".join(_variant_verdict(accs, v) for v in variants)
+    return f"{dataset}, {pattern}: {verdicts}. ({numbers})"
 
 
 def verdict(results: list[JSON]) -> str:
