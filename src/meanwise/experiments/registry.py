@@ -17,6 +17,9 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "meanwise.experiments.optimizers",
     "meanwise.experiments.fisher_merging",
     "meanwise.experiments.frame_averaging",
+    "meanwise.experiments.fedau",
+    "meanwise.experiments.afa",
+    "meanwise.experiments.social_implicit",
 )
 
 _REGISTRY: dict[str, Experiment] = {}
