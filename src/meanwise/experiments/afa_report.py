@@ -230,10 +230,13 @@ def verdict(results: list[JSON]) -> str:
             text += "; the gap is within the seed-to-seed std, so not a clear result"
         predicted = _predicted(results, "AFA-CD")
         if predicted:
-            text += (
-                f"; AFA-CD's predicted bias floor from its arrival weights is "
-                f"{mean_std(predicted)[0]:.4f}"
-            )
+            floor = mean_std(predicted)[0]
+            text += f"; AFA-CD's predicted bias floor from its arrival weights is {floor:.4f}"
+            if floor < max(cd_std, cs_std, abs(cd_mean - cs_mean)):
+                text += (
+                    ", smaller than the noise of this measurement, so this run cannot resolve "
+                    "the bias either way"
+                )
         if "FedAvg" in chosen:
             fedavg = mean_std([r["tail_average_excess"] for r in chosen["FedAvg"]])[0]
             text += f"; FedAvg on raw deltas ends at {fedavg:.4f}"

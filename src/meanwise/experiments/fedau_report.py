@@ -209,7 +209,9 @@ def metrics(results: list[JSON]) -> dict[str, float]:
 # --- verdict -------------------------------------------------------------------------------------
 
 
-def _variant_verdict(accs: dict[str, list[float]], fedau: str) -> str:
+def _variant_verdict(
+    accs: dict[str, list[float]], objectives: dict[str, list[float]], fedau: str
+) -> str:
     mean = {m: mean_std(v)[0] for m, v in accs.items()}
     parts = []
     baselines = [m for m in ("FedAvg-participants", "FedAvg-all") if m in mean]
@@ -235,6 +237,16 @@ def _variant_verdict(accs: dict[str, list[float]], fedau: str) -> str:
             f"{fedau} within {CLOSE_POINTS:g} point of Known-p and MIFA: {outcome} "
             f"(their lead over {fedau}: {gaps})"
         )
+    if baselines:
+        # the objective FedAU targets, 1/N Σ_n f_n: often separates methods whose test
+        # accuracy has saturated
+        obj = {m: mean_std(v)[0] for m, v in objectives.items()}
+        lower = all(obj[fedau] < obj[m] for m in baselines)
+        values = ", ".join(f"{m} {obj[m]:.4f}" for m in [fedau, *baselines])
+        parts.append(
+            f"{fedau} has a lower training objective than both FedAvg variants: "
+            f"{'HOLDS' if lower else 'does NOT hold'} ({values})"
+        )
     return "; ".join(parts)
 
 
@@ -244,8 +256,9 @@ def _setting_verdict(chosen, dataset: str, pattern: str) -> str | None:
     if not variants:
         return None
     accs = {m: _acc(chosen[(dataset, pattern, m)]) for m in methods}
+    objectives = {m: [r["final_objective"] for r in chosen[(dataset, pattern, m)]] for m in methods}
     numbers = ", ".join(f"{m} {format_mean_std(accs[m])}%" for m in methods)
-    verdicts = "; ".join(_variant_verdict(accs, v) for v in variants)
+    verdicts = "; ".join(_variant_verdict(accs, objectives, v) for v in variants)
     return f"{dataset}, {pattern}: {verdicts}. ({numbers})"
 
 
