@@ -382,23 +382,14 @@ def run(config: AFAConfig, seed: int) -> AFAResult:
 
 def _register() -> None:
     from meanwise.experiments import afa_report as report
-    from meanwise.experiments.base import Experiment
-    from meanwise.experiments.registry import register
+    from meanwise.experiments.registry import register_reproduction
 
-    register(
-        Experiment(
-            name="afa",
-            title="Anarchic federated averaging: AFA-CD and AFA-CS vs FedAvg on raw deltas",
-            paper=report.PAPER,
-            config_cls=AFAConfig,
-            run=run,
-            claim=report.CLAIM,
-            published=report.PUBLISHED,
-            summarize=report.summarize,
-            metrics=report.metrics,
-            figures=report.figures,
-            verdict=report.verdict,
-        )
+    register_reproduction(
+        "afa",
+        "Anarchic federated averaging: AFA-CD and AFA-CS vs FedAvg on raw deltas",
+        AFAConfig,
+        run,
+        report,
     )
 
 

@@ -444,23 +444,14 @@ def run(config: FedAUConfig, seed: int) -> FedAUResult:
 
 def _register() -> None:
     from meanwise.experiments import fedau_report as report
-    from meanwise.experiments.base import Experiment
-    from meanwise.experiments.registry import register
+    from meanwise.experiments.registry import register_reproduction
 
-    register(
-        Experiment(
-            name="fedau",
-            title="FedAU: federated averaging under unknown, heterogeneous participation",
-            paper=report.PAPER,
-            config_cls=FedAUConfig,
-            run=run,
-            claim=report.CLAIM,
-            published=report.PUBLISHED,
-            summarize=report.summarize,
-            metrics=report.metrics,
-            figures=report.figures,
-            verdict=report.verdict,
-        )
+    register_reproduction(
+        "fedau",
+        "FedAU: federated averaging under unknown, heterogeneous participation",
+        FedAUConfig,
+        run,
+        report,
     )
 
 

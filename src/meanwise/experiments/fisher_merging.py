@@ -295,23 +295,14 @@ def run(config: FisherMergingConfig, seed: int) -> FisherMergingResult:
 
 def _register() -> None:
     from meanwise.experiments import fisher_merging_report as report
-    from meanwise.experiments.base import Experiment
-    from meanwise.experiments.registry import register
+    from meanwise.experiments.registry import register_reproduction
 
-    register(
-        Experiment(
-            name="fisher-merging",
-            title="Fisher merging: Fisher-weighted vs plain averaging of fine-tuned models",
-            paper=report.PAPER,
-            config_cls=FisherMergingConfig,
-            run=run,
-            claim=report.CLAIM,
-            published=report.PUBLISHED,
-            summarize=report.summarize,
-            metrics=report.metrics,
-            figures=report.figures,
-            verdict=report.verdict,
-        )
+    register_reproduction(
+        "fisher-merging",
+        "Fisher merging: Fisher-weighted vs plain averaging of fine-tuned models",
+        FisherMergingConfig,
+        run,
+        report,
     )
 
 

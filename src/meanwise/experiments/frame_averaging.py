@@ -451,23 +451,14 @@ def run(config: FrameAveragingConfig, seed: int) -> FrameAveragingResult:
 
 def _register() -> None:
     from meanwise.experiments import frame_averaging_report as report
-    from meanwise.experiments.base import Experiment
-    from meanwise.experiments.registry import register
+    from meanwise.experiments.registry import register_reproduction
 
-    register(
-        Experiment(
-            name="frame-averaging",
-            title="Frame Averaging: FA-GNN vs GNN and Linear on n-body; normals under rotation",
-            paper=report.PAPER,
-            config_cls=FrameAveragingConfig,
-            run=run,
-            claim=report.CLAIM,
-            published=report.PUBLISHED,
-            summarize=report.summarize,
-            metrics=report.metrics,
-            figures=report.figures,
-            verdict=report.verdict,
-        )
+    register_reproduction(
+        "frame-averaging",
+        "Frame Averaging: FA-GNN vs GNN and Linear on n-body; normals under rotation",
+        FrameAveragingConfig,
+        run,
+        report,
     )
 
 

@@ -374,23 +374,14 @@ def run(config: OptimizersConfig, seed: int) -> OptimizersResult:
 
 def _register() -> None:
     from meanwise.experiments import optimizers_report as report
-    from meanwise.experiments.base import Experiment
-    from meanwise.experiments.registry import register
+    from meanwise.experiments.registry import register_reproduction
 
-    register(
-        Experiment(
-            name="optimizers",
-            title="Optimizers: AdaBelief, diffGrad and AdaHessian vs SGD, Adam, AdamW",
-            paper=report.PAPERS,
-            config_cls=OptimizersConfig,
-            run=run,
-            claim=report.CLAIM,
-            published=report.PUBLISHED,
-            summarize=report.summarize,
-            metrics=report.metrics,
-            figures=report.figures,
-            verdict=report.verdict,
-        )
+    register_reproduction(
+        "optimizers",
+        "Optimizers: AdaBelief, diffGrad and AdaHessian vs SGD, Adam, AdamW",
+        OptimizersConfig,
+        run,
+        report,
     )
 
 

@@ -12,11 +12,11 @@ import torch
 from meanwise.data import get_function
 from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
 
-__all__ = ["PAPERS", "CLAIM", "PUBLISHED", "summarize", "metrics", "figures", "verdict"]
+__all__ = ["PAPER", "CLAIM", "PUBLISHED", "summarize", "metrics", "figures", "verdict"]
 
 JSON = dict[str, Any]
 
-PAPERS = (
+PAPER = (
     "Zhuang et al., AdaBelief Optimizer, NeurIPS 2020; Dubey et al., diffGrad, IEEE TNNLS 2019; "
     "Yao et al., ADAHESSIAN, AAAI 2021"
 )

@@ -8,10 +8,12 @@ and one experiment with a missing optional dependency cannot break the others' i
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from types import ModuleType
 
 from meanwise.experiments.base import Experiment
 
-__all__ = ["register", "get", "names", "experiments"]
+__all__ = ["register", "register_reproduction", "get", "names", "experiments"]
 
 _BUILTIN_MODULES: tuple[str, ...] = (
     "meanwise.experiments.optimizers",
@@ -38,6 +40,28 @@ def register(experiment: Experiment, *, replace: bool = False) -> Experiment:
         )
     _REGISTRY[experiment.name] = experiment
     return experiment
+
+
+def register_reproduction(
+    name: str, title: str, config_cls: type, run: Callable, report: ModuleType
+) -> Experiment:
+    """Register an experiment whose report side is a module with the standard names:
+    ``PAPER``, ``CLAIM``, ``PUBLISHED``, ``summarize``, ``metrics``, ``figures``, ``verdict``."""
+    return register(
+        Experiment(
+            name=name,
+            title=title,
+            paper=report.PAPER,
+            config_cls=config_cls,
+            run=run,
+            claim=report.CLAIM,
+            published=report.PUBLISHED,
+            summarize=report.summarize,
+            metrics=report.metrics,
+            figures=report.figures,
+            verdict=report.verdict,
+        )
+    )
 
 
 def _load_builtins() -> None:

@@ -306,23 +306,14 @@ def run(config: SocialImplicitConfig, seed: int) -> SocialImplicitResult:
 
 def _register() -> None:
     from meanwise.experiments import social_implicit_report as report
-    from meanwise.experiments.base import Experiment
-    from meanwise.experiments.registry import register
+    from meanwise.experiments.registry import register_reproduction
 
-    register(
-        Experiment(
-            name="social-implicit",
-            title="Social-Implicit: IMLE training on ETH/UCY and the AMD/AMV shift probe",
-            paper=report.PAPER,
-            config_cls=SocialImplicitConfig,
-            run=run,
-            claim=report.CLAIM,
-            published=report.PUBLISHED,
-            summarize=report.summarize,
-            metrics=report.metrics,
-            figures=report.figures,
-            verdict=report.verdict,
-        )
+    register_reproduction(
+        "social-implicit",
+        "Social-Implicit: IMLE training on ETH/UCY and the AMD/AMV shift probe",
+        SocialImplicitConfig,
+        run,
+        report,
     )
 
 
