@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from meanwise import __version__
 
@@ -116,7 +117,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         show_progress=not args.no_progress,
     )
-    print(f"meanwise: wrote {args.out}/results.json and {args.out}/{INDEX_FILE}", file=sys.stderr)
+    out = Path(args.out)
+    print(f"meanwise: wrote {out / 'results.json'} and {out / INDEX_FILE}", file=sys.stderr)
     return EXIT_OK
 
 
