@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from meanwise.experiments.base import atomic_write_text
 from meanwise.merging import diagonal_fisher
 
 Fisher = dict[str, Tensor]
@@ -187,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("exact", "sampled", "empirical"):
         results[mode] = bench_mode(model, x, y, mode, rounds)
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-            json.dump(results, f, indent=2)
-        os.replace(f.name, args.json)
+        atomic_write_text(args.json, json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")
     return 0
 

@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -38,6 +36,7 @@ from torch import nn
 
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
+from meanwise.experiments.base import atomic_write_text
 from meanwise.federated import FedAU, FederatedSimulator, LocalTraining
 from meanwise.federated.local import draw_batches, train_sequential, train_vectorized
 from meanwise.federated.participation import Bernoulli
@@ -167,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"clients": n, "round_s": seconds, "rss_growth_mib": grown})
     results["logistic_round"] = rows
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-            json.dump(results, f, indent=2)
-        os.replace(f.name, args.json)
+        atomic_write_text(args.json, json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")
     return 0
 

@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from meanwise.experiments.base import atomic_write_text
 from meanwise.symmetry import FrameAveraging, pca_frames
 from meanwise.symmetry.models import FAGNN, GNN
 
@@ -175,20 +174,6 @@ def table(title: str, medians: dict[str, float], baseline: str, notes: dict[str,
     return rows
 
 
-def write_json_atomically(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".frame_averaging.", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (about a minute)")
@@ -241,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     results["summary"] = summary
     print("\nsummary:", json.dumps(summary, indent=2))
     if args.json:
-        write_json_atomically(args.json, results)
+        atomic_write_text(args.json, json.dumps(results, indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from meanwise.experiments.base import atomic_write_text
+
 TENSOR_SHAPE = (2048, 2048)  # 16 MiB per float32 tensor
 
 
@@ -157,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick, "checkpoint_bytes": size, "rounds": args.rounds,
             "results": rows, "outputs_identical": same,
         }  # fmt: skip
-        directory = os.path.dirname(os.path.abspath(args.json))
-        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-            json.dump(results, f, indent=2)
-        os.replace(f.name, args.json)
+        atomic_write_text(args.json, json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")
     return 0 if same else 1
 

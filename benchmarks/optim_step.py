@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from meanwise.experiments.base import atomic_write_text
 from meanwise.optim import AdaBelief, AdaHessian, DiffGrad
 
 
@@ -273,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             f"training iteration, {label}", medians, "Adam (foreach)", iteration_targets
         )
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-            json.dump(results, f, indent=2)
-        os.replace(f.name, args.json)
+        atomic_write_text(args.json, json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")
     return 0
 
