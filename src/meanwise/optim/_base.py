@@ -114,6 +114,38 @@ class FunctionalOptimizer(Optimizer):
         else:
             yield columns
 
+    def _init_state(self, params: list[Tensor], keys: Iterable[str]) -> None:
+        """Give each parameter a step count and zero buffers for ``keys`` it does not have."""
+        for p in params:
+            state = self.state[p]
+            state.setdefault("step", 0)
+            for key in keys:
+                if key not in state:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _apply_rule(
+        self,
+        group: dict,
+        params: list[Tensor],
+        columns_of: Callable[[list[Tensor], list[dict]], list[list[Tensor]]],
+        rule: Callable[..., Any],
+        **hyperparameters: Any,
+    ) -> None:
+        """Run ``rule(*columns, step=t, ops=..., **hyperparameters)`` on ``params``: once per
+        step-count bucket, on the execution bundles, then advance those parameters' steps.
+
+        ``columns_of(params, states)`` lists the rule's tensor arguments for a bucket (params,
+        gradients, state buffers...), one row per parameter.
+        """
+        ops = self._ops_for(group, params)
+        for step, indices in self._buckets(params).items():
+            chosen = [params[i] for i in indices]
+            states = [self.state[p] for p in chosen]
+            for bundle in self._bundles(ops, columns_of(chosen, states)):
+                rule(*bundle, step=step + 1, ops=ops, **hyperparameters)
+            for state in states:
+                state["step"] = step + 1
+
     def _gradients(self, group_index: int, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         """The parameters of a group that have gradients, and those gradients."""
         params, grads = [], []

@@ -76,49 +76,29 @@ class AdaBelief(FunctionalOptimizer):
         """One step for every parameter with a gradient; returns the closure's loss."""
         loss = self._run_closure(closure)
         for group_index, group in enumerate(self.param_groups):
-            params, grads = self._gradients(group_index, group)
+            params, _ = self._gradients(group_index, group)
             if not params:
                 continue
             amsgrad = group["amsgrad"]
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_var"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad and "max_exp_avg_var" not in state:
-                    state["max_exp_avg_var"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-            ops = self._ops_for(group, params)
+            keys = ("exp_avg", "exp_avg_var") + (("max_exp_avg_var",) if amsgrad else ())
+            self._init_state(params, keys)
             beta1, beta2 = group["betas"]
-            for step, indices in self._buckets(params).items():
-                states = [self.state[params[i]] for i in indices]
-                columns = [
-                    [params[i] for i in indices],
-                    [grads[i] for i in indices],
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_var"] for s in states],
-                ]
-                if amsgrad:
-                    columns.append([s["max_exp_avg_var"] for s in states])
-                for bundle in self._bundles(ops, columns):
-                    adabelief(
-                        *bundle[:4],
-                        bundle[4] if amsgrad else None,
-                        step=step + 1,
-                        lr=group["lr"],
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                        amsgrad=amsgrad,
-                        weight_decouple=group["weight_decouple"],
-                        fixed_decay=group["fixed_decay"],
-                        rectify=group["rectify"],
-                        degenerated_to_sgd=group["degenerated_to_sgd"],
-                        ops=ops,
-                    )
-                for s in states:
-                    s["step"] = step + 1
+            self._apply_rule(
+                group,
+                params,
+                lambda chosen, states, keys=keys: (
+                    [chosen, [p.grad for p in chosen]] + [[s[key] for s in states] for key in keys]
+                ),
+                adabelief,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                amsgrad=amsgrad,
+                weight_decouple=group["weight_decouple"],
+                fixed_decay=group["fixed_decay"],
+                rectify=group["rectify"],
+                degenerated_to_sgd=group["degenerated_to_sgd"],
+            )
         return loss

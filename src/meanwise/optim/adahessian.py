@@ -185,20 +185,14 @@ class AdaHessian(FunctionalOptimizer):
         # Dropping the graph-carrying gradients frees the double-backward graph.
         for p in params:
             p.grad = p.grad.detach()
-        grads = [p.grad for p in params]
         if self.distributed:
-            grads = self._all_reduce_mean(grads)
-            for p, g in zip(params, grads, strict=True):
+            averaged = self._all_reduce_mean([p.grad for p in params])
+            for p, g in zip(params, averaged, strict=True):
                 p.grad = g
 
         for i, (group_index, group, param_index, p) in enumerate(entries):
+            self._init_state([p], ("exp_avg", "exp_hessian_diag_sq"))
             state = self.state[p]
-            if len(state) == 0:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_hessian_diag_sq"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format
-                )
             if hessian_step:
                 if self.update_each > 1:
                     state["hessian_diag"] = diagonals[i]
@@ -211,39 +205,31 @@ class AdaHessian(FunctionalOptimizer):
 
         position = {id(p): i for i, p in enumerate(params)}
         for group in self.param_groups:
-            members = [i for i, p in enumerate(params) if entries[i][1] is group]
-            if not members:
+            group_params = [e[3] for e in entries if e[1] is group]
+            if not group_params:
                 continue
-            group_params = [params[i] for i in members]
-            ops = self._ops_for(group, group_params)
             beta1, beta2 = group["betas"]
-            for step, indices in self._buckets(group_params).items():
-                chosen = [group_params[j] for j in indices]
-                states = [self.state[p] for p in chosen]
-                columns = [
+            self._apply_rule(
+                group,
+                group_params,
+                lambda chosen, states: [
                     chosen,
-                    [grads[position[id(p)]] for p in chosen],
+                    [p.grad for p in chosen],
                     [
                         diagonals[position[id(p)]] if hessian_step else s["hessian_diag"]
                         for p, s in zip(chosen, states, strict=True)
                     ],
                     [s["exp_avg"] for s in states],
                     [s["exp_hessian_diag_sq"] for s in states],
-                ]
-                for bundle in self._bundles(ops, columns):
-                    adahessian(
-                        *bundle,
-                        step=step + 1,
-                        lr=group["lr"],
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                        hessian_power=group["hessian_power"],
-                        ops=ops,
-                    )
-                for s in states:
-                    s["step"] = step + 1
+                ],
+                adahessian,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                hessian_power=group["hessian_power"],
+            )
         self.steps_taken += 1
         return loss
 

@@ -54,37 +54,23 @@ class DiffGrad(FunctionalOptimizer):
         """One step for every parameter with a gradient; returns the closure's loss."""
         loss = self._run_closure(closure)
         for group_index, group in enumerate(self.param_groups):
-            params, grads = self._gradients(group_index, group)
+            params, _ = self._gradients(group_index, group)
             if not params:
                 continue
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    for key in ("exp_avg", "exp_avg_sq", "previous_grad"):
-                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            ops = self._ops_for(group, params)
+            keys = ("exp_avg", "exp_avg_sq", "previous_grad")
+            self._init_state(params, keys)
             beta1, beta2 = group["betas"]
-            for step, indices in self._buckets(params).items():
-                states = [self.state[params[i]] for i in indices]
-                columns = [
-                    [params[i] for i in indices],
-                    [grads[i] for i in indices],
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states],
-                    [s["previous_grad"] for s in states],
-                ]
-                for bundle in self._bundles(ops, columns):
-                    diffgrad(
-                        *bundle,
-                        step=step + 1,
-                        lr=group["lr"],
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                        ops=ops,
-                    )
-                for s in states:
-                    s["step"] = step + 1
+            self._apply_rule(
+                group,
+                params,
+                lambda chosen, states, keys=keys: (
+                    [chosen, [p.grad for p in chosen]] + [[s[key] for s in states] for key in keys]
+                ),
+                diffgrad,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
         return loss
