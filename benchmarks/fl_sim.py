@@ -38,8 +38,8 @@ from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
 from meanwise.experiments.base import atomic_write_text
 from meanwise.federated import FedAU, FederatedSimulator, LocalTraining
-from meanwise.federated.local import draw_batches, train_sequential, train_vectorized
 from meanwise.federated.participation import Bernoulli
+from meanwise.functional.local_training import draw_batches, train_sequential, train_vectorized
 
 STEPS, BATCH, LR = 10, 32, 0.05
 

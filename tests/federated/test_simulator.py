@@ -14,14 +14,14 @@ from torch import nn
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
 from meanwise.federated.aggregators import AFA_CS, FedAU, FedAvg
-from meanwise.federated.local import (
+from meanwise.federated.participation import Anarchic, Bernoulli, Markov
+from meanwise.federated.simulator import FederatedSimulator, flatten
+from meanwise.functional.local_training import (
     LocalTraining,
     draw_batches,
     train_sequential,
     train_vectorized,
 )
-from meanwise.federated.participation import Anarchic, Bernoulli, Markov
-from meanwise.federated.simulator import FederatedSimulator, flatten
 
 
 def _mlp(dtype=torch.float64, seed=0) -> nn.Module:

@@ -53,8 +53,8 @@ from meanwise.federated import (
     ParticipationProcess,
     heterogeneous_probabilities,
 )
-from meanwise.federated.local import draw_batches
 from meanwise.federated.simulator import flatten, unflatten
+from meanwise.functional.local_training import draw_batches
 
 __all__ = [
     "FedAUConfig",

@@ -11,7 +11,6 @@ from meanwise.federated.aggregators import (
     KnownParticipation,
     ParticipationIntervalWeights,
 )
-from meanwise.federated.local import LocalTraining
 from meanwise.federated.participation import (
     Anarchic,
     Arrivals,
@@ -23,6 +22,7 @@ from meanwise.federated.participation import (
     validate_probabilities,
 )
 from meanwise.federated.simulator import FederatedSimulator
+from meanwise.functional.local_training import LocalTraining
 
 __all__ = [
     "FederatedSimulator",

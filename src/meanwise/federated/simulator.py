@@ -2,8 +2,8 @@
 
 One round: the participation process names the clients (or, for :class:`Anarchic`, the
 arriving workers with their local step counts and the stale model versions they started
-from); they train locally (:mod:`meanwise.federated.local`, vectorized when the model allows);
-the aggregator turns their deltas into the new global model. Evaluation runs every
+from); they train locally (:mod:`meanwise.functional.local_training`, vectorized when the
+model allows); the aggregator turns their deltas into the new global model. Evaluation runs every
 ``eval_every`` rounds and is logged as JSON lines; a checkpoint every ``checkpoint_every``
 rounds holds everything the next round depends on (global model, aggregator memory,
 participation state, the minibatch generator, stale-model history), so ``run(..., resume=True)``
@@ -26,13 +26,13 @@ from torch import Tensor, nn
 
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.federated.aggregators import Aggregator
-from meanwise.federated.local import (
+from meanwise.federated.participation import Anarchic, ParticipationProcess
+from meanwise.functional.local_training import (
     LocalTraining,
     draw_batches,
     train_sequential,
     train_vectorized,
 )
-from meanwise.federated.participation import Anarchic, ParticipationProcess
 
 __all__ = ["FederatedSimulator", "vmap_blocker", "flatten", "unflatten"]
 

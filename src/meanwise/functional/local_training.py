@@ -1,4 +1,8 @@
-"""Clients' local training: vectorized with torch.func, or a sequential fallback loop.
+"""Local training of many models at once: vectorized with torch.func, or a sequential loop.
+
+Shared by the federated simulator (a round's clients) and the gossip simulator (all nodes), so
+it lives here, below both: it needs only the update rules of this package and data laid out as
+`FlatClientData` (any object with those four tensors, e.g. `meanwise.data.FederatedDataset`).
 
 The vectorized path stacks the round's S client models on a leading axis and runs
 ``vmap(grad(loss))`` through ``functional_call``: one batched forward/backward for all clients
@@ -17,19 +21,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from meanwise.data.federated_split import FederatedDataset
 from meanwise.functional.adabelief import adabelief
 from meanwise.functional.adam import adam
 from meanwise.functional.diffgrad import diffgrad
 from meanwise.functional.sgd import sgd
 
-__all__ = ["LocalTraining", "draw_batches", "train_vectorized", "train_sequential", "RULES"]
+__all__ = [
+    "FlatClientData",
+    "LocalTraining",
+    "draw_batches",
+    "train_vectorized",
+    "train_sequential",
+    "RULES",
+]
+
+
+class FlatClientData(Protocol):
+    """All clients' examples concatenated: client n owns rows offsets[n] to offsets[n]+sizes[n]."""
+
+    features: Tensor  # [total, ...]
+    labels: Tensor  # [total]
+    sizes: Tensor  # [n_clients], int64
+    offsets: Tensor  # [n_clients], int64
+
 
 RULES = ("sgd", "momentum", "adam", "adabelief", "diffgrad")
 # optimizer state buffers (zeros at the start of every round) per rule
@@ -88,7 +108,7 @@ class LocalTraining:
 
 
 def draw_batches(
-    data: FederatedDataset,
+    data: FlatClientData,
     clients: Tensor,
     max_steps: int,
     batch_size: int,
@@ -131,7 +151,7 @@ def _keep(active: Tensor, new: Tensor, old: Tensor) -> Tensor:
 def train_vectorized(
     model: nn.Module,
     params: dict[str, Tensor],
-    data: FederatedDataset,
+    data: FlatClientData,
     index: Tensor,
     valid: Tensor,
     steps: Tensor,
@@ -164,7 +184,7 @@ def train_sequential(
     model: nn.Module,
     params: dict[str, Tensor],
     buffers: dict[str, Tensor],
-    data: FederatedDataset,
+    data: FlatClientData,
     index: Tensor,
     valid: Tensor,
     steps: Tensor,
