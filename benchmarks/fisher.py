@@ -21,17 +21,15 @@ faster than the per-example loop.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from meanwise.experiments.base import atomic_write_text
+from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from meanwise.atomic_io import atomic_write_json
 from meanwise.merging import diagonal_fisher
 
 Fisher = dict[str, Tensor]
@@ -108,21 +106,6 @@ def relative_error(estimate: Fisher, reference: Fisher) -> float:
     return (num / den) ** 0.5
 
 
-def time_interleaved(turns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1):
-    """Median seconds per call of every turn, taking turns round-robin; also the last result."""
-    results = {}
-    for _ in range(warmup):
-        for name, turn in turns.items():
-            results[name] = turn()
-    samples: dict[str, list[float]] = {name: [] for name in turns}
-    for _ in range(rounds):
-        for name, turn in turns.items():
-            start = time.perf_counter()
-            results[name] = turn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in samples.items()}, results
-
-
 def bench_mode(model: nn.Module, x: Tensor, y: Tensor, mode: str, rounds: int) -> list[dict]:
     seed = 1234
     labels = None
@@ -147,7 +130,8 @@ def bench_mode(model: nn.Module, x: Tensor, y: Tensor, mode: str, rounds: int) -
     }
     if mode == "exact":
         turns["FusionBench-style (batch 32)"] = lambda: fusionbench_fisher(model, x)
-    medians, results = time_interleaved(turns, rounds)
+    timings = time_interleaved(turns, rounds)
+    medians, results = timings.wall, timings.results
     reference = results["per-example loop"]
     base = medians["meanwise"]
     rows = []
@@ -186,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("exact", "sampled", "empirical"):
         results[mode] = bench_mode(model, x, y, mode, rounds)
     if args.json:
-        atomic_write_text(args.json, json.dumps(results, indent=2))
+        atomic_write_json(args.json, results)
         print(f"\nwrote {args.json}")
     return 0
 

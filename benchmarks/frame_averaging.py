@@ -28,15 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from meanwise.experiments.base import atomic_write_text
+from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from meanwise.atomic_io import atomic_write_json
 from meanwise.symmetry import FrameAveraging, pca_frames
 from meanwise.symmetry.models import FAGNN, GNN
 
@@ -80,20 +79,6 @@ def authors_style_fa(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("boij,obpj->bpi", ops, out) / 8 + center
 
 
-def time_interleaved(turns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2):
-    """Median seconds per call of every turn, taking turns round-robin."""
-    for _ in range(warmup):
-        for turn in turns.values():
-            turn()
-    samples: dict[str, list[float]] = {name: [] for name in turns}
-    for _ in range(rounds):
-        for name, turn in turns.items():
-            start = time.perf_counter()
-            turn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
 def bench_point_cloud(batch: int, points: int, rounds: int) -> dict[str, float]:
     torch.manual_seed(0)
     backbone = PointNetBackbone()
@@ -133,7 +118,7 @@ def bench_point_cloud(batch: int, points: int, rounds: int) -> dict[str, float]:
         "restore as one fused einsum": restore_fused,
     }
     with torch.no_grad():
-        return time_interleaved(turns, rounds)
+        return time_interleaved(turns, rounds, warmup=2).wall
 
 
 def bench_nbody(rounds: int) -> dict[str, float]:
@@ -157,7 +142,7 @@ def bench_nbody(rounds: int) -> dict[str, float]:
 
         turns[f"{name} forward"] = forward
         turns[f"{name} training step"] = step
-    return time_interleaved(turns, rounds)
+    return time_interleaved(turns, rounds, warmup=2).wall
 
 
 def table(title: str, medians: dict[str, float], baseline: str, notes: dict[str, str]):
@@ -226,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     results["summary"] = summary
     print("\nsummary:", json.dumps(summary, indent=2))
     if args.json:
-        atomic_write_text(args.json, json.dumps(results, indent=2))
+        atomic_write_json(args.json, results)
         print(f"wrote {args.json}")
     return 0
 

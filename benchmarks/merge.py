@@ -17,7 +17,6 @@ and the two outputs are compared tensor by tensor. Temporary files are removed a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from meanwise.experiments.base import atomic_write_text
+from meanwise.atomic_io import atomic_write_json
 
 TENSOR_SHAPE = (2048, 2048)  # 16 MiB per float32 tensor
 
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick, "checkpoint_bytes": size, "rounds": args.rounds,
             "results": rows, "outputs_identical": same,
         }  # fmt: skip
-        atomic_write_text(args.json, json.dumps(results, indent=2))
+        atomic_write_json(args.json, results)
         print(f"\nwrote {args.json}")
     return 0 if same else 1
 

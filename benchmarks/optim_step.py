@@ -19,17 +19,15 @@ Targets from the issue: AdaBelief step <= 1.0x, DiffGrad step <= 1.2x; AdaHessia
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from meanwise.experiments.base import atomic_write_text
+from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from meanwise.atomic_io import atomic_write_json
 from meanwise.optim import AdaBelief, AdaHessian, DiffGrad
 
 
@@ -101,22 +99,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(turns: dict[str, Callable[[], None]], rounds: int, warmup: int = 3):
-    """Median seconds per call of every turn, taking turns round-robin."""
-    for _ in range(warmup):
-        for turn in turns.values():
-            turn()
-    samples: dict[str, list[float]] = {name: [] for name in turns}
-    for _ in range(rounds):
-        for name, turn in turns.items():
-            _sync()
-            start = time.perf_counter()
-            turn()
-            _sync()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
 def bench_steps(model_fn: Callable[[], nn.Module], rounds: int) -> dict[str, float]:
     turns = {}
     for name, make in step_candidates().items():
@@ -126,7 +108,7 @@ def bench_steps(model_fn: Callable[[], nn.Module], rounds: int) -> dict[str, flo
             p.grad = torch.randn_like(p) * 1e-2
         opt = make(model.parameters())
         turns[name] = opt.step
-    return time_interleaved(turns, rounds)
+    return time_interleaved(turns, rounds, warmup=3, sync=_sync).wall
 
 
 def bench_iterations(model_fn, batch, rounds: int) -> dict[str, float]:
@@ -202,7 +184,7 @@ def bench_iterations(model_fn, batch, rounds: int) -> dict[str, float]:
                 iteration()
 
         turns[name] = period
-    medians = time_interleaved(turns, rounds=rounds, warmup=1)
+    medians = time_interleaved(turns, rounds=rounds, warmup=1, sync=_sync).wall
     return {name: seconds / 4 for name, seconds in medians.items()}
 
 
@@ -272,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             f"training iteration, {label}", medians, "Adam (foreach)", iteration_targets
         )
     if args.json:
-        atomic_write_text(args.json, json.dumps(results, indent=2))
+        atomic_write_json(args.json, results)
         print(f"\nwrote {args.json}")
     return 0
 

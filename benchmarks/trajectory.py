@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from meanwise.atomic_io import atomic_write_json
 from meanwise.trajectory.data import load_split, resolve_data_dir
-from meanwise.trajectory.evaluate import write_json_atomic
 from meanwise.trajectory.metrics import DistributionMetrics
 from meanwise.trajectory.social_implicit import SocialImplicit
 
@@ -119,28 +119,6 @@ class ReleasedStyleForward:
 # --- measurements ------------------------------------------------------------------------------
 
 
-def time_interleaved(
-    turns: dict[str, Callable[[], None]], rounds: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall and process-CPU seconds per turn; every candidate takes one turn per round.
-    On a shared machine the CPU time is the steadier of the two (it excludes waiting for a
-    core), so both are reported."""
-    for turn in turns.values():
-        turn()
-    wall: dict[str, list[float]] = {name: [] for name in turns}
-    cpu: dict[str, list[float]] = {name: [] for name in turns}
-    for _ in range(rounds):
-        for name, turn in turns.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            turn()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return (
-        {name: statistics.median(values) for name, values in wall.items()},
-        {name: statistics.median(values) for name, values in cpu.items()},
-    )
-
-
 def bench_inference(checkpoints, data_dir, rounds: int) -> list[dict]:
     scenes = load_split("zara1", "test", data_dir)
     turns: dict[str, Callable[[], None]] = {}
@@ -163,7 +141,8 @@ def bench_inference(checkpoints, data_dir, rounds: int) -> list[dict]:
 
         turns[f"Social-Implicit (meanwise, {label})"] = ours
         turns[f"released-style forward ({label})"] = theirs
-    medians, cpu = time_interleaved(turns, rounds)
+    timings = time_interleaved(turns, rounds)
+    medians, cpu = timings.wall, timings.cpu
     rows = []
     print(f"\ninference, K = 20, one scene per call, ZARA1 test ({len(scenes)} scenes), 1 thread")
     print(f"  {'candidate':44s} {'scenes/s':>9s} {'(CPU time)':>11s} {'vs peer':>8s}  target")
@@ -313,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoints, root, args.quick, peer_cells=20 if args.quick else 100
         )
     if args.json:
-        write_json_atomic(args.json, results)
+        atomic_write_json(args.json, results)
         print(f"\nwrote {args.json}")
     return 0
 

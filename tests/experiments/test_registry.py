@@ -8,7 +8,6 @@ import torch
 
 from meanwise.experiments import Experiment, Table, get, names, register, registry
 from meanwise.experiments.base import (
-    atomic_write_text,
     cached_stage,
     format_mean_std,
     mean_std,
@@ -139,20 +138,6 @@ def test_cached_stage_resumes_without_recomputing(tmp_path):
         assert cached_stage("a", compute) == {"x": 0.1 + 0.2}  # exact float round trip
     assert len(calls) == 2
     assert (tmp_path / "a.json").exists()
-
-
-def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
-    path = tmp_path / "f.json"
-    atomic_write_text(path, "old")
-
-    def boom(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr("os.replace", boom)
-    with pytest.raises(OSError):
-        atomic_write_text(path, "new")
-    assert path.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
 
 
 def test_mean_std_and_formatting():

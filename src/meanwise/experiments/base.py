@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
+
+from meanwise.atomic_io import atomic_write_bytes, atomic_write_text  # re-exported
 
 __all__ = [
     "Experiment",
@@ -219,34 +219,6 @@ def format_mean_std(values: Sequence[float], digits: int = 2) -> str:
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a torn one.
-
-    The temporary file lives in the destination folder so that `os.replace` is a rename on one
-    file system; it is removed if anything fails.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600; a report is meant to be read (and served) like any other file
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    """`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager

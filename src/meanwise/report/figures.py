@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meanwise.experiments.base import Experiment, FigureSpec, atomic_write_bytes
+from meanwise.atomic_io import atomic_write_bytes
+from meanwise.experiments.base import Experiment, FigureSpec
 
 __all__ = ["FIGURES_DIR", "render_png", "render_figures"]
 

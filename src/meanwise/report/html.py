@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from meanwise.experiments.base import atomic_write_text
+from meanwise.atomic_io import atomic_write_text
 
 __all__ = ["INDEX_FILE", "render_html", "write_html"]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from meanwise import __version__
+from meanwise.atomic_io import atomic_write_text
 from meanwise.experiments import registry
-from meanwise.experiments.base import atomic_write_text
 from meanwise.experiments.runner import ExperimentRun
 
 __all__ = ["RESULTS_FILE", "build_entry", "load_results", "merge_results", "write_results"]

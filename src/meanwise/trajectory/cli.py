@@ -23,8 +23,9 @@ folder holds eth_ucy/<split>/test/*.txt (or is the eth_ucy folder itself).
 def _run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from meanwise.atomic_io import atomic_write_json
     from meanwise.trajectory.data import load_split
-    from meanwise.trajectory.evaluate import evaluate_scenes, write_json_atomic
+    from meanwise.trajectory.evaluate import evaluate_scenes
     from meanwise.trajectory.social_implicit import SocialImplicit
 
     if args.threads > 0:
@@ -42,7 +43,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     )
     result = {"split": args.split, **result, "seconds": time.perf_counter() - start}
     if args.json:
-        write_json_atomic(args.json, result)
+        atomic_write_json(args.json, result)
     print(json.dumps(result, indent=2))
     return 0
 

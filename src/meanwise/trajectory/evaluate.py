@@ -7,12 +7,7 @@ per-scene values over scenes (`DistributionMetrics`).
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +17,7 @@ from meanwise.average import weighted_average
 from meanwise.trajectory.data import Scene
 from meanwise.trajectory.metrics import DistributionMetrics, ade_fde
 
-__all__ = ["evaluate_scenes", "write_json_atomic"]
+__all__ = ["evaluate_scenes"]
 
 # (observed positions [8, N, 2], K, generator) -> sampled futures [K, 12, N, 2]
 Sampler = Callable[[Tensor, int, torch.Generator], Tensor]
@@ -89,20 +84,3 @@ def evaluate_scenes(
         result.update(metrics.compute())
         result["distribution_samples"] = k
     return result
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

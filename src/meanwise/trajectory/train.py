@@ -25,12 +25,10 @@ Checkpoints are plain `torch.save` files of tensors and primitives, loadable wit
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from meanwise.atomic_io import atomic_torch_save
 from meanwise.trajectory.data import OBS_LEN, Scene, observed_displacements
 from meanwise.trajectory.evaluate import evaluate_scenes
 from meanwise.trajectory.imle import imle_loss
@@ -290,20 +289,6 @@ class TrainResult:
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def _save_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _config_json(config: TrainConfig) -> str:
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
@@ -436,11 +421,10 @@ def train_social_implicit(
             history.best_epoch = epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if folder is not None:
-                _save_atomic(folder / BEST_CHECKPOINT, best_state)
+                atomic_torch_save(best_state, folder / BEST_CHECKPOINT)
         history.seconds = seconds_before + time.perf_counter() - started
         if last_path is not None:
-            _save_atomic(
-                last_path,
+            atomic_torch_save(
                 {
                     "format": _CHECKPOINT_FORMAT,
                     "config": _config_json(config),
@@ -452,6 +436,7 @@ def train_social_implicit(
                     "generator": generator.get_state(),
                     "history": json.dumps(dataclasses.asdict(history)),
                 },
+                last_path,
             )
         if on_epoch is not None:
             on_epoch(epoch, history)

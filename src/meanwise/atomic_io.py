@@ -1,0 +1,68 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never a torn one.
+
+Every result, report, log and checkpoint the project writes goes through here. The temporary
+file lives in the destination folder so that `os.replace` is a rename within one file system,
+it is fsynced before the rename, and it is removed if anything fails. Like `average`,
+`functional` and `data`, this module imports nothing of meanwise, so every area may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = [
+    "atomic_writer",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+]
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path | str) -> Iterator[IO[bytes]]:
+    """A binary file handle whose contents replace `path` only when the block ends cleanly."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp creates 0600; results are meant to be read (and served) like any other file
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path | str, data: Any, indent: int | None = 2) -> None:
+    """`data` as JSON with a final newline."""
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path | str) -> None:
+    """`torch.save` of tensors and plain containers (load it back with `weights_only=True`)."""
+    with atomic_writer(path) as handle:
+        torch.save(obj, handle)

@@ -1,0 +1,58 @@
+"""Atomic writes: the old file survives any failure, the new one appears whole, nothing leaks."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+import torch
+
+from meanwise.atomic_io import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    atomic_writer,
+)
+
+
+def test_old_file_survives_a_failed_rename(tmp_path, monkeypatch):
+    path = tmp_path / "f.json"
+    atomic_write_text(path, "old")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_old_file_survives_an_error_while_writing(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_writer(path) as handle:
+            handle.write(b"half a checkpoint")
+            raise RuntimeError("interrupted")
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_round_trips_and_permissions(tmp_path):
+    state = {"w": torch.randn(4, 5, dtype=torch.float64), "step": torch.tensor(7)}
+    atomic_torch_save(state, tmp_path / "deep" / "s.pt")  # parent folders are created
+    loaded = torch.load(tmp_path / "deep" / "s.pt", weights_only=True)
+    assert torch.equal(loaded["w"], state["w"]) and int(loaded["step"]) == 7
+
+    atomic_write_json(tmp_path / "r.json", {"a": [1, 2.5]})
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text) == {"a": [1, 2.5]} and text.endswith("\n")
+    # readable by others like a normally created file (mkstemp alone would give 0600)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+    (tmp_path / "r.json").chmod(0o640)
+    atomic_write_json(tmp_path / "r.json", {})
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o640  # kept on overwrite
