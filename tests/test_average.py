@@ -191,3 +191,30 @@ def test_rescale_to_variance_closed_form_and_vanishing_variance():
     torch.testing.assert_close(fixed - fixed.mean(), centred * (fixed.std() / merged.std()))
     one = torch.tensor([3.0])
     assert rescale_to_variance(one, 10.0) is one
+
+
+def test_batched_variance_and_rescale_equal_one_tensor_at_a_time():
+    from meanwise.average import member_variance, rescale_to_variance
+
+    g = torch.Generator().manual_seed(0)
+    members = torch.randn(5, 3, 4, 6, generator=g, dtype=torch.float64)  # 5 members, 3 tensors
+    weights = torch.tensor([0.4, 0.15, 0.15, 0.15, 0.15], dtype=torch.float64)
+    batched = member_variance(members, weights, batch_dims=1)
+    looped = torch.stack([member_variance(members[:, k], weights) for k in range(3)])
+    torch.testing.assert_close(batched, looped)
+    # closed form: sum_i w_i Var(x_i) / sum_i w_i, Var unbiased over the 24 elements
+    torch.testing.assert_close(batched[1], (weights * members[:, 1].reshape(5, -1).var(1)).sum())
+    merged, target = members[0], torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64)
+    out = rescale_to_variance(merged, target, 1e-4, batch_dims=1)
+    for k in range(3):
+        torch.testing.assert_close(out[k], rescale_to_variance(merged[k], target[k], 1e-4))
+    torch.testing.assert_close(
+        rescale_to_variance(merged, 0.5, 1e-4, batch_dims=1)[2],
+        rescale_to_variance(merged[2], 0.5, 1e-4),
+    )
+    with pytest.raises(ValueError, match="target_variance"):
+        rescale_to_variance(merged, torch.ones(2), batch_dims=1)
+    with pytest.raises(ValueError, match="batch_dims"):
+        rescale_to_variance(merged, 1.0, batch_dims=4)
+    with pytest.raises(TypeError, match="batch_dims"):
+        member_variance(members, batch_dims=1.0)

@@ -12,6 +12,7 @@ back, so averaging many half-precision models does not lose precision in the sum
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -223,24 +224,45 @@ def average_state_dicts(
     return result
 
 
-def member_variance(stacked: Tensor | Sequence[Tensor], weights: Tensor | None = None) -> Tensor:
+def _check_batch_dims(batch_dims: int, available: int, shape: torch.Size, name: str) -> None:
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int):
+        raise TypeError(f"batch_dims must be an int; got {type(batch_dims).__name__}")
+    if not 0 <= batch_dims <= available:
+        raise ValueError(
+            f"batch_dims must be in [0, {available}] for {name} of shape {list(shape)}; "
+            f"got {batch_dims}"
+        )
+
+
+def member_variance(
+    stacked: Tensor | Sequence[Tensor],
+    weights: Tensor | None = None,
+    *,
+    batch_dims: int = 0,
+) -> Tensor:
     """The weighted mean over members of each member's unbiased variance over its elements.
 
     This is the variance a merge should keep: averaging m independently initialised tensors
     shrinks the elementwise variance to about 1/m of theirs (Tian et al., 2024), and
     :func:`rescale_to_variance` restores it. ``weights`` as in :func:`weighted_average`
     (scalar per member; ``None``: uniform).
+
+    ``batch_dims``: the number of axes after the member axis that index independent tensors
+    (e.g. ``[m, k, P]`` with ``batch_dims=1`` holds m members of k separate tensors of P
+    elements); the result then has those axes (``[k]``), one variance per tensor.
     """
     x = _stack(stacked, "stacked")
-    if x[0].numel() < 2:
+    _check_batch_dims(batch_dims, x.dim() - 1, x.shape, "stacked")
+    lead = x.shape[: 1 + batch_dims]
+    if math.prod(x.shape[1 + batch_dims :]) < 2:
         raise ValueError("member_variance needs tensors with at least 2 elements")
     acc, _ = _accumulation_dtype(x.dtype)
-    variances = x.reshape(x.shape[0], -1).to(acc).var(dim=1, unbiased=True)
+    variances = x.reshape(*lead, -1).to(acc).var(dim=-1, unbiased=True)
     return weighted_average(variances, weights)
 
 
 def rescale_to_variance(
-    merged: Tensor, target_variance: Tensor | float, eps: float = 1e-4
+    merged: Tensor, target_variance: Tensor | float, eps: float = 1e-4, *, batch_dims: int = 0
 ) -> Tensor:
     """``(W - mean(W)) * sqrt((v + eps) / (Var(W) + eps)) + mean(W)``: the variance correction.
 
@@ -248,11 +270,24 @@ def rescale_to_variance(
     ``eps`` inside both variances keeps a near-constant tensor from being blown up. Var is the
     unbiased variance over the tensor's elements. A tensor with fewer than 2 elements is
     returned unchanged (it has no spread to correct).
+
+    ``batch_dims``: leading axes that index independent tensors (``[k, ...]`` with
+    ``batch_dims=1`` rescales each of the k tensors on its own; ``target_variance`` is then a
+    scalar or has shape ``[k]``). This is the batched form the gossip simulator merges with.
     """
-    if merged.numel() < 2:
+    _check_batch_dims(batch_dims, merged.dim(), merged.shape, "merged")
+    lead = merged.shape[:batch_dims]
+    if math.prod(merged.shape[batch_dims:]) < 2:
         return merged
     acc, out = _accumulation_dtype(merged.dtype)
-    w = merged.to(acc)
-    mean = w.mean()
-    scale = torch.sqrt((torch.as_tensor(target_variance, dtype=acc) + eps) / (w.var() + eps))
-    return ((w - mean) * scale + mean).to(out)
+    w = merged.reshape(*lead, -1).to(acc)
+    mean = w.mean(dim=-1, keepdim=True)
+    target = torch.as_tensor(target_variance, dtype=acc, device=w.device)
+    if target.dim() and tuple(target.shape) != tuple(lead):
+        raise ValueError(
+            f"target_variance must be a scalar or have shape {list(lead)} (the batch axes); "
+            f"got {list(target.shape)}"
+        )
+    target = target.reshape(*target.shape, 1) if target.dim() else target
+    scale = torch.sqrt((target + eps) / (w.var(dim=-1, keepdim=True) + eps))
+    return ((w - mean) * scale + mean).reshape(merged.shape).to(out)

@@ -37,6 +37,7 @@ __all__ = [
     "LocalTraining",
     "draw_batches",
     "train_vectorized",
+    "train_vectorized_stateful",
     "train_sequential",
     "RULES",
 ]
@@ -159,15 +160,44 @@ def train_vectorized(
     loss_fn: LossFn,
 ) -> dict[str, Tensor]:
     """Train the stacked client models ``params[name]: [S, ...]``; client s runs ``steps[s]``."""
+    state = local.init_state(list(params.values()))
+    trained, _ = train_vectorized_stateful(
+        model, params, state, data, index, valid, steps, local, loss_fn
+    )
+    return trained
+
+
+def train_vectorized_stateful(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    state: list[list[Tensor]],
+    data: FlatClientData,
+    index: Tensor,
+    valid: Tensor,
+    steps: Tensor,
+    local: LocalTraining,
+    loss_fn: LossFn,
+    *,
+    first_step: int = 1,
+) -> tuple[dict[str, Tensor], list[list[Tensor]]]:
+    """:func:`train_vectorized` from a given optimizer state (``local.init_state`` layout, each
+    tensor stacked like ``params``), returning the trained parameters and the final state.
+
+    For models whose optimizer state lives across calls (gossip nodes keep their momentum
+    between one-minibatch training events). The rule sees step numbers ``first_step,
+    first_step + 1, ...``; clients frozen by ``steps`` keep their state, as in
+    :func:`train_vectorized`.
+    """
+    if int(first_step) < 1:
+        raise ValueError(f"first_step must be >= 1; got {first_step}")
     names = list(params)
     buffers = dict(model.named_buffers())
     batched_grad = vmap(grad(_masked_loss(model, loss_fn, names, buffers)))
     current = [params[n] for n in names]
-    state = local.init_state(current)
     for k in range(int(steps.max())):
         x, y = _gather(data.features, index[k]), _gather(data.labels, index[k])
         grads = list(batched_grad(tuple(current), x, y, valid[k]))
-        new, new_state = local.apply(current, grads, state, k + 1)
+        new, new_state = local.apply(current, grads, state, k + int(first_step))
         active = k < steps  # clients whose local budget is not yet spent
         if bool(active.all()):
             current, state = new, new_state
@@ -177,7 +207,7 @@ def train_vectorized(
             [_keep(active, a, b) for a, b in zip(ns, s, strict=True)]
             for ns, s in zip(new_state, state, strict=True)
         ]
-    return dict(zip(names, current, strict=True))
+    return dict(zip(names, current, strict=True)), state
 
 
 def train_sequential(

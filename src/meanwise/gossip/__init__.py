@@ -1,6 +1,15 @@
 """Decentralized gossip learning: topologies and merge rules (variance-corrected averaging)."""
 
-from meanwise.gossip.merge import corrected_merge, merge_state_dicts, plain_merge
+from meanwise.gossip.flat import ParameterLayout
+from meanwise.gossip.merge import (
+    MergeRule,
+    corrected_merge,
+    merge_stacked,
+    merge_state_dicts,
+    plain_merge,
+)
+from meanwise.gossip.protocol import GossipProtocol, Schedule
+from meanwise.gossip.simulator import GossipSimulator
 from meanwise.gossip.topology import (
     Topology,
     erdos_renyi,
@@ -13,6 +22,12 @@ from meanwise.gossip.topology import (
 )
 
 __all__ = [
+    "GossipProtocol",
+    "GossipSimulator",
+    "MergeRule",
+    "ParameterLayout",
+    "Schedule",
+    "merge_stacked",
     "Topology",
     "corrected_merge",
     "erdos_renyi",

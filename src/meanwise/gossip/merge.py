@@ -9,6 +9,7 @@ beta-weighted variance including the node's own model). Both go through ``meanwi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,8 +20,17 @@ from meanwise.average import (
     rescale_to_variance,
     weighted_average,
 )
+from meanwise.gossip.flat import ParameterLayout
 
-__all__ = ["merge_weights", "plain_merge", "corrected_merge", "merge_state_dicts", "never_rescaled"]
+__all__ = [
+    "merge_weights",
+    "plain_merge",
+    "corrected_merge",
+    "merge_state_dicts",
+    "merge_stacked",
+    "MergeRule",
+    "never_rescaled",
+]
 
 # BatchNorm's running statistics describe activations, not weights: rescaling them is wrong.
 _STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -95,3 +105,84 @@ def merge_state_dicts(
         target = _target_variance(own[key], [r[key] for r in received], beta, include_self_variance)
         merged[key] = rescale_to_variance(tensor, target, eps).to(tensor.dtype)
     return merged
+
+
+def merge_stacked(
+    own: Tensor,
+    received: Tensor,
+    layout: ParameterLayout,
+    beta: float = 0.5,
+    *,
+    correct_variance: bool = False,
+    eps: float = 1e-4,
+    include_self_variance: bool = False,
+    rescale_biases: bool = True,
+) -> Tensor:
+    """:func:`merge_state_dicts` for k nodes at once, on flat parameter vectors.
+
+    ``own``: ``[k, P]`` the merging nodes' models; ``received``: ``[k, m, P]`` their buffers
+    (m models each); ``layout`` says which slice of P is which tensor (the correction is per
+    tensor). One weighted average over the m + 1 members for all k nodes, then one batched
+    rescale per tensor: the simulator's merge of a tick is a handful of kernel calls.
+    """
+    if own.dim() != 2 or received.dim() != 3:
+        raise ValueError(
+            f"own must be [k, P] and received [k, m, P]; got {list(own.shape)}, "
+            f"{list(received.shape)}"
+        )
+    k, m, p = received.shape
+    if tuple(own.shape) != (k, p) or p != layout.numel:
+        raise ValueError(
+            f"own {list(own.shape)} and received {list(received.shape)} must share k and "
+            f"P = layout.numel = {layout.numel}"
+        )
+    weights = merge_weights(m, beta)
+    members = torch.cat([own[:, None], received], dim=1).transpose(0, 1)  # [m + 1, k, P]
+    # float64 weights promote the sum (as in merge_state_dicts); the result keeps own's dtype
+    merged = weighted_average(members, weights)
+    if not correct_variance:
+        return merged.to(own.dtype)
+    for name, piece, template in layout.entries():
+        if never_rescaled(name, template, rescale_biases):
+            continue
+        if include_self_variance:
+            target = member_variance(members[..., piece], weights, batch_dims=1)
+        else:
+            target = member_variance(received[..., piece].transpose(0, 1), batch_dims=1)
+        merged[:, piece] = rescale_to_variance(merged[:, piece], target, eps, batch_dims=1)
+    return merged.to(own.dtype)
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """How a node merges its buffer: ``beta`` is the own model's weight; ``correct_variance``
+    switches on the rescaling of every merged tensor to the received models' variance (or,
+    with ``include_self_variance``, the beta-weighted variance including the own model)."""
+
+    beta: float = 0.5
+    correct_variance: bool = False
+    eps: float = 1e-4
+    include_self_variance: bool = False
+    rescale_biases: bool = True
+
+    def __post_init__(self) -> None:
+        merge_weights(1, self.beta)  # validates beta
+        if not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0; got {self.eps!r}")
+
+    def predicted_variance_ratio(self, m: int) -> float:
+        """Var(merged) / sigma^2 for m + 1 independent models of variance sigma^2 under the
+        plain merge: beta^2 + (1 - beta)^2 / m (the paper's vanishing-variance factor)."""
+        return self.beta**2 + (1.0 - self.beta) ** 2 / m
+
+    def __call__(self, own: Tensor, received: Tensor, layout: ParameterLayout) -> Tensor:
+        return merge_stacked(
+            own,
+            received,
+            layout,
+            self.beta,
+            correct_variance=self.correct_variance,
+            eps=self.eps,
+            include_self_variance=self.include_self_variance,
+            rescale_biases=self.rescale_biases,
+        )

@@ -1,0 +1,366 @@
+"""The vectorized gossip simulator: every node's model is a row of one tensor.
+
+Per tick the :class:`~meanwise.gossip.protocol.Schedule` says who trains (those rows are
+trained together by ``vmap(grad)`` through
+:func:`~meanwise.functional.local_training.train_vectorized_stateful`), which messages land
+in which buffer slots (one indexed copy per wave) and who merges (one batched
+:func:`~meanwise.gossip.merge.merge_stacked` per buffer size). Buffers are stored ragged, one
+row per slot (node i owns rows ``slot_base[i] .. slot_base[i] + buffer_size[i]``), so a star's
+centre with 50 slots does not make every leaf hold 50.
+
+Each node keeps its optimizer state (momentum) across its one-minibatch training events, as a
+node running its own ``torch.optim.SGD`` would; merges replace the parameters, not the state.
+
+Evaluation every ``eval_every`` ticks logs the nodes' test accuracy and each parameter
+tensor's weight variance (the mean over nodes of the unbiased variance over its elements: the
+quantity that vanishes). A checkpoint holds everything the next tick depends on, so
+``run(..., resume=True)`` continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from meanwise.functional.local_training import (
+    FlatClientData,
+    LocalTraining,
+    train_vectorized_stateful,
+)
+from meanwise.gossip.flat import ParameterLayout
+from meanwise.gossip.merge import MergeRule
+from meanwise.gossip.protocol import GossipProtocol, Phase, Schedule
+from meanwise.gossip.topology import Topology
+
+__all__ = ["GossipSimulator", "initial_models", "check_local_training", "execute_waves"]
+
+# Rules whose state can persist across training events: the other rules' bias corrections
+# need each node's own step count, which one batched call over several nodes cannot give.
+_PERSISTENT_RULES = ("sgd", "momentum")
+
+
+def check_local_training(local: LocalTraining) -> None:
+    if local.rule not in _PERSISTENT_RULES:
+        raise ValueError(
+            f"local.rule must be one of {_PERSISTENT_RULES} for gossip (node optimizer state "
+            f"persists across training events); got {local.rule!r}"
+        )
+    if local.options.get("dampening", 0.0) != 0.0:
+        # zero momentum buffers + step >= 2 equals PyTorch's first step only without dampening
+        raise ValueError("local.options['dampening'] must be 0 for gossip training")
+
+
+def initial_models(
+    model: nn.Module, n_nodes: int, layout: ParameterLayout, shared: bool, seed: int
+) -> Tensor:
+    """``[n_nodes, P]``: ``model``'s own parameters for every node (``shared``), or each node
+    re-initialized by its modules' ``reset_parameters`` under its own seed."""
+    if shared:
+        flat = layout.flatten({k: v.detach() for k, v in model.named_parameters()})
+        return flat.expand(n_nodes, -1).clone()
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)) and not hasattr(
+            module, "reset_parameters"
+        ):
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) has parameters but no "
+                "reset_parameters(): independent initialization cannot redraw it"
+            )
+    seeds = torch.randint(2**62, (n_nodes,), generator=torch.Generator().manual_seed(seed))
+    rows = []
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for node_seed in seeds.tolist():
+                torch.manual_seed(node_seed)
+                for module in model.modules():
+                    if hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+                rows.append(layout.flatten({k: v.detach() for k, v in model.named_parameters()}))
+    finally:
+        model.load_state_dict(saved)
+    return torch.stack(rows).clone()
+
+
+def execute_waves(
+    phase: Phase,
+    sent: Tensor,
+    params: Tensor,
+    storage: Tensor,
+    slot_base: Tensor,
+    buffer_sizes: Tensor,
+    merge: MergeRule,
+    layout: ParameterLayout,
+) -> int:
+    """Land a phase's messages (``sent[j]`` is the model of ``phase.senders[j]``) in the
+    buffer storage and merge, in place on ``params``; returns the number of merges."""
+    merges = 0
+    for wave in phase.waves:
+        if wave.receivers.numel():
+            storage[slot_base[wave.receivers] + wave.slots] = sent[wave.sender_pos]
+        if not wave.mergers.numel():
+            continue
+        sizes = buffer_sizes[wave.mergers]
+        for size in sizes.unique().tolist():  # one batched merge per buffer size
+            nodes = wave.mergers[sizes == size]
+            rows = slot_base[nodes][:, None] + torch.arange(size)
+            params[nodes] = merge(params[nodes], storage[rows], layout)
+            merges += int(nodes.numel())
+    return merges
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class GossipSimulator:
+    """Simulate gossip learning of ``model`` on ``topology``.
+
+    Args:
+        model: the architecture (its buffers are used as they are; parameters only are
+            gossiped). With ``protocol.shared_init`` its parameters are every node's start.
+        topology: the graph.
+        train: one client per training node (node order, idle nodes skipped).
+        protocol: the gossip protocol (default: the paper's asynchronous one).
+        local: the local training recipe (``steps`` is ignored: ``protocol.local_steps``
+            minibatches per training event); rule "sgd" or "momentum".
+        merge: the merge rule (default: plain, beta = 0.5).
+        test: ``(features, labels)`` for evaluation, or None.
+        eval_nodes: the nodes whose accuracy and variance are logged (default: all nodes that
+            train; for the FL baseline pass the centre).
+        seed: seeds the initialization and the schedule.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        topology: Topology,
+        train: FlatClientData,
+        protocol: GossipProtocol | None = None,
+        local: LocalTraining | None = None,
+        *,
+        merge: MergeRule | None = None,
+        test: tuple[Tensor, Tensor] | None = None,
+        loss_fn: Callable[..., Tensor] = F.cross_entropy,
+        eval_nodes: Sequence[int] | None = None,
+        eval_every: int = 10,
+        checkpoint_every: int = 0,
+        checkpoint_path: str | os.PathLike | None = None,
+        log_path: str | os.PathLike | None = None,
+        seed: int = 0,
+    ) -> None:
+        protocol = GossipProtocol() if protocol is None else protocol
+        local = LocalTraining(rule="momentum", lr=0.01) if local is None else local
+        check_local_training(local)
+        if int(eval_every) < 1:
+            raise ValueError(f"eval_every must be >= 1; got {eval_every}")
+        if int(checkpoint_every) < 0:
+            raise ValueError(f"checkpoint_every must be >= 0; got {checkpoint_every}")
+        if checkpoint_every and checkpoint_path is None:
+            raise ValueError("checkpoint_every > 0 needs a checkpoint_path")
+        self.model = model
+        self.topology = topology
+        self.train = train
+        self.protocol = protocol
+        self.local = local
+        self.merge = MergeRule() if merge is None else merge
+        self.test = test
+        self.loss_fn = loss_fn
+        self.eval_every = int(eval_every)
+        self.checkpoint_every = int(checkpoint_every)
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.log_path = None if log_path is None else Path(log_path)
+        self.layout = ParameterLayout.of(model)
+        self.schedule = Schedule(protocol, topology, train, local.batch_size, seed)
+        n = topology.n_nodes
+        if eval_nodes is None:
+            eval_nodes = self.schedule.trains.nonzero().flatten().tolist()
+        bad = [i for i in eval_nodes if not 0 <= int(i) < n]
+        if not eval_nodes or bad:
+            raise ValueError(f"eval_nodes must be a non-empty list of node ids < {n}; got {bad}")
+        self.eval_nodes = torch.tensor([int(i) for i in eval_nodes], dtype=torch.long)
+        self.buffers = {k: v.detach() for k, v in model.named_buffers()}
+        self.params = initial_models(model, n, self.layout, protocol.shared_init, seed)
+        # variance of each tensor at initialization, averaged over nodes: the paper's sigma^2
+        self.initial_variance = self.layer_variance(self.eval_nodes)
+        self.opt_state = [
+            torch.zeros_like(self.params) for _ in local.init_state([self.params[:1]])
+        ]
+        self.storage = self.params.new_zeros(self.schedule.total_slots, self.layout.numel)
+        self.trainings = 0
+        self.merges = 0
+        self.metrics: list[dict[str, Any]] = []
+        self._batched_forward = vmap(self._forward, in_dims=(0, None))
+
+    # -- one tick ----------------------------------------------------------------------------
+
+    @property
+    def tick(self) -> int:
+        return self.schedule.tick
+
+    def _train(self, nodes: Tensor, index: Tensor, valid: Tensor) -> None:
+        unflatten = self.layout.unflatten
+        stacked = unflatten(self.params[nodes])
+        state = [list(unflatten(slot[nodes]).values()) for slot in self.opt_state]
+        steps = torch.full((nodes.numel(),), self.protocol.local_steps, dtype=torch.long)
+        trained, state = train_vectorized_stateful(
+            self.model,
+            stacked,
+            state,
+            self.train,
+            index,
+            valid,
+            steps,
+            self.local,
+            self.loss_fn,
+            first_step=2,  # persistent momentum: never PyTorch's "buffer = grad" first step
+        )
+        self.params[nodes] = self.layout.flatten(trained, batch_dims=1)
+        names = self.layout.names
+        for slot, new in zip(self.opt_state, state, strict=True):
+            slot[nodes] = self.layout.flatten(dict(zip(names, new, strict=True)), batch_dims=1)
+        self.trainings += int(nodes.numel())
+
+    def step(self) -> None:
+        """Run one tick."""
+        plan = self.schedule.next_tick()
+        for phase in plan.phases:
+            if phase.kind == "train":
+                self._train(phase.senders, phase.index, phase.valid)
+            sent = self.params[phase.senders]  # a copy: merges below must not change it
+            self.merges += execute_waves(
+                phase,
+                sent,
+                self.params,
+                self.storage,
+                self.schedule.slot_base,
+                self.schedule.buffer_sizes,
+                self.merge,
+                self.layout,
+            )
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def _forward(self, flat: Tensor, x: Tensor) -> Tensor:
+        return functional_call(self.model, {**self.layout.unflatten(flat), **self.buffers}, (x,))
+
+    def node_parameters(self, node: int) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.layout.unflatten(self.params[node]).items()}
+
+    def layer_variance(self, nodes: Tensor | None = None) -> dict[str, float]:
+        """Per parameter tensor: the mean over ``nodes`` of its unbiased element variance."""
+        rows = self.params if nodes is None else self.params[nodes]
+        return {
+            name: float(rows[:, piece].double().var(dim=1).mean()) if template.numel() > 1 else 0.0
+            for name, piece, template in self.layout.entries()
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"layer_variance": self.layer_variance(self.eval_nodes)}
+        if self.test is None:
+            return record
+        x, y = self.test
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self._batched_forward(self.params[self.eval_nodes], x)  # [k, M, C]
+        finally:
+            self.model.train(was_training)
+        accuracy = (logits.argmax(-1) == y).double().mean(dim=1)
+        losses = torch.stack([self.loss_fn(out, y) for out in logits])
+        record.update(
+            mean_accuracy=float(accuracy.mean()),
+            min_accuracy=float(accuracy.min()),
+            max_accuracy=float(accuracy.max()),
+            test_loss=float(losses.double().mean()),
+        )
+        return record
+
+    # -- checkpoints, logging, the loop --------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule.state_dict(),
+            "params": self.params.clone(),
+            "opt_state": [s.clone() for s in self.opt_state],
+            "storage": self.storage.clone(),
+            "trainings": self.trainings,
+            "merges": self.merges,
+            "metrics": list(self.metrics),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["params"].shape) != tuple(self.params.shape):
+            raise ValueError(
+                f"checkpoint holds models {list(state['params'].shape)}; this simulation has "
+                f"{list(self.params.shape)} (nodes, parameters)"
+            )
+        if tuple(state["storage"].shape) != tuple(self.storage.shape):
+            raise ValueError("checkpoint buffer storage does not match this protocol's buffers")
+        self.schedule.load_state_dict(state["schedule"])
+        self.params = state["params"].clone()
+        self.opt_state = [s.clone() for s in state["opt_state"]]
+        self.storage = state["storage"].clone()
+        self.trainings = int(state["trainings"])
+        self.merges = int(state["merges"])
+        self.metrics = list(state["metrics"])
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.append(record)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _rewrite_log(self) -> None:
+        # after a resume, lines written past the checkpoint would be duplicated: rewrite
+        if self.log_path is None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.log_path.with_suffix(self.log_path.suffix + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
+        os.replace(tmp, self.log_path)
+
+    def run(self, ticks: int, *, resume: bool = False) -> list[dict[str, Any]]:
+        """Simulate until ``ticks`` ticks in total have run; returns the logged metrics (an
+        evaluation at tick 0, every ``eval_every`` ticks and at the end).
+
+        With ``resume=True`` and an existing checkpoint, continue from it (bit-exactly).
+        """
+        if resume:
+            if self.checkpoint_path is None:
+                raise ValueError("resume=True needs a checkpoint_path")
+            if self.checkpoint_path.exists():
+                self.load_state_dict(torch.load(self.checkpoint_path, weights_only=True))
+                self._rewrite_log()
+        if self.tick == 0 and not self.metrics:
+            self._log({"tick": 0, "trainings": 0, "merges": 0, **self.evaluate()})
+        while self.tick < ticks:
+            self.step()
+            t = self.tick
+            if t % self.eval_every == 0 or t == ticks:
+                self._log(
+                    {"tick": t, "trainings": self.trainings, "merges": self.merges}
+                    | self.evaluate()
+                )
+            if self.checkpoint_every and t % self.checkpoint_every == 0:
+                _atomic_save(self.state_dict(), self.checkpoint_path)
+        return self.metrics
