@@ -14,11 +14,12 @@ $(VENV)/.base: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# dev tools, test oracles and Flower (its simulation extra: Ray), after torch as above
 $(VENV)/.dev: $(VENV)/.base
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,flower]'
 	touch $@
 
-demo: $(VENV)/.base
+demo: $(VENV)/.dev
 	$(VENV)/bin/meanwise reproduce all --quick --out reports/
 
 test: $(VENV)/.dev

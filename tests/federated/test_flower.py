@@ -1,0 +1,440 @@
+"""Flower integration: FedAUStrategy and run_anarchic against hand-written equations (on an
+in-process grid, fast), and end to end in Flower's Ray simulation against the meanwise
+simulator on the same client updates."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+flwr = pytest.importorskip("flwr", reason="install the flower extra: pip install '.[flower]'")
+
+from flwr.app import (  # noqa: E402
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid  # noqa: E402
+
+from meanwise.data.federated_split import FederatedDataset  # noqa: E402
+from meanwise.federated import AFA_CD, AFA_CS, FedAU, FederatedSimulator  # noqa: E402
+from meanwise.federated.flower import (  # noqa: E402
+    ArrayCodec,
+    FedAUStrategy,
+    local_training_client_app,
+    run_anarchic,
+)
+from meanwise.federated.participation import Anarchic, Arrivals, ParticipationProcess  # noqa: E402
+from meanwise.functional.local_training import LocalTraining  # noqa: E402
+
+# --- an in-process Grid: each node is a Python function -------------------------------------
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What a ServerApp process has set when it builds messages (Flower's TaskIdentity)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class ScriptedGrid(Grid):
+    """Nodes answer through ``handler(node_id, message) -> (reply | None, delay)``: the reply
+    becomes visible ``delay`` pulls later; None never arrives (a node that times out)."""
+
+    def __init__(self, node_ids, handler):
+        self.ids = list(node_ids)
+        self.handler = handler
+        self.pending: dict[str, tuple[int, Message]] = {}
+        self.tick = 0
+
+    def set_run(self, run):  # pragma: no cover - unused
+        pass
+
+    @property
+    def run(self):  # pragma: no cover - unused
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover - unused
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+    def get_nodes(self):  # pragma: no cover - unused
+        return []
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            reply, delay = self.handler(msg.metadata.dst_node_id, msg)
+            if reply is not None:
+                self.pending[msg.metadata.message_id] = (self.tick + delay, reply)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.tick += 1
+        ready = [i for i in message_ids if i in self.pending and self.pending[i][0] <= self.tick]
+        return [self.pending.pop(i)[1] for i in ready]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        ids = list(self.push_messages(messages))
+        self.tick += 10**6  # everything that will ever answer has answered
+        return self.pull_messages(ids)
+
+
+def _arrays(x: torch.Tensor) -> ArrayRecord:
+    return ArrayRecord({"w": x[:4].reshape(2, 2).clone(), "b": x[4:].clone()})
+
+
+def _flat(record: ArrayRecord) -> torch.Tensor:
+    state = record.to_torch_state_dict()
+    return torch.cat([state["w"].reshape(-1), state["b"]])
+
+
+def _update(node: int, x: torch.Tensor) -> torch.Tensor:
+    """A client's trained vector: a fixed function of its id and the model it received."""
+    return x * (1 - 0.1 * (node % 7)) + 0.01 * node + 0.001 * torch.arange(6, dtype=x.dtype)
+
+
+def _reply(msg: Message, y: torch.Tensor | None, metrics: dict | None = None) -> Message:
+    content = {"metrics": MetricRecord(metrics or {"num-examples": 1})}
+    if y is not None:
+        content["arrays"] = _arrays(y)
+    return Message(RecordDict(content), reply_to=msg)
+
+
+# --- FedAUStrategy ------------------------------------------------------------------------------
+
+# behaviour of node i (ids 11, 12, ...) in each round; anything but "ok" must count as absent
+SCRIPT = [
+    ["ok", "ok", "decline", "ok", "timeout"],
+    ["ok", "error", "ok", "ok", "ok"],
+    ["decline", "ok", "nan", "ok", "ok"],
+    ["ok", "ok", "ok", "badshape", "ok"],
+    ["error", "timeout", "decline", "nan", "badshape"],  # nobody: the model stays
+    ["ok", "ok", "ok", "ok", "ok"],
+    ["ok", "decline", "ok", "ok", "ok"],
+]
+NODE_IDS = [11, 12, 13, 14, 15]
+
+
+def _fedau_handler(round_of: Callable[[], int]):
+    def handler(node, msg):
+        action = SCRIPT[round_of() - 1][NODE_IDS.index(node)]
+        x = _flat(msg.content.array_records["arrays"])
+        if action == "timeout":
+            return None, 0
+        if action == "error":
+            return Message(Error(code=0, reason="client crashed"), reply_to=msg), 0
+        if action == "decline":
+            return _reply(msg, None), 0
+        y = _update(node, x)
+        if action == "nan":
+            y[2] = float("nan")
+        if action == "badshape":
+            content = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3)})})
+            return Message(content, reply_to=msg), 0
+        return _reply(msg, y), 0
+
+    return handler
+
+
+def _fedau_by_hand(x: torch.Tensor, rounds: int, server_lr: float) -> torch.Tensor:
+    """FedAU's equations, written out: ω_n = mean of n's recorded intervals (1 before any),
+    x ← x + η/N Σ_S ω_n Δ_n; a participant records (rounds absent since its last record) + 1."""
+    n = len(NODE_IDS)
+    intervals: list[list[int]] = [[] for _ in range(n)]
+    absent = [0] * n
+    for r in range(rounds):
+        here = [i for i in range(n) if SCRIPT[r][i] == "ok"]
+        direction = torch.zeros_like(x)
+        for i in here:
+            omega = sum(intervals[i]) / len(intervals[i]) if intervals[i] else 1.0
+            direction += omega * (_update(NODE_IDS[i], x) - x)
+        for i in range(n):
+            if i in here:
+                intervals[i].append(absent[i] + 1)
+                absent[i] = 0
+            else:
+                absent[i] += 1
+        x = x + server_lr * direction / n
+    return x
+
+
+def test_fedau_strategy_follows_the_equations_and_survives_bad_nodes(server_identity):
+    strategy = FedAUStrategy(5, server_lr=0.7, evaluate=False)
+    current = {"round": 0}
+    original = strategy.configure_train
+
+    def configure(server_round, arrays, config, grid):
+        current["round"] = server_round
+        return original(server_round, arrays, config, grid)
+
+    strategy.configure_train = configure
+    grid = ScriptedGrid(NODE_IDS, _fedau_handler(lambda: current["round"]))
+    x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        result = strategy.start(grid, _arrays(x0), num_rounds=len(SCRIPT))
+    expected = _fedau_by_hand(x0, len(SCRIPT), 0.7)
+    torch.testing.assert_close(_flat(result.arrays), expected, rtol=1e-12, atol=1e-12)
+    assert strategy.node_ids == NODE_IDS
+    assert [h["participants"] for h in strategy.history] == [
+        sum(a == "ok" for a in row) for row in SCRIPT
+    ]
+    assert strategy.aggregator.dropped_nonfinite == 2
+    reasons = " ".join(r for h in strategy.history for r in h["reasons"])
+    assert "failed: client crashed" in reasons and "declined" in reasons
+    assert "malformed" in reasons
+    # the interval counters advanced in the empty round 5 as well: node 11 took part in
+    # rounds 1, 2, 4, 6, 7 -> intervals 1, 1, 2, 2, 1
+    w = strategy.aggregator.weights
+    assert float(w.interval_sum[0]) == 7 and int(w.interval_count[0]) == 5
+
+
+def test_fedau_strategy_rejects_bad_arguments(server_identity):
+    with pytest.raises(ValueError, match="n_nodes"):
+        FedAUStrategy(0)
+    with pytest.raises(ValueError, match="node_ids"):
+        FedAUStrategy(3, node_ids=[1, 2, 2])
+    with pytest.raises(RuntimeError, match="configure_train"):
+        FedAUStrategy(2).aggregate_train(1, [])
+    with pytest.raises(TypeError, match="ArrayRecord"):
+        ArrayCodec({"w": torch.zeros(2)})
+    grid = ScriptedGrid([1], lambda n, m: (None, 0))
+    with pytest.raises(RuntimeError, match="n_nodes=2"):
+        FedAUStrategy(2, wait_for_nodes_s=0.1).configure_train(
+            1, _arrays(torch.zeros(6)), ConfigRecord(), grid
+        )
+
+
+# --- run_anarchic -------------------------------------------------------------------------------
+
+
+def _steps(node: int) -> int:
+    return 1 + node % 3
+
+
+def test_run_anarchic_follows_the_equations_with_stale_updates(server_identity):
+    # node 3 is slow (its replies take 4 pulls), so its updates arrive on older models; node 4
+    # fails once; the rule is AFA-CD: x <- x - eta * eta_L * mean_i G_i,
+    # G_i = (x_start_i - y_i) / (eta_L * K_i), x_start_i the (stale) model node i trained on
+    calls = {4: 0}
+
+    def handler(node, msg):
+        x = _flat(msg.content.array_records["arrays"])
+        if node == 4:
+            calls[4] += 1
+            if calls[4] == 2:
+                return Message(Error(code=0, reason="lost"), reply_to=msg), 1
+        metrics = {"num-examples": 1, "local-steps": _steps(node)}
+        return _reply(msg, _update(node, x), metrics), 4 if node == 3 else 1
+
+    ids = [1, 2, 3, 4]
+    aggregator = AFA_CD(4, server_lr=0.5, local_lr=0.1, arrivals_per_round=2)
+    x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    result = run_anarchic(
+        ScriptedGrid(ids, handler), _arrays(x0), aggregator, 8, max_staleness=2, pull_interval=0
+    )
+    assert len(result.rounds) == 8 and result.node_ids == ids
+    stale = [s for r in result.rounds for s in r.staleness]
+    assert max(stale) >= 1 and max(stale) <= 2  # stale updates happen, within the bound
+    assert sum(r.failed for r in result.rounds) == 1
+    # replay the recorded schedule through the equations
+    models = [x0]
+    for r in result.rounds:
+        g = [
+            (models[-1 - s] - _update(nid, models[-1 - s])) / (0.1 * k)
+            for nid, s, k in zip(r.node_ids, r.staleness, r.local_steps, strict=True)
+        ]
+        assert r.local_steps == [_steps(n) for n in r.node_ids]
+        models.append(models[-1] - 0.5 * 0.1 * torch.stack(g).mean(0))
+    torch.testing.assert_close(_flat(result.arrays), models[-1], rtol=1e-12, atol=1e-12)
+
+
+def test_run_anarchic_rejects_bad_arguments():
+    grid = ScriptedGrid([1], lambda n, m: (None, 0))
+    with pytest.raises(TypeError, match="aggregator"):
+        run_anarchic(grid, _arrays(torch.zeros(6)), FedAU(1), 1)
+    with pytest.raises(ValueError, match="num_rounds"):
+        run_anarchic(grid, _arrays(torch.zeros(6)), AFA_CD(1, 1.0, 0.1), 0)
+
+
+def test_run_anarchic_closes_a_round_on_timeout(server_identity):
+    grid = ScriptedGrid([1, 2], lambda n, m: (None, 0))  # nobody ever answers
+    x0 = torch.ones(6, dtype=torch.float64)
+    out = run_anarchic(
+        grid, _arrays(x0), AFA_CS(2, 1.0, 0.1, arrivals_per_round=1), 2, round_timeout=0.05
+    )
+    assert [r.timed_out for r in out.rounds] == [True, True]
+    assert torch.equal(_flat(out.arrays), x0)
+
+
+# --- end to end: Flower's Ray simulation vs the meanwise simulator -----------------------------
+
+N_NODES, FEDAU_ROUNDS, AFA_ROUNDS = 4, 4, 4
+# which partitions take part in each FedAU round; partition 3 raises in round 2 (a failure)
+TAKES_PART = [[1, 1, 0, 1], [1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 1, 1]]
+FAILS = (2, 3)
+
+
+def _node_data(partition: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + partition)
+    size = 6 + 5 * partition
+    x = torch.randn(size, 5, generator=gen, dtype=torch.float64) + partition
+    return x, torch.randint(0, 3, (size,), generator=gen)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+LOCAL = LocalTraining("sgd", lr=0.1, steps=3, batch_size=64)  # >= every node: full batch
+
+
+class _Replay(ParticipationProcess):
+    def __init__(self, masks):
+        super().__init__(torch.ones(masks.shape[1]))
+        self.masks = masks
+
+    def _draw(self):
+        return self.masks[self.round]
+
+
+class _ReplayArrivals(Anarchic):
+    def __init__(self, rounds, n_workers, max_staleness):
+        super().__init__(n_workers, 1, 4, max_staleness=max_staleness)
+        self.recorded = rounds
+
+    def next_round(self):
+        r = self.recorded[self.round]
+        self.round += 1
+        t = torch.tensor
+        return Arrivals(
+            t(r["workers"]), t(r["steps"]), t(r["staleness"]), t(r["staleness"]), 0.0, 0
+        )
+
+
+@pytest.fixture(scope="module")
+def flower_run():
+    from flwr.clientapp import ClientApp  # noqa: F401 - the extra is installed
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    takes_part, fails = TAKES_PART, FAILS
+
+    def data_fn(context: Context):
+        p = int(context.node_config["partition-id"])
+        gen = torch.Generator().manual_seed(100 + p)
+        size = 6 + 5 * p
+        x = torch.randn(size, 5, generator=gen, dtype=torch.float64) + p
+        return x, torch.randint(0, 3, (size,), generator=gen)
+
+    def participate(context: Context, server_round: int) -> bool:
+        p = int(context.node_config["partition-id"])
+        if (server_round, p) == fails:
+            raise RuntimeError("this node crashes in this round")
+        return bool(takes_part[server_round - 1][p])
+
+    def local_steps(context: Context, version: int) -> int:
+        return 1 + int(context.node_config["partition-id"])  # 1..4 steps: heterogeneous
+
+    def model_fn() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+    client = local_training_client_app(model_fn, data_fn, LOCAL, participate=participate)
+    anarchic = local_training_client_app(model_fn, data_fn, LOCAL, local_steps=local_steps)
+    # one ClientApp, two behaviours: the AFA phase marks its messages with "model-version"
+    both = ClientApp()
+
+    @both.train()
+    def train(msg: Message, context: Context) -> Message:
+        app = anarchic if "model-version" in msg.content.config_records["config"] else client
+        return app(msg, context)
+
+    server = ServerApp()
+    out: dict = {}
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        initial = ArrayRecord(model_fn().state_dict())
+        strategy = FedAUStrategy(N_NODES, server_lr=0.8, evaluate=False)
+        res = strategy.start(grid, initial, num_rounds=FEDAU_ROUNDS, timeout=120)
+        out["fedau"] = (strategy, res.arrays)
+        afa = AFA_CS(N_NODES, server_lr=1.0, local_lr=LOCAL.lr, arrivals_per_round=2)
+        out["afa"] = run_anarchic(
+            grid, initial, afa, AFA_ROUNDS, max_staleness=3, round_timeout=120
+        )
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False},
+    }
+    run_simulation(server, both, num_supernodes=N_NODES, backend_name="ray",
+                   backend_config=backend)  # fmt: skip
+    return out
+
+
+def _simulator(aggregator, participation) -> FederatedSimulator:
+    data = FederatedDataset.from_clients([_node_data(p) for p in range(N_NODES)])
+    return FederatedSimulator(_model(), data, aggregator, participation, LOCAL, eval_every=100)
+
+
+def _partition_of(metrics_by_node: dict) -> dict[int, int]:
+    return {int(node): int(m["partition-id"]) for node, m in metrics_by_node.items()}
+
+
+def test_flower_fedau_equals_the_simulator(flower_run):
+    strategy, arrays = flower_run["fedau"]
+    masks = torch.tensor(TAKES_PART, dtype=torch.bool)
+    masks[FAILS[0] - 1, FAILS[1]] = False  # the crashed node counts as absent
+    assert [h["participants"] for h in strategy.history] == masks.sum(1).tolist()
+    sim = _simulator(FedAU(N_NODES, server_lr=0.8), _Replay(masks))
+    sim.run(FEDAU_ROUNDS)
+    got = ArrayCodec(arrays).flatten(arrays)
+    assert not torch.equal(got, _simulator(FedAU(N_NODES), _Replay(masks)).x)  # it trained
+    torch.testing.assert_close(got, sim.x, rtol=1e-10, atol=1e-12)
+    # the same interval statistics per client (Flower's client index is by node id)
+    partition = {}
+    for h in strategy.history:
+        partition.update(_partition_of(h["metrics"]))
+    order = [partition[nid] for nid in strategy.node_ids]
+    w_flower, w_sim = strategy.aggregator.weights, sim.aggregator.weights
+    assert torch.equal(w_flower.interval_sum, w_sim.interval_sum[order])
+    assert torch.equal(w_flower.interval_count, w_sim.interval_count[order])
+
+
+def test_flower_afa_cs_equals_the_simulator(flower_run):
+    result = flower_run["afa"]
+    rounds = [
+        {
+            "workers": [int(m["partition-id"]) for m in r.metrics],
+            "steps": r.local_steps,
+            "staleness": r.staleness,
+        }
+        for r in result.rounds
+    ]
+    assert all(len(r["workers"]) == 2 for r in rounds)
+    # m = 2 of M = 4: the two workers left out of round 1 arrive on a model one version old
+    assert any(s > 0 for r in rounds for s in r["staleness"])
+    assert all(r["steps"] == [1 + w for w in r["workers"]] for r in rounds)
+    replay = _ReplayArrivals(rounds, N_NODES, max_staleness=3)
+    sim = _simulator(AFA_CS(N_NODES, 1.0, LOCAL.lr, arrivals_per_round=2), replay)
+    sim.run(AFA_ROUNDS)
+    got = ArrayCodec(result.arrays).flatten(result.arrays)
+    torch.testing.assert_close(got, sim.x, rtol=1e-10, atol=1e-12)
