@@ -22,6 +22,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "meanwise.experiments.fedau",
     "meanwise.experiments.afa",
     "meanwise.experiments.social_implicit",
+    "meanwise.experiments.gossip",
 )
 
 _REGISTRY: dict[str, Experiment] = {}
