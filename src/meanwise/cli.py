@@ -19,6 +19,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _COMMAND_MODULES: tuple[str, ...] = (
     "meanwise.merging.cli",
     "meanwise.trajectory.cli",
+    "meanwise.gossip.cli",
 )
 
 _REPRODUCE_HELP = """\

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from meanwise.atomic_io import atomic_torch_save
 from meanwise.functional.local_training import (
     FlatClientData,
     LocalTraining,
@@ -116,18 +116,6 @@ def execute_waves(
             params[nodes] = merge(params[nodes], storage[rows], layout)
             merges += int(nodes.numel())
     return merges
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class GossipSimulator:
@@ -362,5 +350,5 @@ class GossipSimulator:
                     | self.evaluate()
                 )
             if self.checkpoint_every and t % self.checkpoint_every == 0:
-                _atomic_save(self.state_dict(), self.checkpoint_path)
+                atomic_torch_save(self.state_dict(), self.checkpoint_path)
         return self.metrics

@@ -1,0 +1,348 @@
+"""Gossip learning on ``torch.distributed`` (gloo): one process per node.
+
+Each process holds one node's model as a flat vector and exchanges it point-to-point
+(``isend``/``irecv``) with its neighbours in the topology. Every process runs the same
+:class:`~meanwise.gossip.protocol.Schedule` (seeded, model-independent), so all of them know
+without asking who trains, who sends and which message fills which buffer slot in every tick:
+a process posts receives exactly for the messages addressed to it, and the run produces the
+same models as :class:`~meanwise.gossip.simulator.GossipSimulator` with the same config.
+
+``launch_local`` starts the processes on one machine (loopback); on several machines run
+``meanwise gossip run`` once per node with the usual ``MASTER_ADDR``, ``MASTER_PORT``,
+``RANK`` and ``WORLD_SIZE`` environment (``WORLD_SIZE`` = the number of nodes).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from meanwise.atomic_io import atomic_torch_save
+from meanwise.functional.local_training import LocalTraining, train_vectorized_stateful
+from meanwise.gossip.flat import ParameterLayout
+from meanwise.gossip.merge import MergeRule
+from meanwise.gossip.protocol import GossipProtocol, Schedule
+from meanwise.gossip.simulator import GossipSimulator, initial_models
+from meanwise.gossip.task import MODELS, SPLITS, digits_model, digits_nodes
+from meanwise.gossip.topology import (
+    Topology,
+    erdos_renyi,
+    fully_connected,
+    random_regular,
+    ring,
+    torus,
+)
+
+__all__ = [
+    "GossipRunConfig",
+    "TOPOLOGIES",
+    "build",
+    "simulate",
+    "run_node",
+    "launch_local",
+    "free_port",
+]
+
+TOPOLOGIES = ("regular", "ring", "torus", "complete", "erdos-renyi")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class GossipRunConfig:
+    """Everything a gossip run depends on; every process builds the same run from it."""
+
+    nodes: int = 8
+    topology: str = "regular"
+    degree: int = 4
+    edge_probability: float = 0.5
+    ticks: int = 200
+    synchronous: bool = False
+    correct_variance: bool = True
+    beta: float = 0.5
+    model: str = "mlp"
+    hidden: int = 32
+    split: str = "iid"
+    alpha: float = 0.5
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 16
+    shared_init: bool = False
+    seed: int = 0
+    dtype: str = "float32"
+    eval_every: int = 50
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nodes, int) or self.nodes < 2:
+            raise ValueError(f"nodes must be an int >= 2; got {self.nodes!r}")
+        for name, value, known in (
+            ("topology", self.topology, TOPOLOGIES),
+            ("model", self.model, MODELS),
+            ("split", self.split, SPLITS),
+            ("dtype", self.dtype, tuple(_DTYPES)),
+        ):
+            if value not in known:
+                raise ValueError(f"{name} must be one of {known}; got {value!r}")
+        if not isinstance(self.ticks, int) or self.ticks < 1:
+            raise ValueError(f"ticks must be an int >= 1; got {self.ticks!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ValueError(f"eval_every must be an int >= 1; got {self.eval_every!r}")
+
+    def build_topology(self) -> Topology:
+        if self.topology == "regular":
+            return random_regular(self.nodes, self.degree, seed=self.seed)
+        if self.topology == "ring":
+            return ring(self.nodes)
+        if self.topology == "torus":
+            rows = int(round(self.nodes**0.5))
+            if rows * rows != self.nodes:
+                raise ValueError(
+                    f"topology 'torus' needs a square number of nodes; got {self.nodes}"
+                )
+            return torus(rows, rows)
+        if self.topology == "complete":
+            return fully_connected(self.nodes)
+        return erdos_renyi(self.nodes, self.edge_probability, seed=self.seed)
+
+
+@dataclass
+class _Run:
+    model: nn.Module
+    topology: Topology
+    train: Any
+    test: tuple[Tensor, Tensor]
+    protocol: GossipProtocol
+    local: LocalTraining
+    merge: MergeRule
+
+
+def build(config: GossipRunConfig) -> _Run:
+    """The model, graph, data, protocol, local training and merge rule of ``config``."""
+    dtype = _DTYPES[config.dtype]
+    train, test = digits_nodes(
+        config.nodes, config.split, config.alpha, config.seed, config.model == "mlp", dtype
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = digits_model(config.model, config.hidden).to(dtype)
+    protocol = (
+        GossipProtocol.synchronous(shared_init=config.shared_init)
+        if config.synchronous
+        else GossipProtocol(shared_init=config.shared_init)
+    )
+    local = LocalTraining(
+        rule="momentum",
+        lr=config.lr,
+        batch_size=config.batch_size,
+        options={"momentum": config.momentum, "weight_decay": config.weight_decay},
+    )
+    merge = MergeRule(beta=config.beta, correct_variance=config.correct_variance)
+    return _Run(model, config.build_topology(), train, test, protocol, local, merge)
+
+
+def simulate(config: GossipRunConfig) -> GossipSimulator:
+    """The same run in the vectorized simulator (run to ``config.ticks``)."""
+    b = build(config)
+    sim = GossipSimulator(
+        b.model,
+        b.topology,
+        b.train,
+        b.protocol,
+        b.local,
+        merge=b.merge,
+        test=b.test,
+        eval_every=config.eval_every,
+        seed=config.seed,
+    )
+    sim.run(config.ticks)
+    return sim
+
+
+@dataclass
+class NodeStats:
+    messages_sent: int = 0
+    messages_received: int = 0
+    merges: int = 0
+    trainings: int = 0
+    exchange_seconds: float = 0.0  # time from posting a phase's messages to their completion
+    seconds: float = 0.0
+
+
+def run_node(
+    config: GossipRunConfig, rank: int, world_size: int, log=print
+) -> tuple[Tensor, NodeStats]:
+    """One node's gossip in an initialized (gloo) process group; returns its final flat model
+    ``[P]`` and its counters. Collective calls (evaluation) happen at the same ticks on all
+    ranks, so every rank must run this with the same config."""
+    if world_size != config.nodes:
+        raise ValueError(f"one process per node: world size {world_size} != nodes {config.nodes}")
+    start = time.perf_counter()
+    b = build(config)
+    layout = ParameterLayout.of(b.model)
+    schedule = Schedule(b.protocol, b.topology, b.train, b.local.batch_size, config.seed)
+    # every rank draws all initial models (cheap) so node i's equals the simulator's row i
+    params = initial_models(b.model, config.nodes, layout, b.protocol.shared_init, config.seed)
+    params = params[rank : rank + 1].clone()
+    opt_state = [torch.zeros_like(params) for _ in b.local.init_state([params])]
+    size = int(schedule.buffer_sizes[rank])
+    storage = params.new_zeros(size, layout.numel)
+    neighbours = b.topology.neighbors[rank]
+    buffers = {k: v.detach() for k, v in b.model.named_buffers()}
+    stats = NodeStats()
+
+    def train(index: Tensor, valid: Tensor) -> None:
+        nonlocal params, opt_state
+        state = [list(layout.unflatten(s).values()) for s in opt_state]
+        steps = torch.full((1,), b.protocol.local_steps, dtype=torch.long)
+        trained, state = train_vectorized_stateful(
+            b.model,
+            layout.unflatten(params),
+            state,
+            b.train,
+            index,
+            valid,
+            steps,
+            b.local,
+            torch.nn.functional.cross_entropy,
+            first_step=2,
+        )
+        params = layout.flatten(trained, batch_dims=1)
+        opt_state = [
+            layout.flatten(dict(zip(layout.names, s, strict=True)), batch_dims=1) for s in state
+        ]
+        stats.trainings += 1
+
+    @torch.no_grad()
+    def accuracy() -> float:
+        x, y = b.test
+        out = functional_call(b.model, {**layout.unflatten(params[0]), **buffers}, (x,))
+        total = torch.tensor([float((out.argmax(-1) == y).double().mean())], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total) / world_size
+
+    while schedule.tick < config.ticks:
+        plan = schedule.next_tick()
+        for number, phase in enumerate(plan.phases):
+            senders = phase.senders.tolist()
+            sending = rank in senders
+            if phase.kind == "train" and sending:
+                pos = senders.index(rank)
+                train(phase.index[:, pos : pos + 1], phase.valid[:, pos : pos + 1])
+            tag = 2 * plan.tick + number  # one message per (sender, receiver) per phase
+            begin = time.perf_counter()
+            requests = []
+            sent = params[0].clone()
+            if sending:
+                requests += [dist.isend(sent, dst=nb, tag=tag) for nb in neighbours]
+                stats.messages_sent += len(neighbours)
+            inbox = []  # (wave, slot, tensor)
+            for w, wave in enumerate(phase.waves):
+                mine = (wave.receivers == rank).nonzero().flatten().tolist()
+                for j in mine:
+                    source = senders[int(wave.sender_pos[j])]
+                    tensor = torch.empty_like(sent)
+                    requests.append(dist.irecv(tensor, src=source, tag=tag))
+                    inbox.append((w, int(wave.slots[j]), tensor))
+            for request in requests:
+                request.wait()
+            stats.exchange_seconds += time.perf_counter() - begin
+            stats.messages_received += len(inbox)
+            for w, wave in enumerate(phase.waves):
+                for wave_index, slot, tensor in inbox:
+                    if wave_index == w:
+                        storage[slot] = tensor
+                if bool((wave.mergers == rank).any()):
+                    params = b.merge(params, storage[None], layout)
+                    stats.merges += 1
+        t = schedule.tick
+        if t % config.eval_every == 0 or t == config.ticks:
+            acc = accuracy()
+            if rank == 0:
+                log(f"tick {t}: mean test accuracy {100 * acc:.1f}%")
+    stats.seconds = time.perf_counter() - start
+    return params[0], stats
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0 and read what the OS gave)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, config: GossipRunConfig, world_size: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)  # one process per node: more threads per process only contend
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        gather_and_save(config, rank, world_size, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def gather_and_save(
+    config: GossipRunConfig, rank: int, world_size: int, out: str | None, log=print
+) -> dict[str, Any] | None:
+    """Run this rank's node, then gather every node's model and counters on rank 0. Rank 0
+    returns ``{"params": [n, P], "stats": [...], "config": {...}}`` (saved to ``out`` with
+    ``torch.save`` if given); the other ranks return None."""
+    params, stats = run_node(config, rank, world_size, log=log)
+    gathered = [torch.empty_like(params) for _ in range(world_size)] if rank == 0 else None
+    dist.gather(params, gathered, dst=0)
+    names = list(asdict(stats))
+    counters = torch.tensor([float(v) for v in asdict(stats).values()], dtype=torch.float64)
+    all_counters = [torch.empty_like(counters) for _ in range(world_size)] if rank == 0 else None
+    dist.gather(counters, all_counters, dst=0)
+    if rank != 0:
+        return None
+    result = {
+        "params": torch.stack(gathered),
+        "stats": [dict(zip(names, c.tolist(), strict=True)) for c in all_counters],
+        "config": asdict(config),
+    }
+    if out is not None:
+        atomic_torch_save(result, out)
+    return result
+
+
+def launch_local(
+    config: GossipRunConfig,
+    port: int | None = None,
+    out: str | os.PathLike | None = None,
+    start_method: str = "spawn",
+) -> dict[str, Any]:
+    """Run ``config.nodes`` processes on this machine (loopback) and return rank 0's result:
+    ``{"params": [n, P], "stats": [per-node counters], "config": ...}``.
+
+    ``start_method``: "spawn" (default: fresh interpreters, safe whatever the caller did) or
+    "fork" (children inherit the caller's imported modules and caches, which saves seconds per
+    process; only safe if the caller has not started threads, e.g. with one torch thread).
+    """
+    import torch.multiprocessing as mp
+
+    if start_method not in ("spawn", "fork", "forkserver"):
+        raise ValueError(
+            f"start_method must be 'spawn', 'fork' or 'forkserver'; got {start_method!r}"
+        )
+
+    port = free_port() if port is None else int(port)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "result.pt") if out is None else str(out)
+        mp.start_processes(
+            _worker,
+            args=(config, config.nodes, port, path),
+            nprocs=config.nodes,
+            join=True,
+            start_method=start_method,
+        )
+        return torch.load(path, weights_only=True)
