@@ -51,6 +51,7 @@ __all__ = [
     "run_node",
     "launch_local",
     "free_port",
+    "measure_exchange",
 ]
 
 TOPOLOGIES = ("regular", "ring", "torus", "complete", "erdos-renyi")
@@ -346,3 +347,67 @@ def launch_local(
             start_method=start_method,
         )
         return torch.load(path, weights_only=True)
+
+
+def _exchange_worker(
+    rank: int, world_size: int, port: int, degree: int, numel: int, rounds: int, out: str
+) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        neighbours = random_regular(world_size, degree, seed=0).neighbors[rank]
+        model = torch.randn(numel)
+        inbox = [torch.empty(numel) for _ in neighbours]
+
+        def exchange(tag: int) -> None:
+            requests = [dist.isend(model, dst=nb, tag=tag) for nb in neighbours]
+            requests += [
+                dist.irecv(box, src=nb, tag=tag) for nb, box in zip(neighbours, inbox, strict=True)
+            ]
+            for request in requests:
+                request.wait()
+
+        exchange(0)  # warm-up: connections are set up lazily
+        dist.barrier()
+        start = time.perf_counter()
+        for r in range(rounds):
+            exchange(r + 1)
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        if rank == 0:
+            atomic_torch_save({"seconds": seconds}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_exchange(
+    nodes: int = 8,
+    degree: int = 4,
+    numel: int = 10_000,
+    rounds: int = 50,
+    start_method: str = "spawn",
+) -> dict[str, float]:
+    """Throughput of the runner's exchange step on loopback: ``nodes`` processes on a random
+    ``degree``-regular graph, each round every process sends its flat model (``numel``
+    float32) to all neighbours and receives theirs, as ``run_node`` does. Returns the models
+    delivered per second (all processes together) and the seconds per round."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "exchange.pt")
+        mp.start_processes(
+            _exchange_worker,
+            args=(nodes, port, degree, numel, rounds, path),
+            nprocs=nodes,
+            join=True,
+            start_method=start_method,
+        )
+        seconds = float(torch.load(path, weights_only=True)["seconds"])
+    delivered = nodes * degree * rounds
+    return {
+        "models_per_s": delivered / seconds,
+        "megabytes_per_s": delivered * numel * 4 / seconds / 1e6,
+        "seconds_per_round": seconds / rounds,
+    }

@@ -136,9 +136,10 @@ def merge_stacked(
             f"own {list(own.shape)} and received {list(received.shape)} must share k and "
             f"P = layout.numel = {layout.numel}"
         )
-    weights = merge_weights(m, beta)
+    # weights in the models' dtype: float64 weights would promote (and copy) every member; for
+    # float32 models that costs more than the whole merge and changes only the last bits
+    weights = merge_weights(m, beta).to(own.dtype)
     members = torch.cat([own[:, None], received], dim=1).transpose(0, 1)  # [m + 1, k, P]
-    # float64 weights promote the sum (as in merge_state_dicts); the result keeps own's dtype
     merged = weighted_average(members, weights)
     if not correct_variance:
         return merged.to(own.dtype)
