@@ -1,5 +1,6 @@
-"""Experiment `fedau`: determinism, the batched local SGD against the library's vmap path,
-FedAU's weights against 1/p_n, and the verdict logic on hand-made results."""
+"""Experiment `fedau`: determinism, the side-by-side sweep against separate simulators (and the
+batched-matmul local training against the vmap path), FedAU's weights against 1/p_n, and the
+verdict logic on hand-made results."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from torch import nn
 
 from meanwise.data.federated_split import digits_federated
 from meanwise.experiments import get
-from meanwise.experiments.fedau import BatchedSGDSimulator, FedAUConfig, run
+from meanwise.experiments.fedau import FedAUConfig, run
 from meanwise.experiments.fedau_report import summarize, verdict
-from meanwise.federated import Bernoulli, FedAvg, FederatedSimulator, LocalTraining
+from meanwise.federated import MIFA, Bernoulli, FedAU, FedAvg, FederatedSimulator, LocalTraining
+from meanwise.federated.simulator import FederatedSweep
 
 TINY = FedAUConfig(
     seeds=1,
@@ -59,30 +61,66 @@ def test_fedau_weights_approach_inverse_probabilities(tiny_runs):
     assert w[seen][rare] > 5 * w[seen][frequent]
 
 
-def test_batched_local_sgd_equals_the_library_vmap_path():
+def _digits_double():
     train, _, _ = digits_federated(12, 0.5, seed=0)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
-    train = dataclasses.replace(train, features=train.features.double())
+    return dataclasses.replace(train, features=train.features.double())
 
-    def make(cls, options):
-        return cls(
-            model,
+
+def _tanh_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+
+
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.01}])
+def test_batched_matmul_local_training_equals_the_vmap_path(options):
+    # the experiments' models (Linear stacks) take train_stacked; vmap is the reference
+    train = _digits_double()
+
+    def make(vectorize):
+        return FederatedSimulator(
+            _tanh_mlp(),
             train,
             FedAvg(12),
             Bernoulli([0.5] * 12, seed=1),
             LocalTraining("sgd", lr=0.1, steps=4, batch_size=8, options=options),
             seed=3,
+            vectorize=vectorize,
         )
 
-    for options in ({}, {"weight_decay": 0.01}):
-        reference, batched = make(FederatedSimulator, options), make(BatchedSGDSimulator, options)
-        clients, steps = torch.tensor([0, 4, 7, 11]), torch.tensor([4, 1, 3, 2])
-        starts = reference.x.expand(4, -1)
-        torch.testing.assert_close(
-            batched.local_updates(clients, steps, starts),
-            reference.local_updates(clients, steps, starts),
+    stacked, reference = make("auto"), make("vmap")
+    assert stacked.stacked and not reference.stacked
+    clients, steps = torch.tensor([0, 4, 7, 11]), torch.tensor([4, 1, 3, 2])
+    starts = reference.x.expand(4, -1)
+    torch.testing.assert_close(
+        stacked.local_updates(clients, steps, starts),
+        reference.local_updates(clients, steps, starts),
+    )
+
+
+def test_sweep_runs_equal_separate_simulators():
+    # every run of the sweep is what its own simulator computes with the same seeds
+    train = _digits_double()
+    probs = torch.linspace(0.2, 0.9, 12)
+
+    def aggregators():
+        return [FedAU(12), FedAvg(12, "all", server_lr=2.0), MIFA(12, server_lr=0.5)]
+
+    local = LocalTraining("sgd", lr=0.1, steps=3, batch_size=8)
+    sweep = FederatedSweep(
+        _tanh_mlp(), train, aggregators(), Bernoulli(probs, seed=1), local, seed=3
+    )
+    sweep.run(6)
+    sweep.stop(2)  # a frozen run keeps its model
+    frozen = sweep.xs[2].clone()
+    sweep.run(12)
+    assert torch.equal(sweep.xs[2], frozen)
+    for r, aggregator in enumerate(aggregators()[:2]):
+        alone = FederatedSimulator(
+            _tanh_mlp(), train, aggregator, Bernoulli(probs, seed=1), local, seed=3
         )
+        alone.run(12)
+        torch.testing.assert_close(sweep.xs[r], alone.x, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(sweep.xs[0], sweep.xs[1])  # the runs do differ
 
 
 def _result(accs: dict[str, float], seed: int = 0) -> dict:

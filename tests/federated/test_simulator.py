@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch_optimizer
+from adabelief_pytorch import AdaBelief as ReferenceAdaBelief
 from torch import nn
 
 from meanwise.data.federated_split import FederatedDataset
@@ -20,6 +22,7 @@ from meanwise.functional.local_training import (
     LocalTraining,
     draw_batches,
     train_sequential,
+    train_stacked,
     train_vectorized,
 )
 
@@ -65,8 +68,29 @@ def _reference_loop(model, data, clients, steps, index, valid, make_opt):
             LocalTraining("adam", lr=0.01, steps=5, batch_size=8),
             lambda ps: torch.optim.Adam(ps, lr=0.01),
         ),
+        (
+            LocalTraining("sgd", lr=0.1, steps=5, batch_size=8, options={"weight_decay": 0.01}),
+            lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.01),
+        ),
+        # the authors' package (rectified, decoupled decay, eps inside the belief EMA)
+        (
+            LocalTraining(
+                "adabelief", lr=0.05, steps=5, batch_size=8, options={"weight_decay": 0.01}
+            ),
+            lambda ps: ReferenceAdaBelief(ps, lr=0.05, weight_decay=0.01, print_change_log=False),
+        ),
+        (
+            LocalTraining("adabelief", lr=0.05, steps=5, batch_size=8, options={"rectify": False}),
+            lambda ps: ReferenceAdaBelief(ps, lr=0.05, rectify=False, print_change_log=False),
+        ),
+        (
+            LocalTraining(
+                "diffgrad", lr=0.05, steps=5, batch_size=8, options={"beta1": 0.8, "eps": 1e-6}
+            ),
+            lambda ps: torch_optimizer.DiffGrad(ps, lr=0.05, betas=(0.8, 0.999), eps=1e-6),
+        ),
     ],
-    ids=["momentum", "adam"],
+    ids=["momentum", "adam", "sgd-l2", "adabelief", "adabelief-unrectified", "diffgrad"],
 )
 def test_vectorized_local_training_equals_per_client_loop(local, make_opt):
     model, data = _mlp(), _data()
@@ -79,6 +103,46 @@ def test_vectorized_local_training_equals_per_client_loop(local, make_opt):
     torch.testing.assert_close(flatten(got, 1), expected)
     seq, _ = train_sequential(model, start, {}, data, index, valid, steps, local, F.cross_entropy)
     torch.testing.assert_close(flatten(seq, 1), expected)
+    stacked = train_stacked(model, start, data, index, valid, steps, local, F.cross_entropy)
+    torch.testing.assert_close(flatten(stacked, 1), expected)
+
+
+def _diffgrad_by_hand(params, grad_fn, steps, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """diffGrad (Dubey et al.), the v2 rule written out: Adam's moments, the first damped by
+    xi = sigmoid(|g_{t-1} - g_t|), g_0 = 0; step lr·sqrt(1-beta2^t)/(1-beta1^t)·xi·m/(sqrt(v)+eps).
+    """
+    m = torch.zeros_like(params)
+    v = torch.zeros_like(params)
+    previous = torch.zeros_like(params)
+    for t in range(1, steps + 1):
+        g = grad_fn(params, t - 1)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        xi = torch.sigmoid((previous - g).abs())
+        step = lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+        params = params - step * xi * m / (v.sqrt() + eps)
+        previous = g
+    return params
+
+
+def test_diffgrad_local_training_follows_the_equations():
+    # logistic regression on one client with full batches: the gradient in closed form
+    data = _data(sizes=(5, 7))
+    x1, y1 = data.client(1)
+    model = nn.Linear(6, 3, bias=False).double()
+    start = {"weight": model.weight.detach()[None].expand(2, 3, 6)}
+    local = LocalTraining("diffgrad", lr=0.05, steps=6, batch_size=8)
+    index, valid = draw_batches(data, torch.tensor([0, 1]), 6, 8, torch.Generator())
+    got = train_vectorized(
+        model, start, data, index, valid, torch.tensor([6, 6]), local, F.cross_entropy
+    )
+
+    def gradient(w, _):
+        p = torch.softmax(x1 @ w.T, -1)
+        return (p - F.one_hot(y1, 3).double()).T @ x1 / len(y1)
+
+    expected = _diffgrad_by_hand(model.weight.detach(), gradient, 6, 0.05)
+    torch.testing.assert_close(got["weight"][1], expected)
 
 
 def test_minibatches_follow_the_sampling_rule():
@@ -173,3 +237,42 @@ def test_client_count_mismatch_is_rejected():
             FederatedSimulator(_mlp(), data, FedAvg(5), Bernoulli(torch.ones(4)), LocalTraining())
         with pytest.raises(ValueError, match="participation"):
             FederatedSimulator(_mlp(), data, FedAvg(4), Bernoulli(torch.ones(3)), LocalTraining())
+
+
+class _DataDependentGate(nn.Module):
+    """Python control flow on a tensor's value: vmap cannot batch it (no BatchNorm here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out = self.linear(x)
+        return out if out.sum() > 0 else -out
+
+
+def test_a_model_vmap_cannot_run_falls_back_with_the_reason():
+    data = _data(dtype=torch.float32)
+
+    def make(vectorize):
+        torch.manual_seed(0)
+        return FederatedSimulator(
+            _DataDependentGate(),
+            data,
+            FedAvg(4),
+            Bernoulli(torch.ones(4)),
+            LocalTraining(steps=2, batch_size=4),
+            seed=1,
+            vectorize=vectorize,
+        )
+
+    sim = make("auto")
+    assert sim.vectorized  # nothing to see up front: no BatchNorm
+    with pytest.warns(UserWarning, match="sequential per-client loop: vmap could not run.*control"):
+        sim.run(2)
+    assert not sim.vectorized
+    reference = make(False)
+    reference.run(2)
+    torch.testing.assert_close(sim.x, reference.x)  # the round was redone, not half-applied
+    with pytest.raises(RuntimeError, match="control flow"):
+        make(True).run(1)

@@ -35,8 +35,16 @@ from torch import nn
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
 from meanwise.experiments.base import cached_stage, progress, seeded, torch_threads
-from meanwise.experiments.fedau import BatchedSGDSimulator, _client_mean
-from meanwise.federated import AFA_CD, AFA_CS, Aggregator, Anarchic, FedAvg, LocalTraining
+from meanwise.experiments.fedau import _client_mean
+from meanwise.federated import (
+    AFA_CD,
+    AFA_CS,
+    Aggregator,
+    Anarchic,
+    FedAvg,
+    FederatedSimulator,
+    LocalTraining,
+)
 from meanwise.federated.simulator import flatten, unflatten
 
 __all__ = ["AFAConfig", "AFAResult", "AFARun", "METHODS", "run", "optimum"]
@@ -213,13 +221,14 @@ def _train(
     f_star: float,
     config: AFAConfig,
     seed: int,
-) -> tuple[AFARun, BatchedSGDSimulator]:
+) -> tuple[AFARun, FederatedSimulator]:
     with seeded(seed):
         model = nn.Linear(DIM, N_CLASSES)
     with warnings.catch_warnings():
         # the simulator warns that FedAvg ignores step counts: that is this baseline's point
         warnings.simplefilter("ignore")
-        sim = BatchedSGDSimulator(
+        # a Linear model: the simulator trains it with batched matmuls (train_stacked)
+        sim = FederatedSimulator(
             model,
             train,
             _aggregator(method, server_lr, config, arrivals),

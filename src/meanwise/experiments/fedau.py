@@ -46,15 +46,13 @@ from meanwise.federated import (
     Cyclic,
     FedAU,
     FedAvg,
-    FederatedSimulator,
     KnownParticipation,
     LocalTraining,
     Markov,
     ParticipationProcess,
     heterogeneous_probabilities,
 )
-from meanwise.federated.simulator import flatten, unflatten
-from meanwise.functional.local_training import draw_batches
+from meanwise.federated.simulator import FederatedSweep, unflatten
 
 __all__ = [
     "FedAUConfig",
@@ -66,7 +64,6 @@ __all__ = [
     "DATASETS",
     "run",
     "run_setting",
-    "BatchedSGDSimulator",
 ]
 
 METHODS: tuple[str, ...] = (
@@ -226,9 +223,11 @@ def _client_mean(data: FederatedDataset, per_example: Tensor) -> float:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, sim: FederatedSimulator, task: _Task) -> tuple[float, float]:
-    """(test accuracy in %, training objective 1/N Σ_n f_n(x))."""
-    params = unflatten(sim.x, sim.shapes)
+def _evaluate(
+    model: nn.Module, x: Tensor, shapes: dict[str, Tensor], task: _Task
+) -> tuple[float, float]:
+    """(test accuracy in %, training objective 1/N Σ_n f_n(x)) of the flat parameters x."""
+    params = unflatten(x, shapes)
 
     def forward(x: Tensor) -> Tensor:
         return torch.func.functional_call(model, params, (x,))
@@ -279,125 +278,18 @@ def base_server_lr(method: str, probs: Tensor) -> float:
     return 1.0
 
 
-# --- a faster local-training path for stacks of Linear layers ------------------------------
-
-
-def _stacked_forward(module: nn.Module, params: dict[str, Tensor], x: Tensor, prefix: str = ""):
-    """``module`` applied to ``x [S, B, in]`` with client-stacked ``params[name]: [S, ...]``."""
-    if isinstance(module, nn.Linear):
-        weight = params[f"{prefix}weight"]
-        out = torch.bmm(x, weight.transpose(1, 2))
-        bias = params.get(f"{prefix}bias")
-        return out if bias is None else out + bias[:, None, :]
-    if isinstance(module, nn.Sequential):
-        for name, child in module.named_children():
-            x = _stacked_forward(child, params, x, f"{prefix}{name}.")
-        return x
-    if isinstance(module, nn.ReLU | nn.Tanh):
-        return module(x)
-    raise TypeError(f"BatchedSGDSimulator supports Linear/ReLU/Tanh stacks; got {module}")
-
-
-class BatchedSGDSimulator(FederatedSimulator):
-    """`FederatedSimulator` whose local SGD on Linear/ReLU/Tanh stacks runs as batched matmuls.
-
-    For models this small, ``vmap(grad(...))`` costs milliseconds of dispatch per local step,
-    which made the grid of this experiment take minutes per setting. Stacking the clients'
-    weights and differentiating the *sum* of the per-client losses gives every client's own
-    gradient (the clients share no parameters) with a handful of ``bmm`` calls. Same minibatch
-    draw (`draw_batches`, same generator), same masking of clients whose steps are spent, same
-    result as the library's vectorized path up to float rounding (tested); participation,
-    aggregation and checkpoints are the parent's. Plain SGD, optionally with L2 weight decay
-    (``LocalTraining("sgd", options={"weight_decay": wd})``, the library rule's g + wd·p).
-    """
-
-    def local_updates(self, clients: Tensor, steps: Tensor, starts: Tensor) -> Tensor:
-        if self.local.rule != "sgd" or set(self.local.options) - {"weight_decay"}:
-            raise ValueError(
-                "BatchedSGDSimulator runs plain SGD only (rule='sgd', options: weight_decay)"
-            )
-        decay = float(self.local.options.get("weight_decay", 0.0))
-        index, valid = draw_batches(
-            self.train, clients, int(steps.max()), self.local.batch_size, self.generator
-        )
-        current = {k: v.clone() for k, v in unflatten(starts, self.shapes).items()}
-        weight = valid.to(starts.dtype)
-        counts = weight.sum(-1)  # [K, S]
-        for k in range(int(steps.max())):
-            leaves = {n: p.requires_grad_(True) for n, p in current.items()}
-            x = self.train.features.index_select(0, index[k].reshape(-1))
-            y = self.train.labels.index_select(0, index[k].reshape(-1))
-            logits = _stacked_forward(self.model, leaves, x.view(*index[k].shape, -1))
-            per_example = self.loss_fn(logits.flatten(0, 1), y, reduction="none")
-            # the sum over clients of each client's mean minibatch loss
-            loss = ((per_example.view_as(weight[k]) * weight[k]).sum(-1) / counts[k]).sum()
-            grads = torch.autograd.grad(loss, list(leaves.values()))
-            active = (k < steps).to(starts.dtype)
-            with torch.no_grad():
-                current = {
-                    n: p.detach()
-                    - self.local.lr
-                    * active.view(-1, *[1] * (g.dim() - 1))
-                    * (g + decay * p.detach() if decay else g)
-                    for (n, p), g in zip(leaves.items(), grads, strict=True)
-                }
-        return flatten(current, batch_dims=1)
-
-
 # --- one setting -------------------------------------------------------------------------------
 
 
-def _train(
-    method: str,
-    server_lr: float,
-    task: _Task,
-    probs: Tensor,
-    dataset: str,
-    pattern: str,
-    config: FedAUConfig,
-    seed: int,
-) -> tuple[MethodRun, Aggregator]:
-    # Same seeds for every method and rate: identical init, participation and minibatches
-    with seeded(seed):
-        model = _model(dataset, config, task.in_features)
-    sim = BatchedSGDSimulator(
-        model,
-        task.train,
-        _aggregator(method, probs, server_lr, config),
-        _process(pattern, probs, config, seed + 1),
-        LocalTraining(
-            "sgd", lr=task.local_lr, steps=config.local_steps, batch_size=config.batch_size
-        ),
-        eval_every=config.rounds + 1,  # we evaluate ourselves (train objective as well)
-        seed=seed + 2,
-    )
-    rounds, accs, objectives = [], [], []
-    for r in range(config.eval_every, config.rounds + 1, config.eval_every):
-        sim.run(r)
-        acc, objective = _evaluate(model, sim, task)
-        rounds.append(r)
-        accs.append(acc)
-        objectives.append(objective)
-        if not math.isfinite(objective):
-            break  # diverged: the remaining evaluations would all be the same failure
-    window = config.final_window
-    diverged = not math.isfinite(objectives[-1])
-    return (
-        MethodRun(
-            method=method,
-            server_lr=server_lr,
-            rounds=rounds,
-            test_acc=accs,
-            train_objective=[o if math.isfinite(o) else 1e30 for o in objectives],
-            final_test_acc=sum(accs[-window:]) / len(accs[-window:]),
-            final_objective=1e30 if diverged else sum(objectives[-window:]) / len(accs[-window:]),
-        ),
-        sim.aggregator,
-    )
-
-
 def run_setting(dataset: str, pattern: str, config: FedAUConfig, seed: int) -> SettingResult:
-    """Every method on every server rate of the grid for one (dataset, pattern)."""
+    """Every method on every server rate of the grid for one (dataset, pattern).
+
+    All (method, rate) runs go through one :class:`FederatedSweep`: the same seeds give every
+    run the same initial model, participation stream and minibatches (a paired comparison),
+    and one vectorized call trains all runs' participants each round. A run whose training
+    objective stops being finite is frozen there (its remaining evaluations would all be the
+    same failure).
+    """
     task = _task(dataset, config, seed)
     probs = heterogeneous_probabilities(task.train.label_histograms(N_CLASSES), seed=seed)
     setting = SettingResult(
@@ -407,23 +299,63 @@ def run_setting(dataset: str, pattern: str, config: FedAUConfig, seed: int) -> S
         probs=probs.tolist(),
         fedau_weights=[],
     )
-    for method in config.methods:
-        base = base_server_lr(method, probs)
-        candidates = []
-        for multiplier in config.server_lr_multipliers:
-            run_, aggregator = _train(
-                method, base * multiplier, task, probs, dataset, pattern, config, seed
+    grid = [
+        (method, base_server_lr(method, probs) * multiplier)
+        for method in config.methods
+        for multiplier in config.server_lr_multipliers
+    ]
+    with seeded(seed):
+        model = _model(dataset, config, task.in_features)
+    sweep = FederatedSweep(
+        model,
+        task.train,
+        [_aggregator(method, probs, lr, config) for method, lr in grid],
+        _process(pattern, probs, config, seed + 1),
+        LocalTraining(
+            "sgd", lr=task.local_lr, steps=config.local_steps, batch_size=config.batch_size
+        ),
+        eval_every=config.rounds + 1,  # we evaluate ourselves (train objective as well)
+        seed=seed + 2,
+    )
+    curves: list[tuple[list[int], list[float], list[float]]] = [([], [], []) for _ in grid]
+    for r in range(config.eval_every, config.rounds + 1, config.eval_every):
+        sweep.run(r)
+        for i in sweep.active.nonzero().flatten().tolist():
+            acc, objective = _evaluate(model, sweep.xs[i], sweep.shapes, task)
+            rounds, accs, objectives = curves[i]
+            rounds.append(r)
+            accs.append(acc)
+            objectives.append(objective)
+            if not math.isfinite(objective):
+                sweep.stop(i)  # diverged
+        if not bool(sweep.active.any()):
+            break
+    window = config.final_window
+    for i, (method, server_lr) in enumerate(grid):
+        rounds, accs, objectives = curves[i]
+        diverged = not math.isfinite(objectives[-1])
+        setting.runs.append(
+            MethodRun(
+                method=method,
+                server_lr=server_lr,
+                rounds=rounds,
+                test_acc=accs,
+                train_objective=[o if math.isfinite(o) else 1e30 for o in objectives],
+                final_test_acc=sum(accs[-window:]) / len(accs[-window:]),
+                final_objective=(
+                    1e30 if diverged else sum(objectives[-window:]) / len(accs[-window:])
+                ),
             )
-            candidates.append(run_)
-            if method == "FedAU" and not setting.fedau_weights:
-                # the interval means (the weights FedAU would give now); the participation
-                # stream is the same for every rate, so any rate's estimate is the same
-                w = aggregator.weights
-                mean = w.interval_sum / w.interval_count.clamp(min=1)
-                setting.fedau_weights = torch.where(w.interval_count > 0, mean, 0.0).tolist()
-        best = min(candidates, key=lambda c: c.final_objective)
-        best.chosen = True
-        setting.runs.extend(candidates)
+        )
+    for method in config.methods:
+        candidates = [run_ for run_ in setting.runs if run_.method == method]
+        min(candidates, key=lambda c: c.final_objective).chosen = True
+    if "FedAU" in config.methods:
+        # the interval means (the weights FedAU would give now); the participation stream is
+        # the same for every rate, so any rate's estimate is the same
+        w = sweep.aggregators[[m for m, _ in grid].index("FedAU")].weights
+        mean = w.interval_sum / w.interval_count.clamp(min=1)
+        setting.fedau_weights = torch.where(w.interval_count > 0, mean, 0.0).tolist()
     return setting
 
 
