@@ -16,6 +16,7 @@ from meanwise.gossip import (
     random_regular,
     star,
 )
+from meanwise.gossip.merge import layer_variances
 from meanwise.gossip.reference import PerNodeGossip
 
 
@@ -184,8 +185,22 @@ def test_merge_stacked_matches_state_dict_merges():
                 layout.unflatten(own[k]), [layout.unflatten(r) for r in received[k]], 0.4, **kw
             )
             torch.testing.assert_close(got[k], layout.flatten(want), rtol=1e-12, atol=1e-14)
+    # variances precomputed by the senders give the same merge
+    precomputed = layer_variances(received, layout)
+    for name, piece, _ in layout.entries():
+        j = layout.names.index(name)
+        torch.testing.assert_close(precomputed[1, 3, j], received[1, 3, piece].var())
+    kw = {"correct_variance": True, "include_self_variance": True}
+    torch.testing.assert_close(
+        merge_stacked(own, received, layout, 0.4, received_variance=precomputed, **kw),
+        merge_stacked(own, received, layout, 0.4, **kw),
+    )
     with pytest.raises(ValueError, match="own must be"):
         merge_stacked(own[0], received, layout)
+    with pytest.raises(ValueError, match="received_variance"):
+        merge_stacked(
+            own, received, layout, correct_variance=True, received_variance=precomputed[0]
+        )
 
 
 def test_errors_name_the_argument(tmp_path):

@@ -30,7 +30,7 @@ from torch.func import functional_call
 from meanwise.atomic_io import atomic_torch_save
 from meanwise.functional.local_training import LocalTraining, train_vectorized_stateful
 from meanwise.gossip.flat import ParameterLayout
-from meanwise.gossip.merge import MergeRule
+from meanwise.gossip.merge import MergeRule, layer_variances
 from meanwise.gossip.protocol import GossipProtocol, Schedule
 from meanwise.gossip.simulator import GossipSimulator, initial_models
 from meanwise.gossip.task import MODELS, SPLITS, digits_model, digits_nodes
@@ -197,6 +197,7 @@ def run_node(
     opt_state = [torch.zeros_like(params) for _ in b.local.init_state([params])]
     size = int(schedule.buffer_sizes[rank])
     storage = params.new_zeros(size, layout.numel)
+    storage_variance = params.new_zeros(size, len(layout.names))
     neighbours = b.topology.neighbors[rank]
     buffers = {k: v.detach() for k, v in b.model.named_buffers()}
     stats = NodeStats()
@@ -262,8 +263,9 @@ def run_node(
                 for wave_index, slot, tensor in inbox:
                     if wave_index == w:
                         storage[slot] = tensor
+                        storage_variance[slot] = layer_variances(tensor, layout)
                 if bool((wave.mergers == rank).any()):
-                    params = b.merge(params, storage[None], layout)
+                    params = b.merge(params, storage[None], layout, storage_variance[None])
                     stats.merges += 1
         t = schedule.tick
         if t % config.eval_every == 0 or t == config.ticks:

@@ -28,6 +28,7 @@ __all__ = [
     "corrected_merge",
     "merge_state_dicts",
     "merge_stacked",
+    "layer_variances",
     "MergeRule",
     "never_rescaled",
 ]
@@ -107,6 +108,17 @@ def merge_state_dicts(
     return merged
 
 
+def layer_variances(flat: Tensor, layout: ParameterLayout) -> Tensor:
+    """``[..., L]``: each tensor's unbiased variance over its elements, for flat models
+    ``[..., P]`` (0 for one-element tensors, which are never rescaled). A sender computes this
+    once per push; every receiver's merge reuses it instead of recomputing it per buffer."""
+    columns = [
+        flat[..., piece].var(dim=-1) if template.numel() > 1 else flat.new_zeros(flat.shape[:-1])
+        for _, piece, template in layout.entries()
+    ]
+    return torch.stack(columns, dim=-1)
+
+
 def merge_stacked(
     own: Tensor,
     received: Tensor,
@@ -117,13 +129,16 @@ def merge_stacked(
     eps: float = 1e-4,
     include_self_variance: bool = False,
     rescale_biases: bool = True,
+    received_variance: Tensor | None = None,
 ) -> Tensor:
     """:func:`merge_state_dicts` for k nodes at once, on flat parameter vectors.
 
     ``own``: ``[k, P]`` the merging nodes' models; ``received``: ``[k, m, P]`` their buffers
     (m models each); ``layout`` says which slice of P is which tensor (the correction is per
-    tensor). One weighted average over the m + 1 members for all k nodes, then one batched
-    rescale per tensor: the simulator's merge of a tick is a handful of kernel calls.
+    tensor). ``received_variance``: optionally ``[k, m, L]``, the received models'
+    :func:`layer_variances` (computed here if not given). The mean of the buffer, the
+    beta-weighted combination with the own model and the variance targets are averages through
+    :func:`~meanwise.average.weighted_average`, then one batched rescale per tensor.
     """
     if own.dim() != 2 or received.dim() != 3:
         raise ValueError(
@@ -137,21 +152,34 @@ def merge_stacked(
             f"P = layout.numel = {layout.numel}"
         )
     # weights in the models' dtype: float64 weights would promote (and copy) every member; for
-    # float32 models that costs more than the whole merge and changes only the last bits
-    weights = merge_weights(m, beta).to(own.dtype)
-    members = torch.cat([own[:, None], received], dim=1).transpose(0, 1)  # [m + 1, k, P]
-    merged = weighted_average(members, weights)
+    # float32 models that costs more than the whole merge and changes only the last bits.
+    # beta*own + (1-beta)*mean(received) equals merge_weights' [beta, (1-beta)/m, ...] average.
+    received_mean = weighted_average(received.transpose(0, 1))
+    pair = torch.tensor([beta, 1.0 - beta], dtype=own.dtype)
+    merged = weighted_average(torch.stack([own, received_mean]), pair).to(own.dtype)
     if not correct_variance:
-        return merged.to(own.dtype)
-    for name, piece, template in layout.entries():
+        return merged
+    n_layers = len(layout.names)
+    if received_variance is None:
+        received_variance = layer_variances(received, layout)
+    elif tuple(received_variance.shape) != (k, m, n_layers):
+        raise ValueError(
+            f"received_variance must be [k, m, L] = {[k, m, n_layers]}; "
+            f"got {list(received_variance.shape)}"
+        )
+    if include_self_variance:
+        variances = torch.cat([layer_variances(own, layout)[:, None], received_variance], dim=1)
+        weights = merge_weights(m, beta).to(variances.dtype)
+        target = weighted_average(variances.transpose(0, 1), weights)  # [k, L]
+    else:
+        target = weighted_average(received_variance.transpose(0, 1))
+    for layer, (name, piece, template) in enumerate(layout.entries()):
         if never_rescaled(name, template, rescale_biases):
             continue
-        if include_self_variance:
-            target = member_variance(members[..., piece], weights, batch_dims=1)
-        else:
-            target = member_variance(received[..., piece].transpose(0, 1), batch_dims=1)
-        merged[:, piece] = rescale_to_variance(merged[:, piece], target, eps, batch_dims=1)
-    return merged.to(own.dtype)
+        merged[:, piece] = rescale_to_variance(
+            merged[:, piece], target[:, layer], eps, batch_dims=1
+        )
+    return merged
 
 
 @dataclass(frozen=True)
@@ -176,7 +204,13 @@ class MergeRule:
         plain merge: beta^2 + (1 - beta)^2 / m (the paper's vanishing-variance factor)."""
         return self.beta**2 + (1.0 - self.beta) ** 2 / m
 
-    def __call__(self, own: Tensor, received: Tensor, layout: ParameterLayout) -> Tensor:
+    def __call__(
+        self,
+        own: Tensor,
+        received: Tensor,
+        layout: ParameterLayout,
+        received_variance: Tensor | None = None,
+    ) -> Tensor:
         return merge_stacked(
             own,
             received,
@@ -186,4 +220,5 @@ class MergeRule:
             eps=self.eps,
             include_self_variance=self.include_self_variance,
             rescale_biases=self.rescale_biases,
+            received_variance=received_variance,
         )

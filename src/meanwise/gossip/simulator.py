@@ -37,7 +37,7 @@ from meanwise.functional.local_training import (
     train_vectorized_stateful,
 )
 from meanwise.gossip.flat import ParameterLayout
-from meanwise.gossip.merge import MergeRule
+from meanwise.gossip.merge import MergeRule, layer_variances
 from meanwise.gossip.protocol import GossipProtocol, Phase, Schedule
 from meanwise.gossip.topology import Topology
 
@@ -96,24 +96,33 @@ def execute_waves(
     sent: Tensor,
     params: Tensor,
     storage: Tensor,
+    storage_variance: Tensor,
     slot_base: Tensor,
     buffer_sizes: Tensor,
     merge: MergeRule,
     layout: ParameterLayout,
 ) -> int:
     """Land a phase's messages (``sent[j]`` is the model of ``phase.senders[j]``) in the
-    buffer storage and merge, in place on ``params``; returns the number of merges."""
+    buffer storage and merge, in place on ``params``; returns the number of merges.
+    ``storage_variance`` holds each stored model's :func:`layer_variances` (used by the
+    corrected merge; computed once per sender, not once per receiver)."""
     merges = 0
+    correct = merge.correct_variance
+    sent_variance = layer_variances(sent, layout) if correct else None
     for wave in phase.waves:
         if wave.receivers.numel():
-            storage[slot_base[wave.receivers] + wave.slots] = sent[wave.sender_pos]
+            target_rows = slot_base[wave.receivers] + wave.slots
+            storage[target_rows] = sent[wave.sender_pos]
+            if correct:
+                storage_variance[target_rows] = sent_variance[wave.sender_pos]
         if not wave.mergers.numel():
             continue
         sizes = buffer_sizes[wave.mergers]
         for size in sizes.unique().tolist():  # one batched merge per buffer size
             nodes = wave.mergers[sizes == size]
             rows = slot_base[nodes][:, None] + torch.arange(size)
-            params[nodes] = merge(params[nodes], storage[rows], layout)
+            variance = storage_variance[rows] if correct else None
+            params[nodes] = merge(params[nodes], storage[rows], layout, variance)
             merges += int(nodes.numel())
     return merges
 
@@ -192,6 +201,9 @@ class GossipSimulator:
             torch.zeros_like(self.params) for _ in local.init_state([self.params[:1]])
         ]
         self.storage = self.params.new_zeros(self.schedule.total_slots, self.layout.numel)
+        self.storage_variance = self.params.new_zeros(
+            self.schedule.total_slots, len(self.layout.names)
+        )
         self.trainings = 0
         self.merges = 0
         self.metrics: list[dict[str, Any]] = []
@@ -238,6 +250,7 @@ class GossipSimulator:
                 sent,
                 self.params,
                 self.storage,
+                self.storage_variance,
                 self.schedule.slot_base,
                 self.schedule.buffer_sizes,
                 self.merge,
@@ -290,6 +303,7 @@ class GossipSimulator:
             "params": self.params.clone(),
             "opt_state": [s.clone() for s in self.opt_state],
             "storage": self.storage.clone(),
+            "storage_variance": self.storage_variance.clone(),
             "trainings": self.trainings,
             "merges": self.merges,
             "metrics": list(self.metrics),
@@ -307,6 +321,7 @@ class GossipSimulator:
         self.params = state["params"].clone()
         self.opt_state = [s.clone() for s in state["opt_state"]]
         self.storage = state["storage"].clone()
+        self.storage_variance = state["storage_variance"].clone()
         self.trainings = int(state["trainings"])
         self.merges = int(state["merges"])
         self.metrics = list(state["metrics"])
