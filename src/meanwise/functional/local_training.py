@@ -289,14 +289,36 @@ def stack_blocker(model: nn.Module) -> str | None:
     return None
 
 
-def _stacked_forward(module: nn.Module, params: dict[str, Tensor], x: Tensor, prefix: str = ""):
-    """``module`` on ``x [S, B, in]`` with client-stacked ``params[name]: [S, ...]``."""
-    if type(module) is nn.Linear:
-        weight = params[f"{prefix}weight"]
-        bias = params.get(f"{prefix}bias")
+class _StackedLinear(torch.autograd.Function):
+    """``x [S, B, in] @ weight[S, out, in]ᵀ + bias[S, out]`` with a backward in fast layouts.
+
+    Autograd's own backward of ``bmm(x, weightᵀ)`` computes the weight gradient as
+    ``bmm(xᵀ, g)``, which the CPU batched GEMM runs about 2.5x slower than the same product
+    written ``bmm(gᵀ, x)`` (measured here: 43 vs 17 ms for 2,184 clients of batch 32, 60 → 10):
+    a third of a local step for logistic regression.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
         if bias is None:
             return torch.bmm(x, weight.transpose(1, 2))
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def _stacked_forward(module: nn.Module, params: dict[str, Tensor], x: Tensor, prefix: str = ""):
+    """``module`` on ``x [S, B, in]`` with client-stacked ``params[name]: [S, ...]``."""
+    if type(module) is nn.Linear:
+        return _StackedLinear.apply(x, params[f"{prefix}weight"], params.get(f"{prefix}bias"))
     if type(module) is nn.Sequential:
         for name, child in module.named_children():
             x = _stacked_forward(child, params, x, f"{prefix}{name}.")
