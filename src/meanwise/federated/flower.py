@@ -280,6 +280,7 @@ class FedAUStrategy(Strategy):
         _, sent_record, x = self.sent
         replies = list(replies)
         clients: list[int] = []
+        seen: set[int] = set()
         updates: list[Tensor] = []
         absent: list[str] = []
         reply_metrics: dict[int, dict[str, Any]] = {}
@@ -287,9 +288,10 @@ class FedAUStrategy(Strategy):
             got = _reply_arrays(reply, self.arrayrecord_key, self.codec, self.node_of or {})
             if isinstance(got, str):
                 absent.append(got)
-            elif got[0] in clients:
+            elif got[0] in seen:
                 absent.append(f"node {reply.metadata.src_node_id} replied twice; first kept")
             else:
+                seen.add(got[0])
                 clients.append(got[0])
                 updates.append(got[1])
                 reply_metrics[int(reply.metadata.src_node_id)] = _first_metrics(reply)
