@@ -1,12 +1,16 @@
 """The vectorized gossip simulator: every node's model is a row of one tensor.
 
-Per tick the :class:`~meanwise.gossip.protocol.Schedule` says who trains (those rows are
-trained together by ``vmap(grad)`` through
-:func:`~meanwise.functional.local_training.train_vectorized_stateful`), which messages land
-in which buffer slots (one indexed copy per wave) and who merges (one batched
-:func:`~meanwise.gossip.merge.merge_stacked` per buffer size). Buffers are stored ragged, one
-row per slot (node i owns rows ``slot_base[i] .. slot_base[i] + buffer_size[i]``), so a star's
-centre with 50 slots does not make every leaf hold 50.
+The :class:`~meanwise.gossip.protocol.Schedule` plans ticks without looking at model values,
+so the simulator plans a window of ticks (up to the next evaluation or checkpoint) and runs it
+as dependency levels (:mod:`meanwise.gossip.levels`): all trainings of a level as one
+``vmap(grad)`` call through
+:func:`~meanwise.functional.local_training.train_vectorized_stateful`, all merges of a level as
+one batched :func:`~meanwise.gossip.merge.merge_stacked` per buffer size. With the paper's
+asynchronous protocol a tick has only ~5 trainings and ~5 merges among 50 nodes; a level
+gathers those of several ticks. Pushed models are kept as snapshots for the window; buffers
+carried between windows are stored ragged, one row per slot (node i owns rows
+``slot_base[i] .. slot_base[i] + buffer_size[i]``), so a star's centre with 50 slots does not
+make every leaf hold 50.
 
 Each node keeps its optimizer state (momentum) across its one-minibatch training events, as a
 node running its own ``torch.optim.SGD`` would; merges replace the parameters, not the state.
@@ -37,15 +41,19 @@ from meanwise.functional.local_training import (
     train_vectorized_stateful,
 )
 from meanwise.gossip.flat import ParameterLayout
+from meanwise.gossip.levels import WindowPlan, plan_window
 from meanwise.gossip.merge import MergeRule, layer_variances
-from meanwise.gossip.protocol import GossipProtocol, Phase, Schedule
+from meanwise.gossip.protocol import GossipProtocol, Schedule
 from meanwise.gossip.topology import Topology
 
-__all__ = ["GossipSimulator", "initial_models", "check_local_training", "execute_waves"]
+__all__ = ["GossipSimulator", "initial_models", "check_local_training"]
 
 # Rules whose state can persist across training events: the other rules' bias corrections
 # need each node's own step count, which one batched call over several nodes cannot give.
 _PERSISTENT_RULES = ("sgd", "momentum")
+
+# A window's snapshots (one model per push) are held at once: this bounds their memory.
+_WINDOW_BYTES = 64 * 2**20
 
 
 def check_local_training(local: LocalTraining) -> None:
@@ -89,42 +97,6 @@ def initial_models(
     finally:
         model.load_state_dict(saved)
     return torch.stack(rows).clone()
-
-
-def execute_waves(
-    phase: Phase,
-    sent: Tensor,
-    params: Tensor,
-    storage: Tensor,
-    storage_variance: Tensor,
-    slot_base: Tensor,
-    buffer_sizes: Tensor,
-    merge: MergeRule,
-    layout: ParameterLayout,
-) -> int:
-    """Land a phase's messages (``sent[j]`` is the model of ``phase.senders[j]``) in the
-    buffer storage and merge, in place on ``params``; returns the number of merges.
-    ``storage_variance`` holds each stored model's :func:`layer_variances` (used by the
-    corrected merge; computed once per sender, not once per receiver)."""
-    merges = 0
-    correct = merge.correct_variance
-    sent_variance = layer_variances(sent, layout) if correct else None
-    for wave in phase.waves:
-        if wave.receivers.numel():
-            target_rows = slot_base[wave.receivers] + wave.slots
-            storage[target_rows] = sent[wave.sender_pos]
-            if correct:
-                storage_variance[target_rows] = sent_variance[wave.sender_pos]
-        if not wave.mergers.numel():
-            continue
-        sizes = buffer_sizes[wave.mergers]
-        for size in sizes.unique().tolist():  # one batched merge per buffer size
-            nodes = wave.mergers[sizes == size]
-            rows = slot_base[nodes][:, None] + torch.arange(size)
-            variance = storage_variance[rows] if correct else None
-            params[nodes] = merge(params[nodes], storage[rows], layout, variance)
-            merges += int(nodes.numel())
-    return merges
 
 
 class GossipSimulator:
@@ -238,24 +210,64 @@ class GossipSimulator:
             slot[nodes] = self.layout.flatten(dict(zip(names, new, strict=True)), batch_dims=1)
         self.trainings += int(nodes.numel())
 
+    def _execute(self, window: WindowPlan) -> None:
+        """Run a planned window level by level (see :mod:`meanwise.gossip.levels`)."""
+        params, layout = self.params, self.layout
+        correct = self.merge.correct_variance
+        snapshots = params.new_empty(window.n_snapshots, layout.numel)
+        # each snapshot's layer_variances (for the corrected merge): computed once per pushed
+        # model, not once per receiver
+        variances = params.new_zeros(window.n_snapshots, len(layout.names)) if correct else None
+        if window.storage_rows.numel():
+            snapshots[window.from_storage] = self.storage[window.storage_rows]
+            if correct:
+                variances[window.from_storage] = self.storage_variance[window.storage_rows]
+        if window.start_nodes.numel():
+            snapshots[window.from_start] = params[window.start_nodes]
+            if correct:
+                variances[window.from_start] = layer_variances(params[window.start_nodes], layout)
+        for level in window.levels:
+            # a level's events are on distinct nodes and read only lower levels: any order
+            if level.trains is not None:
+                trains = level.trains
+                self._train(trains.nodes, trains.index, trains.valid)
+                trained = params[trains.nodes]
+                snapshots[trains.snapshots] = trained
+                if correct:
+                    variances[trains.snapshots] = layer_variances(trained, layout)
+            for group in level.merges:
+                received_variance = variances[group.sources] if correct else None
+                merged = self.merge(
+                    params[group.nodes], snapshots[group.sources], layout, received_variance
+                )
+                params[group.nodes] = merged
+                if group.stored.numel():
+                    kept = merged[group.stored]
+                    snapshots[group.stored_as] = kept
+                    if correct:
+                        variances[group.stored_as] = layer_variances(kept, layout)
+        if window.slot_rows.numel():
+            self.storage[window.slot_rows] = snapshots[window.slot_last]
+            if correct:
+                self.storage_variance[window.slot_rows] = variances[window.slot_last]
+        self.merges += window.merges
+
+    def _advance(self, until: int) -> None:
+        """Run ticks up to ``until`` as one window (fewer if its snapshots would exceed
+        ``_WINDOW_BYTES``; the cut depends only on the schedule, so a resume cuts alike)."""
+        budget = max(1, _WINDOW_BYTES // (self.layout.numel * self.params.element_size()))
+        plans, snapshots = [], 0
+        while self.tick < until and snapshots < budget:
+            plan = self.schedule.next_tick()
+            plans.append(plan)
+            # a tick's pushes bound its snapshots (plus buffered ones, at most the slots)
+            snapshots += sum(int(phase.senders.numel()) for phase in plan.phases)
+        sizes = self.schedule.buffer_sizes
+        self._execute(plan_window(plans, self.topology.n_nodes, self.schedule.slot_base, sizes))
+
     def step(self) -> None:
         """Run one tick."""
-        plan = self.schedule.next_tick()
-        for phase in plan.phases:
-            if phase.kind == "train":
-                self._train(phase.senders, phase.index, phase.valid)
-            sent = self.params[phase.senders]  # a copy: merges below must not change it
-            self.merges += execute_waves(
-                phase,
-                sent,
-                self.params,
-                self.storage,
-                self.storage_variance,
-                self.schedule.slot_base,
-                self.schedule.buffer_sizes,
-                self.merge,
-                self.layout,
-            )
+        self._advance(self.tick + 1)
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -357,7 +369,11 @@ class GossipSimulator:
         if self.tick == 0 and not self.metrics:
             self._log({"tick": 0, "trainings": 0, "merges": 0, **self.evaluate()})
         while self.tick < ticks:
-            self.step()
+            # up to the next evaluation, checkpoint or the end, as one window of levels
+            stops = [ticks, (self.tick // self.eval_every + 1) * self.eval_every]
+            if self.checkpoint_every:
+                stops.append((self.tick // self.checkpoint_every + 1) * self.checkpoint_every)
+            self._advance(min(stops))
             t = self.tick
             if t % self.eval_every == 0 or t == ticks:
                 self._log(
