@@ -1,4 +1,8 @@
-"""Federated averaging under unknown and anarchic participation (FedAU, AFA-CD, AFA-CS)."""
+"""Federated averaging under unknown and anarchic participation (FedAU, AFA-CD, AFA-CS).
+
+Flower (flwr 1.42) strategies live in ``meanwise.federated.flower`` (extra ``meanwise[flower]``);
+they are not imported here, so this package does not need Flower.
+"""
 
 from meanwise.federated.aggregators import (
     AFA_CD,
@@ -21,11 +25,12 @@ from meanwise.federated.participation import (
     heterogeneous_probabilities,
     validate_probabilities,
 )
-from meanwise.federated.simulator import FederatedSimulator
+from meanwise.federated.simulator import FederatedSimulator, FederatedSweep
 from meanwise.functional.local_training import LocalTraining
 
 __all__ = [
     "FederatedSimulator",
+    "FederatedSweep",
     "LocalTraining",
     "AFA_CD",
     "AFA_CS",
