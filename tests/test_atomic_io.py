@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from meanwise.atomic_io import (
+    append_json_line,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
     atomic_writer,
+    rewrite_json_lines,
 )
 
 
@@ -56,3 +58,16 @@ def test_round_trips_and_permissions(tmp_path):
     (tmp_path / "r.json").chmod(0o640)
     atomic_write_json(tmp_path / "r.json", {})
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o640  # kept on overwrite
+
+
+def test_json_lines_append_then_rewrite(tmp_path):
+    log = tmp_path / "runs" / "metrics.jsonl"
+    for r in range(4):
+        append_json_line(log, {"round": r})
+    rewrite_json_lines(log, [{"round": 0}, {"round": 1}])  # a resume from round 1
+    append_json_line(log, {"round": 2})
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"round": 0},
+        {"round": 1},
+        {"round": 2},
+    ]

@@ -24,6 +24,8 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_torch_save",
+    "append_json_line",
+    "rewrite_json_lines",
 ]
 
 
@@ -66,3 +68,17 @@ def atomic_torch_save(obj: Any, path: Path | str) -> None:
     """`torch.save` of tensors and plain containers (load it back with `weights_only=True`)."""
     with atomic_writer(path) as handle:
         torch.save(obj, handle)
+
+
+def append_json_line(path: Path | str, record: Any) -> None:
+    """Append one JSON line to a metrics log (a torn last line is the worst a crash leaves)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def rewrite_json_lines(path: Path | str, records: list[Any]) -> None:
+    """Replace a metrics log with `records` atomically (after a resume, lines logged past the
+    checkpoint would otherwise appear twice)."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))

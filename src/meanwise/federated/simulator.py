@@ -12,9 +12,7 @@ continues bit-exactly.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from meanwise.atomic_io import append_json_line, atomic_torch_save, rewrite_json_lines
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.federated.aggregators import Aggregator
 from meanwise.federated.participation import Anarchic, ParticipationProcess
@@ -76,18 +75,6 @@ def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
         out[name] = flat[..., start : start + p.numel()].reshape(*lead, *p.shape)
         start += p.numel()
     return out
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FederatedSimulator:
@@ -343,18 +330,11 @@ class FederatedSimulator:
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.append(record)
         if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_json_line(self.log_path, record)
 
     def _rewrite_log(self) -> None:
-        # after a resume, lines written past the checkpoint would be duplicated: rewrite
-        if self.log_path is None:
-            return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.log_path.with_suffix(self.log_path.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
-        os.replace(tmp, self.log_path)
+        if self.log_path is not None:
+            rewrite_json_lines(self.log_path, self.metrics)
 
     def run(self, rounds: int, *, resume: bool = False) -> list[dict[str, Any]]:
         """Train until ``rounds`` rounds in total have run; returns the logged metrics.
@@ -380,7 +360,7 @@ class FederatedSimulator:
                     }
                 )
             if self.checkpoint_every and r % self.checkpoint_every == 0:
-                _atomic_save(self.state_dict(), self.checkpoint_path)
+                atomic_torch_save(self.state_dict(), self.checkpoint_path)
         return self.metrics
 
 

@@ -23,7 +23,6 @@ quantity that vanishes). A checkpoint holds everything the next tick depends on,
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from meanwise.atomic_io import atomic_torch_save
+from meanwise.atomic_io import append_json_line, atomic_torch_save, rewrite_json_lines
 from meanwise.functional.local_training import (
     FlatClientData,
     LocalTraining,
@@ -341,18 +340,11 @@ class GossipSimulator:
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.append(record)
         if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_json_line(self.log_path, record)
 
     def _rewrite_log(self) -> None:
-        # after a resume, lines written past the checkpoint would be duplicated: rewrite
-        if self.log_path is None:
-            return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.log_path.with_suffix(self.log_path.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
-        os.replace(tmp, self.log_path)
+        if self.log_path is not None:
+            rewrite_json_lines(self.log_path, self.metrics)
 
     def run(self, ticks: int, *, resume: bool = False) -> list[dict[str, Any]]:
         """Simulate until ``ticks`` ticks in total have run; returns the logged metrics (an
