@@ -36,8 +36,11 @@ format: $(VENV)/.dev
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
 
+# every benchmark's quick run, each also writing bench-<name>.json (tens of minutes in all)
 bench: $(VENV)/.dev
-	$(PY) benchmarks/optim_step.py --quick
+	set -e; for b in benchmarks/[a-z]*.py; do \
+		$(PY) $$b --quick --json bench-$$(basename $$b .py).json; \
+	done
 
 clean:
 	rm -rf $(VENV) reports build src/*.egg-info
