@@ -23,7 +23,9 @@ from meanwise.functional.local_training import (
     draw_batches,
     train_sequential,
     train_stacked,
+    train_stacked_stateful,
     train_vectorized,
+    train_vectorized_stateful,
 )
 
 
@@ -105,6 +107,46 @@ def test_vectorized_local_training_equals_per_client_loop(local, make_opt):
     torch.testing.assert_close(flatten(seq, 1), expected)
     stacked = train_stacked(model, start, data, index, valid, steps, local, F.cross_entropy)
     torch.testing.assert_close(flatten(stacked, 1), expected)
+
+
+def test_stateful_stacked_training_continues_like_vmap_and_like_torch_optim():
+    # momentum carried in from an earlier call and step numbers from first_step: split a
+    # torch.optim.SGD run in two calls, with clients frozen by their step counts
+    local = LocalTraining("momentum", lr=0.1, steps=4, batch_size=8, options={"weight_decay": 1e-3})
+    model, data = _mlp(), _data()
+    clients = torch.tensor([0, 1, 2, 3])
+    steps = torch.tensor([4, 4, 4, 4])
+    index, valid = draw_batches(data, clients, 4, 8, torch.Generator().manual_seed(2))
+    start = {k: v.detach().expand(4, *v.shape) for k, v in model.named_parameters()}
+    make = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3)  # noqa: E731
+    expected = _reference_loop(model, data, clients, steps, index, valid, make)
+    for train in (train_stacked_stateful, train_vectorized_stateful):
+        state = local.init_state(list(start.values()))
+        two = torch.full((4,), 2)
+        half, state = train(model, start, state, data, index, valid, two, local, F.cross_entropy)
+        assert any(bool(s.ne(0).any()) for s in state[0])
+        rest, state = train(
+            model, half, state, data, index[2:], valid[2:], two, local, F.cross_entropy,
+            first_step=3,
+        )  # fmt: skip
+        torch.testing.assert_close(flatten(rest, 1), expected)
+    # frozen clients keep parameters and state; the two executions agree
+    state = [[torch.randn_like(p) for p in start.values()]]
+    uneven = torch.tensor([3, 0, 1, 2])
+    got = train_stacked_stateful(
+        model, start, state, data, index, valid, uneven, local, F.cross_entropy, first_step=2
+    )
+    want = train_vectorized_stateful(
+        model, start, state, data, index, valid, uneven, local, F.cross_entropy, first_step=2
+    )
+    for a, b in zip([*got[0].values(), *got[1][0]], [*want[0].values(), *want[1][0]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[0]["0.weight"][1], start["0.weight"][1], rtol=0, atol=0)
+    torch.testing.assert_close(got[1][0][1][1], state[0][1][1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="first_step"):
+        train_stacked_stateful(
+            model, start, state, data, index, valid, uneven, local, F.cross_entropy, first_step=0
+        )
 
 
 def _diffgrad_by_hand(params, grad_fn, steps, lr, beta1=0.9, beta2=0.999, eps=1e-8):

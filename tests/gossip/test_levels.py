@@ -74,7 +74,9 @@ def test_a_window_batches_events_of_many_ticks_and_keeps_each_nodes_order():
     assert sorted(made) == list(range(window.n_snapshots))
 
 
-def _gossip(tmp_path, name: str, protocol: GossipProtocol, rule: MergeRule, top) -> GossipSimulator:
+def _gossip(
+    tmp_path, name: str, protocol: GossipProtocol, rule: MergeRule, top, vectorize: str = "auto"
+) -> GossipSimulator:
     return GossipSimulator(
         _net(),
         top,
@@ -87,12 +89,17 @@ def _gossip(tmp_path, name: str, protocol: GossipProtocol, rule: MergeRule, top)
         checkpoint_every=20,
         checkpoint_path=tmp_path / f"{name}.pt",
         seed=3,
+        vectorize=vectorize,
     )
 
 
-@pytest.mark.parametrize("setting", ["async", "star"])
+@pytest.mark.parametrize("setting", ["async", "async-vmap", "star"])
 def test_level_windows_equal_the_per_node_loop_across_cuts_and_a_resume(tmp_path, setting):
-    if setting == "async":  # the paper's protocol: momentum, corrected merges, buffer = degree
+    # "auto" trains this Linear/Tanh stack with batched matmuls; "async-vmap" forces vmap
+    vectorize = "vmap" if setting == "async-vmap" else "auto"
+    if setting.startswith(
+        "async"
+    ):  # the paper's protocol: momentum, corrected merges, buffer = degree
         top = random_regular(12, 3, seed=5)
         protocol = GossipProtocol(train_interval=(2, 5))
         rule = MergeRule(beta=0.4, correct_variance=True)
@@ -100,14 +107,14 @@ def test_level_windows_equal_the_per_node_loop_across_cuts_and_a_resume(tmp_path
         top = star(6)
         protocol = GossipProtocol.federated(top, interval=3)
         rule = MergeRule(beta=0.0, correct_variance=True)
-    sim = _gossip(tmp_path, "a", protocol, rule, top)
+    sim = _gossip(tmp_path, "a", protocol, rule, top, vectorize)
     ref = PerNodeGossip(_net(), top, sim.train, protocol, LOCAL, rule, sim.params, seed=3)
     sim.run(30)
     ref.run(30)
     assert sim.merges > 20
     torch.testing.assert_close(sim.params, ref.parameters(), rtol=1e-10, atol=1e-12)
     # resume from the checkpoint at tick 20 (buffers part full, messages in flight)
-    resumed = _gossip(tmp_path, "a", protocol, rule, top)
+    resumed = _gossip(tmp_path, "a", protocol, rule, top, vectorize)
     resumed.run(55, resume=True)
     sim.run(55)
     ref.run(55)
@@ -116,7 +123,7 @@ def test_level_windows_equal_the_per_node_loop_across_cuts_and_a_resume(tmp_path
     assert resumed.metrics == [m for m in sim.metrics if m["tick"] != 30]  # 30: run(30)'s end
     # one tick per window: the same state up to rounding (torch's var rounds a row differently
     # in batches of different sizes, so the corrected merge is not bit-identical)
-    stepwise = _gossip(tmp_path, "b", protocol, rule, top)
+    stepwise = _gossip(tmp_path, "b", protocol, rule, top, vectorize)
     for _ in range(55):
         stepwise.step()
     close = {"rtol": 1e-12, "atol": 1e-14}

@@ -39,6 +39,7 @@ __all__ = [
     "train_vectorized",
     "train_vectorized_stateful",
     "train_stacked",
+    "train_stacked_stateful",
     "stack_blocker",
     "train_sequential",
     "RULES",
@@ -345,12 +346,36 @@ def train_stacked(
     the masking of clients whose steps are spent are those of :func:`train_vectorized`, and
     the results agree up to float rounding (tested).
     """
+    state = local.init_state(list(params.values()))
+    trained, _ = train_stacked_stateful(
+        model, params, state, data, index, valid, steps, local, loss_fn
+    )
+    return trained
+
+
+def train_stacked_stateful(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    state: list[list[Tensor]],
+    data: FlatClientData,
+    index: Tensor,
+    valid: Tensor,
+    steps: Tensor,
+    local: LocalTraining,
+    loss_fn: LossFn,
+    *,
+    first_step: int = 1,
+) -> tuple[dict[str, Tensor], list[list[Tensor]]]:
+    """:func:`train_stacked` from a given optimizer state, returning the trained parameters
+    and the final state: the batched-matmul counterpart of :func:`train_vectorized_stateful`
+    (same state layout, step numbering and freezing of clients whose steps are spent)."""
+    if int(first_step) < 1:
+        raise ValueError(f"first_step must be >= 1; got {first_step}")
     reason = stack_blocker(model)
     if reason is not None:
         raise TypeError(f"train_stacked cannot run this model: {reason}")
     names = list(params)
     current = [params[n] for n in names]
-    state = local.init_state(current)
     weight = valid.to(current[0].dtype)
     counts = weight.sum(-1)  # [K, S]
     for k in range(int(steps.max())):
@@ -361,7 +386,9 @@ def train_stacked(
         loss = ((per_example.view_as(weight[k]) * weight[k]).sum(-1) / counts[k]).sum()
         grads = list(torch.autograd.grad(loss, leaves))
         with torch.no_grad():
-            new, new_state = local.apply([p.detach() for p in leaves], grads, state, k + 1)
+            new, new_state = local.apply(
+                [p.detach() for p in leaves], grads, state, k + int(first_step)
+            )
             active = k < steps  # clients whose local budget is not yet spent
             if bool(active.all()):
                 current, state = new, new_state
@@ -371,4 +398,4 @@ def train_stacked(
                 [_keep(active, a, b) for a, b in zip(ns, s, strict=True)]
                 for ns, s in zip(new_state, state, strict=True)
             ]
-    return dict(zip(names, [p.detach() for p in current], strict=True))
+    return dict(zip(names, [p.detach() for p in current], strict=True)), state

@@ -117,7 +117,13 @@ def plan_window(
     from_start: list[int] = []
     storage_snapshot: dict[int, int] = {}  # storage row -> its snapshot (made once, on demand)
     slot_content: dict[int, int] = {}  # storage row -> snapshot that landed there last
-    trains: dict[int, list[tuple[int, Tensor, Tensor, int]]] = {}
+    # per level: (node, column into the window's stacked minibatches, snapshot)
+    trains: dict[int, list[tuple[int, int, int]]] = {}
+    # the train phases' minibatches, stacked once at the end (slicing each trainer's column
+    # out one by one cost more than the rest of the planning)
+    batch_index: list[Tensor] = []
+    batch_valid: list[Tensor] = []
+    columns = 0
     merges: dict[int, list[_Merge]] = {}
     n_trainings = n_merges = 0
 
@@ -151,14 +157,15 @@ def plan_window(
         for phase in plan.phases:
             senders = phase.senders.tolist()
             if phase.kind == "train":
+                batch_index.append(phase.index)
+                batch_valid.append(phase.valid)
                 for pos, node in enumerate(senders):
                     level = node_level[node] + 1
                     snap = new_snapshot(level)
-                    trains.setdefault(level, []).append(
-                        (node, phase.index[:, pos], phase.valid[:, pos], snap)
-                    )
+                    trains.setdefault(level, []).append((node, columns + pos, snap))
                     node_level[node], node_merge[node], node_snapshot[node] = level, None, snap
                     n_trainings += 1
+                columns += len(senders)
             # every message of a phase carries the sender's model before the phase's merges
             sent = [current_snapshot(node) for node in senders]
             for wave in phase.waves:
@@ -177,13 +184,19 @@ def plan_window(
                     node_level[node], node_merge[node], node_snapshot[node] = level, event, -1
                     n_merges += 1
 
+    all_index = torch.cat(batch_index, dim=1) if batch_index else None
+    all_valid = torch.cat(batch_valid, dim=1) if batch_valid else None
     levels = []
     for level in range(1, 1 + max([*trains, *merges], default=0)):
         group = None
         if level in trains:
-            nodes, index, valid, snaps = zip(*trains[level], strict=True)
+            nodes, cols, snaps = zip(*trains[level], strict=True)
+            at = _long(cols)
             group = TrainGroup(
-                _long(nodes), torch.stack(index, dim=1), torch.stack(valid, dim=1), _long(snaps)
+                _long(nodes),
+                all_index.index_select(1, at),
+                all_valid.index_select(1, at),
+                _long(snaps),
             )
         by_size: dict[int, list[_Merge]] = {}
         for event in merges.get(level, []):

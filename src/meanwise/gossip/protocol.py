@@ -183,6 +183,7 @@ class Schedule:
             degrees if protocol.buffer_size is None else torch.full((n,), protocol.buffer_size)
         )
         self.slot_base = torch.cumsum(self.buffer_sizes, 0) - self.buffer_sizes
+        self._sizes: list[int] = self.buffer_sizes.tolist()  # read per push, as Python ints
         self.relays = torch.zeros(n, dtype=torch.bool)
         self.relays[list(protocol.relay_nodes)] = True
         self.generator = torch.Generator().manual_seed(int(seed))
@@ -209,7 +210,7 @@ class Schedule:
     def _deliver(self, senders: Tensor) -> tuple[Wave, ...]:
         """Messages from ``senders`` to all their neighbours, split into merge waves."""
         neighbours = self.topology.neighbors
-        sizes = self.buffer_sizes.tolist()
+        sizes = self._sizes
         counts = self.counts.tolist()
         arrived: dict[int, int] = {}
         messages: list[tuple[int, int, int, int]] = []  # (wave, sender_pos, receiver, slot)
@@ -220,22 +221,30 @@ class Schedule:
                 wave, slot = divmod(position, sizes[receiver])
                 messages.append((wave, pos, receiver, slot))
         n_waves = 1 + max((m[0] for m in messages), default=-1)
+        # one tensor for all messages, its columns viewed per wave (tensor creation dominated)
+        table = torch.tensor(messages, dtype=torch.long).view(-1, 4)
         waves = []
         for w in range(n_waves):
-            mine = [m for m in messages if m[0] == w]
+            mine = table if n_waves == 1 else table[table[:, 0] == w]
             mergers = sorted(r for r, k in arrived.items() if (w + 1) * sizes[r] <= counts[r] + k)
             waves.append(
                 Wave(
-                    sender_pos=torch.tensor([m[1] for m in mine], dtype=torch.long),
-                    receivers=torch.tensor([m[2] for m in mine], dtype=torch.long),
-                    slots=torch.tensor([m[3] for m in mine], dtype=torch.long),
+                    sender_pos=mine[:, 1],
+                    receivers=mine[:, 2],
+                    slots=mine[:, 3],
                     mergers=torch.tensor(mergers, dtype=torch.long),
                 )
             )
             if len(mergers):
-                self.relay_pending[mergers] |= self.relays[mergers]
-        for receiver, k in arrived.items():
-            self.counts[receiver] = (counts[receiver] + k) % sizes[receiver]
+                merging = waves[-1].mergers
+                self.relay_pending[merging] |= self.relays[merging]
+        if arrived:
+            # one scatter, not one tensor write per receiver: those writes were half the
+            # schedule's cost (~40 receivers per push at 50 nodes of degree 8)
+            receivers = list(arrived)
+            self.counts[torch.tensor(receivers, dtype=torch.long)] = torch.tensor(
+                [(counts[r] + arrived[r]) % sizes[r] for r in receivers], dtype=torch.long
+            )
         return tuple(waves)
 
     def next_tick(self) -> TickPlan:
