@@ -17,12 +17,13 @@ from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
 from meanwise.federated.aggregators import AFA_CS, FedAU, FedAvg
 from meanwise.federated.participation import Anarchic, Bernoulli, Markov
-from meanwise.federated.simulator import FederatedSimulator, flatten
+from meanwise.federated.simulator import FederatedSimulator, flatten, unflatten
 from meanwise.functional.local_training import (
     LocalTraining,
     draw_batches,
     train_sequential,
     train_stacked,
+    train_stacked_flat,
     train_stacked_stateful,
     train_vectorized,
     train_vectorized_stateful,
@@ -142,6 +143,17 @@ def test_stateful_stacked_training_continues_like_vmap_and_like_torch_optim():
     for a, b in zip([*got[0].values(), *got[1][0]], [*want[0].values(), *want[1][0]], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(got[0]["0.weight"][1], start["0.weight"][1], rtol=0, atol=0)
+    # on flat rows (the gossip simulator's layout): the rule runs once on [S, P]
+    like = dict(model.named_parameters())
+    flat, flat_state = train_stacked_flat(
+        model, flatten(start, 1), [flatten(dict(zip(like, state[0], strict=True)), 1)],
+        lambda rows: unflatten(rows, like), data, index, valid, uneven, local, F.cross_entropy,
+        first_step=2,
+    )  # fmt: skip
+    torch.testing.assert_close(flat, flatten(got[0], 1), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(
+        flat_state[0], flatten(dict(zip(like, got[1][0], strict=True)), 1), rtol=1e-14, atol=1e-15
+    )
     torch.testing.assert_close(got[1][0][1][1], state[0][1][1], rtol=0, atol=0)
     with pytest.raises(ValueError, match="first_step"):
         train_stacked_stateful(

@@ -38,7 +38,7 @@ from meanwise.functional.local_training import (
     FlatClientData,
     LocalTraining,
     stack_blocker,
-    train_stacked_stateful,
+    train_stacked_flat,
     train_vectorized_stateful,
 )
 from meanwise.gossip.flat import ParameterLayout
@@ -55,6 +55,11 @@ _PERSISTENT_RULES = ("sgd", "momentum")
 
 # A window's snapshots (one model per push) are held at once: this bounds their memory.
 _WINDOW_BYTES = 64 * 2**20
+
+
+def _rows(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for an integer ``index`` of any shape, through index_select."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
 def check_local_training(local: LocalTraining) -> None:
@@ -117,7 +122,7 @@ class GossipSimulator:
             train; for the FL baseline pass the centre).
         seed: seeds the initialization and the schedule.
         vectorize: how a level's trainings run: ``"auto"`` (batched matmuls through
-            :func:`~meanwise.functional.local_training.train_stacked_stateful` for an
+            :func:`~meanwise.functional.local_training.train_stacked_flat` for an
             ``nn.Linear`` or ``nn.Sequential`` of Linear layers and elementwise activations on
             flat features, ``vmap(grad)`` otherwise), ``"stacked"`` (batched matmuls, an error
             for other models) or ``"vmap"`` (always ``vmap(grad)``). Same models up to float
@@ -205,32 +210,40 @@ class GossipSimulator:
     def tick(self) -> int:
         return self.schedule.tick
 
-    def _train(self, nodes: Tensor, index: Tensor, valid: Tensor) -> None:
-        unflatten = self.layout.unflatten
-        stacked = unflatten(self.params[nodes])
-        state = [list(unflatten(slot[nodes]).values()) for slot in self.opt_state]
+    def _train(self, nodes: Tensor, index: Tensor, valid: Tensor) -> Tensor:
+        """Train ``nodes`` on their minibatches; returns their trained flat models."""
         steps = torch.full((nodes.numel(),), self.protocol.local_steps, dtype=torch.long)
-        train = train_stacked_stateful if self.stacked else train_vectorized_stateful
-        trained, state = train(
-            self.model,
-            stacked,
-            state,
-            self.train,
-            index,
-            valid,
-            steps,
-            self.local,
-            self.loss_fn,
-            first_step=2,  # persistent momentum: never PyTorch's "buffer = grad" first step
-        )
-        self.params[nodes] = self.layout.flatten(trained, batch_dims=1)
-        names = self.layout.names
-        for slot, new in zip(self.opt_state, state, strict=True):
-            slot[nodes] = self.layout.flatten(dict(zip(names, new, strict=True)), batch_dims=1)
+        flat = _rows(self.params, nodes)
+        state = [_rows(slot, nodes) for slot in self.opt_state]
+        # first_step=2: persistent momentum, never PyTorch's "buffer = grad" first step
+        if self.stacked:
+            flat, state = train_stacked_flat(
+                self.model, flat, state, self.layout.unflatten, self.train, index, valid,
+                steps, self.local, self.loss_fn, first_step=2,
+            )  # fmt: skip
+        else:
+            unflatten, names = self.layout.unflatten, self.layout.names
+            trained, new = train_vectorized_stateful(
+                self.model, unflatten(flat), [list(unflatten(s).values()) for s in state],
+                self.train, index, valid, steps, self.local, self.loss_fn, first_step=2,
+            )  # fmt: skip
+            flat = self.layout.flatten(trained, batch_dims=1)
+            state = [
+                self.layout.flatten(dict(zip(names, slot, strict=True)), batch_dims=1)
+                for slot in new
+            ]
+        self.params.index_copy_(0, nodes, flat)
+        for slot, rows in zip(self.opt_state, state, strict=True):
+            slot.index_copy_(0, nodes, rows)
         self.trainings += int(nodes.numel())
+        return flat
 
     def _execute(self, window: WindowPlan) -> None:
-        """Run a planned window level by level (see :mod:`meanwise.gossip.levels`)."""
+        """Run a planned window level by level (see :mod:`meanwise.gossip.levels`).
+
+        Rows move with ``index_select``/``index_copy_``: advanced indexing and index_put cost
+        several times more per call on CPU, and a window makes hundreds of these calls.
+        """
         params, layout = self.params, self.layout
         correct = self.merge.correct_variance
         snapshots = params.new_empty(window.n_snapshots, layout.numel)
@@ -238,37 +251,42 @@ class GossipSimulator:
         # model, not once per receiver
         variances = params.new_zeros(window.n_snapshots, len(layout.names)) if correct else None
         if window.storage_rows.numel():
-            snapshots[window.from_storage] = self.storage[window.storage_rows]
+            snapshots.index_copy_(0, window.from_storage, _rows(self.storage, window.storage_rows))
             if correct:
-                variances[window.from_storage] = self.storage_variance[window.storage_rows]
+                stored = _rows(self.storage_variance, window.storage_rows)
+                variances.index_copy_(0, window.from_storage, stored)
         if window.start_nodes.numel():
-            snapshots[window.from_start] = params[window.start_nodes]
+            start = _rows(params, window.start_nodes)
+            snapshots.index_copy_(0, window.from_start, start)
             if correct:
-                variances[window.from_start] = layer_variances(params[window.start_nodes], layout)
+                variances.index_copy_(0, window.from_start, layer_variances(start, layout))
         for level in window.levels:
             # a level's events are on distinct nodes and read only lower levels: any order
             if level.trains is not None:
                 trains = level.trains
-                self._train(trains.nodes, trains.index, trains.valid)
-                trained = params[trains.nodes]
-                snapshots[trains.snapshots] = trained
+                trained = self._train(trains.nodes, trains.index, trains.valid)
+                snapshots.index_copy_(0, trains.snapshots, trained)
                 if correct:
-                    variances[trains.snapshots] = layer_variances(trained, layout)
+                    variances.index_copy_(0, trains.snapshots, layer_variances(trained, layout))
             for group in level.merges:
-                received_variance = variances[group.sources] if correct else None
+                received_variance = _rows(variances, group.sources) if correct else None
                 merged = self.merge(
-                    params[group.nodes], snapshots[group.sources], layout, received_variance
+                    _rows(params, group.nodes),
+                    _rows(snapshots, group.sources),
+                    layout,
+                    received_variance,
                 )
-                params[group.nodes] = merged
+                params.index_copy_(0, group.nodes, merged)
                 if group.stored.numel():
-                    kept = merged[group.stored]
-                    snapshots[group.stored_as] = kept
+                    kept = _rows(merged, group.stored)
+                    snapshots.index_copy_(0, group.stored_as, kept)
                     if correct:
-                        variances[group.stored_as] = layer_variances(kept, layout)
+                        variances.index_copy_(0, group.stored_as, layer_variances(kept, layout))
         if window.slot_rows.numel():
-            self.storage[window.slot_rows] = snapshots[window.slot_last]
+            self.storage.index_copy_(0, window.slot_rows, _rows(snapshots, window.slot_last))
             if correct:
-                self.storage_variance[window.slot_rows] = variances[window.slot_last]
+                last = _rows(variances, window.slot_last)
+                self.storage_variance.index_copy_(0, window.slot_rows, last)
         self.merges += window.merges
 
     def _advance(self, until: int) -> None:
