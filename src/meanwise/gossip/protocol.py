@@ -189,7 +189,8 @@ class Schedule:
         self.generator = torch.Generator().manual_seed(int(seed))
         self.tick = 0
         self.timers = self._draw_intervals(n)
-        self.counts = torch.zeros(n, dtype=torch.long)  # models in each buffer now
+        # models in each buffer now: Python ints, read and written per message
+        self._counts = [0] * n
         # relays push after a merge; with initial_broadcast also once before any merge
         self.relay_pending = (
             self.relays.clone() if protocol.initial_broadcast else torch.zeros(n, dtype=torch.bool)
@@ -198,6 +199,11 @@ class Schedule:
     @property
     def n_nodes(self) -> int:
         return self.topology.n_nodes
+
+    @property
+    def counts(self) -> Tensor:
+        """``[n_nodes]``: the models in each node's buffer now."""
+        return torch.tensor(self._counts, dtype=torch.long)
 
     @property
     def total_slots(self) -> int:
@@ -211,7 +217,7 @@ class Schedule:
         """Messages from ``senders`` to all their neighbours, split into merge waves."""
         neighbours = self.topology.neighbors
         sizes = self._sizes
-        counts = self.counts.tolist()
+        counts = self._counts
         arrived: dict[int, int] = {}
         messages: list[tuple[int, int, int, int]] = []  # (wave, sender_pos, receiver, slot)
         for pos, sender in enumerate(senders.tolist()):
@@ -238,13 +244,8 @@ class Schedule:
             if len(mergers):
                 merging = waves[-1].mergers
                 self.relay_pending[merging] |= self.relays[merging]
-        if arrived:
-            # one scatter, not one tensor write per receiver: those writes were half the
-            # schedule's cost (~40 receivers per push at 50 nodes of degree 8)
-            receivers = list(arrived)
-            self.counts[torch.tensor(receivers, dtype=torch.long)] = torch.tensor(
-                [(counts[r] + arrived[r]) % sizes[r] for r in receivers], dtype=torch.long
-            )
+        for receiver, k in arrived.items():
+            counts[receiver] = (counts[receiver] + k) % sizes[receiver]
         return tuple(waves)
 
     def next_tick(self) -> TickPlan:
@@ -274,7 +275,7 @@ class Schedule:
         return {
             "tick": self.tick,
             "timers": self.timers.clone(),
-            "counts": self.counts.clone(),
+            "counts": self.counts,
             "relay_pending": self.relay_pending.clone(),
             "generator": self.generator.get_state(),
         }
@@ -289,6 +290,6 @@ class Schedule:
                 )
         self.tick = int(state["tick"])
         self.timers = state["timers"].clone()
-        self.counts = state["counts"].clone()
+        self._counts = [int(c) for c in state["counts"].tolist()]
         self.relay_pending = state["relay_pending"].clone()
         self.generator.set_state(state["generator"])

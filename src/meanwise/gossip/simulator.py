@@ -270,12 +270,10 @@ class GossipSimulator:
                     variances.index_copy_(0, trains.snapshots, layer_variances(trained, layout))
             for group in level.merges:
                 received_variance = _rows(variances, group.sources) if correct else None
-                merged = self.merge(
-                    _rows(params, group.nodes),
-                    _rows(snapshots, group.sources),
-                    layout,
-                    received_variance,
-                )
+                # gathered as [m, k, P] and viewed as [k, m, P]: the buffer mean contracts the
+                # m axis, which then needs no copy to be contiguous
+                received = _rows(snapshots, group.sources.t()).transpose(0, 1)
+                merged = self.merge(_rows(params, group.nodes), received, layout, received_variance)
                 params.index_copy_(0, group.nodes, merged)
                 if group.stored.numel():
                     kept = _rows(merged, group.stored)
