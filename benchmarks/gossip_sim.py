@@ -15,8 +15,9 @@ alike), on the same initial models and schedule (they end with the same models):
 - ``per-node loop``: :class:`meanwise.gossip.reference.PerNodeGossip`, one nn.Module and
   torch.optim.SGD per node, messages delivered one by one, ``merge_state_dicts`` per merge;
 - ``vectorized``: :class:`meanwise.gossip.GossipSimulator` (stacked rows; the run planned as
-  one window of dependency levels, each level's trainings one vmap call and its merges one
-  batched merge, so events of many ticks share a call).
+  one window of dependency levels, each level's trainings one batched call (batched matmuls
+  for this MLP, ``vectorize="auto"``) and its merges one batched merge, so events of many
+  ticks share a call).
 
 Then the runner's exchange step (``meanwise.gossip.distributed.measure_exchange``): 8 gloo
 processes on loopback on a random 4-regular graph, each round every process sends its flat

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -43,25 +44,37 @@ class ParameterLayout:
             tuple(n for n, _ in params), tuple(tuple(p.shape) for _, p in params), dtypes.pop()
         )
 
-    @property
+    # Cached (the layout is frozen): the simulator reads these in every training and merge
+    # call, and recomputing them was a visible part of a small call's fixed cost.
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(self.sizes)
 
-    def slices(self) -> list[slice]:
+    @cached_property
+    def _slices(self) -> tuple[slice, ...]:
         out, start = [], 0
         for size in self.sizes:
             out.append(slice(start, start + size))
             start += size
-        return out
+        return tuple(out)
+
+    @cached_property
+    def _entries(self) -> tuple[tuple[str, slice, Tensor], ...]:
+        return tuple(
+            (name, piece, torch.empty(shape, dtype=self.dtype, device="meta"))
+            for name, piece, shape in zip(self.names, self._slices, self.shapes, strict=True)
+        )
+
+    def slices(self) -> list[slice]:
+        return list(self._slices)
 
     def entries(self) -> Iterator[tuple[str, slice, Tensor]]:
         """(name, slice of the flat vector, a meta tensor with the parameter's shape/dtype)."""
-        for name, piece, shape in zip(self.names, self.slices(), self.shapes, strict=True):
-            yield name, piece, torch.empty(shape, dtype=self.dtype, device="meta")
+        return iter(self._entries)
 
     def flatten(self, params: Mapping[str, Tensor], batch_dims: int = 0) -> Tensor:
         """``[*batch, P]`` from a dict of ``[*batch, *shape]`` tensors (keys as the layout)."""
@@ -89,5 +102,5 @@ class ParameterLayout:
         lead = flat.shape[:-1]
         return {
             name: flat[..., piece].reshape(*lead, *shape)
-            for name, piece, shape in zip(self.names, self.slices(), self.shapes, strict=True)
+            for name, piece, shape in zip(self.names, self._slices, self.shapes, strict=True)
         }

@@ -2,10 +2,13 @@
 
 The :class:`~meanwise.gossip.protocol.Schedule` plans ticks without looking at model values,
 so the simulator plans a window of ticks (up to the next evaluation or checkpoint) and runs it
-as dependency levels (:mod:`meanwise.gossip.levels`): all trainings of a level as one
-``vmap(grad)`` call through
-:func:`~meanwise.functional.local_training.train_vectorized_stateful`, all merges of a level as
-one batched :func:`~meanwise.gossip.merge.merge_stacked` per buffer size. With the paper's
+as dependency levels (:mod:`meanwise.gossip.levels`): all trainings of a level as one batched
+call, all merges of a level as one batched :func:`~meanwise.gossip.merge.merge_stacked` per
+buffer size. Models made of Linear layers and elementwise activations train with batched
+matmuls on the flat rows
+(:func:`~meanwise.functional.local_training.train_stacked_flat`), others with ``vmap(grad)``
+(:func:`~meanwise.functional.local_training.train_vectorized_stateful`): vmap's fixed cost
+per call dominated the asynchronous protocol's many small levels. With the paper's
 asynchronous protocol a tick has only ~5 trainings and ~5 merges among 50 nodes; a level
 gathers those of several ticks. Pushed models are kept as snapshots for the window; buffers
 carried between windows are stored ragged, one row per slot (node i owns rows
