@@ -160,6 +160,25 @@ def _keep(active: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
+def _freeze_spent(
+    active: Tensor,
+    new: list[Tensor],
+    old: list[Tensor],
+    new_state: list[list[Tensor]],
+    state: list[list[Tensor]],
+) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """The step's parameters and state for clients still ``active`` (their local budget not
+    yet spent); the old ones for the rest, so spent clients stop moving."""
+    if bool(active.all()):
+        return new, new_state
+    params = [_keep(active, a, b) for a, b in zip(new, old, strict=True)]
+    kept = [
+        [_keep(active, a, b) for a, b in zip(ns, s, strict=True)]
+        for ns, s in zip(new_state, state, strict=True)
+    ]
+    return params, kept
+
+
 def train_vectorized(
     model: nn.Module,
     params: dict[str, Tensor],
@@ -209,15 +228,7 @@ def train_vectorized_stateful(
         x, y = _gather(data.features, index[k]), _gather(data.labels, index[k])
         grads = list(batched_grad(tuple(current), x, y, valid[k]))
         new, new_state = local.apply(current, grads, state, k + int(first_step))
-        active = k < steps  # clients whose local budget is not yet spent
-        if bool(active.all()):
-            current, state = new, new_state
-            continue
-        current = [_keep(active, a, b) for a, b in zip(new, current, strict=True)]
-        state = [
-            [_keep(active, a, b) for a, b in zip(ns, s, strict=True)]
-            for ns, s in zip(new_state, state, strict=True)
-        ]
+        current, state = _freeze_spent(k < steps, new, current, new_state, state)
     return dict(zip(names, current, strict=True)), state
 
 
@@ -446,13 +457,5 @@ def _stacked_steps(
         grads = as_updated(list(torch.autograd.grad(loss, list(leaves.values()))))
         with torch.no_grad():
             new, new_state = local.apply(detached, grads, state, k + int(first_step))
-            active = k < steps  # clients whose local budget is not yet spent
-            if bool(active.all()):
-                current, state = new, new_state
-                continue
-            current = [_keep(active, a, b) for a, b in zip(new, detached, strict=True)]
-            state = [
-                [_keep(active, a, b) for a, b in zip(ns, s, strict=True)]
-                for ns, s in zip(new_state, state, strict=True)
-            ]
+            current, state = _freeze_spent(k < steps, new, detached, new_state, state)
     return [p.detach() for p in current], state
