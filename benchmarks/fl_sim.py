@@ -35,15 +35,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from meanwise.atomic_io import atomic_write_json
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
-from meanwise.experiments.base import atomic_write_text
 from meanwise.federated import FedAU, FederatedSimulator, LocalTraining
 from meanwise.federated.participation import Bernoulli
 from meanwise.functional.local_training import (
@@ -58,19 +58,6 @@ STEPS, BATCH, LR = 10, 32, 0.05
 
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(60, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-def time_interleaved(turns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of every turn, taking turns round-robin after one warm-up."""
-    for turn in turns.values():
-        turn()
-    samples: dict[str, list[float]] = {name: [] for name in turns}
-    for _ in range(repeats):
-        for name, turn in turns.items():
-            start = time.perf_counter()
-            turn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in samples.items()}
 
 
 def bench_clients(n_clients: int, repeats: int) -> dict[str, float]:
@@ -110,7 +97,7 @@ def bench_clients(n_clients: int, repeats: int) -> dict[str, float]:
         "meanwise vmap": vmapped,
         "meanwise vectorized": vectorized,
     }
-    return time_interleaved(turns, repeats)
+    return time_interleaved(turns, repeats).wall
 
 
 def bench_flower(n_clients: int, rounds: int) -> dict[str, float]:
@@ -294,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  peak RSS growth per +2,500 / +5,000 clients: {growth[0]:.0f} / {growth[1]:.0f} MiB")
     results["logistic_round"] = rows
     if args.json:
-        atomic_write_text(args.json, json.dumps(results, indent=2))
+        atomic_write_json(args.json, results)
         print(f"\nwrote {args.json}")
     return 0
 
