@@ -43,7 +43,7 @@ def _toy_experiment(name="toy", run=None):
         claim="c",
         published=[],
         summarize=lambda results: [Table(["v"], [[str(r["value"])] for r in results])],
-        verdict=lambda results: "HOLDS",
+        claims=lambda results: [],
     )
 
 

@@ -11,7 +11,42 @@ from meanwise.report.html import render_html, write_html
 from meanwise.report.results import load_results, merge_results, write_results
 
 
-def _entry(name="optimizers", verdict="AdaBelief above SGD/AdamW/Adam: HOLDS here."):
+def _claims():
+    return [
+        {
+            "claim": "AdaBelief above Adam (x < y)",
+            "status": "supported",
+            "effect": 1.5,
+            "ci95": [0.5, 2.5],
+            "paper_effect": 2.42,
+            "n_seeds": 5,
+            "test": "paired t interval",
+            "detail": "clear",
+        },
+        {
+            "claim": "AdaHessian above Adam",
+            "status": "contradicted",
+            "effect": -1.0,
+            "ci95": [-2.0, -0.1],
+            "paper_effect": 1.8,
+            "n_seeds": 5,
+            "test": "paired t interval",
+            "detail": "reversed",
+        },
+        {
+            "claim": "AdaBelief above AdamW",
+            "status": "unresolved",
+            "effect": 0.08,
+            "ci95": [-1.2, 1.4],
+            "paper_effect": 0.85,
+            "n_seeds": 3,
+            "test": "paired t interval",
+            "detail": "needs >= 12 seeds",
+        },
+    ]
+
+
+def _entry(name="optimizers"):
     experiment = get("optimizers")
     return {
         "title": f"{name} <title>",
@@ -27,7 +62,12 @@ def _entry(name="optimizers", verdict="AdaBelief above SGD/AdamW/Adam: HOLDS her
         "seeds": [0, 1],
         "results": [],
         "summary": {"tables": [{"columns": ["a"], "rows": [["97.1 ± 0.2"]], "caption": ""}]},
-        "verdict": verdict + "\nAdaHessian beats Adam: does NOT hold here (x < y).",
+        "claims": _claims(),
+        "protocol": {
+            "columns": ["aspect", "paper", "ours", "why"],
+            "rows": [["data", "CIFAR-10", "digits", "offline"]],
+            "caption": "protocol",
+        },
         "figures": [
             {"file": "figures/x.png", "caption": "cap"},
             {"file": None, "caption": "broken", "error": "RuntimeError('no')"},
@@ -41,8 +81,14 @@ def test_page_shows_claim_published_numbers_and_verdict():
     page = render_html({"experiments": {"optimizers": _entry()}, "meanwise_version": "0"})
     for number in ("95.44", "94.64", "94.59", "93.02", "+1.80", "+1.45"):
         assert number in page
-    assert "AdaBelief above SGD/AdamW/Adam: HOLDS here." in page
-    assert '<p class="holds">' in page and '<p class="fails">' in page
+    for status in ("supported", "contradicted", "unresolved"):
+        assert f'class="status status-{status}"' in page
+    assert "unresolved at this scale" in page and "needs &gt;= 12 seeds" in page
+    assert "+1.5 [+0.5, +2.5]" in page and "+2.42" in page
+    # the summary table opens the page, before the first experiment's section
+    assert page.index("Every claim at a glance") < page.index('<section id="optimizers"')
+    assert "1 supported, 1 contradicted, 1 unresolved at this scale" in page
+    assert "The paper's protocol and ours" in page and "CIFAR-10" in page
     assert "97.1 ± 0.2" in page
     assert '<img src="figures/x.png"' in page
     assert "Figure missing" in page
@@ -83,8 +129,9 @@ def test_merge_keeps_other_experiments_and_replaces_same_name(tmp_path):
     assert set(merged["experiments"]) == {"fedau", "optimizers"}
     assert merged["experiments"]["fedau"] == {"title": "FedAU", "verdict": "v1"}
     assert list(merged["experiments"])[0] == "optimizers"  # registered ones first
-    again = merge_results(merged, {"optimizers": _entry(verdict="changed")})
-    assert again["experiments"]["optimizers"]["verdict"].startswith("changed")
+    changed = {**_entry(), "title": "changed"}
+    again = merge_results(merged, {"optimizers": changed})
+    assert again["experiments"]["optimizers"]["title"] == "changed"
     assert "meanwise_version" in again and "created" in again
     page = render_html(again)
     assert "FedAU" in page and "changed" in page

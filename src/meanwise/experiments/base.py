@@ -100,7 +100,9 @@ class Experiment:
     - `summarize(results)` turns our per-seed results into tables (mean +- std over seeds);
     - `metrics(results)` gives the headline numbers as a flat dict, for machines;
     - `figures(config, results)` lists figures to draw;
-    - `verdict(results)` says plainly whether the paper's ordering holds here.
+    - `claims(results)` states each of the paper's claims as a `claims.Claim` (status from a
+      95 % interval over seeds); the report's verdict words are generated from these;
+    - `protocol(config)` is the "paper protocol vs ours" table for the config that ran.
     All functions after `run` take JSON-form results (see the module docstring).
     """
 
@@ -111,7 +113,8 @@ class Experiment:
     claim: str
     published: Sequence[Table]
     summarize: Callable[[list[JSONResult]], list[Table]]
-    verdict: Callable[[list[JSONResult]], str]
+    claims: Callable[[list[JSONResult]], list[Any]] = field(default=lambda results: [])
+    protocol: Callable[[JSONResult], Table | None] = field(default=lambda config: None)
     figures: Callable[[JSONResult, list[JSONResult]], list[FigureSpec]] = field(
         default=lambda config, results: []
     )

@@ -47,7 +47,8 @@ def register_reproduction(
     name: str, title: str, config_cls: type, run: Callable, report: ModuleType
 ) -> Experiment:
     """Register an experiment whose report side is a module with the standard names:
-    ``PAPER``, ``CLAIM``, ``PUBLISHED``, ``summarize``, ``metrics``, ``figures``, ``verdict``."""
+    ``PAPER``, ``CLAIM``, ``PUBLISHED``, ``summarize``, ``metrics``, ``figures``, ``claims``,
+    ``protocol``."""
     return register(
         Experiment(
             name=name,
@@ -60,7 +61,8 @@ def register_reproduction(
             summarize=report.summarize,
             metrics=report.metrics,
             figures=report.figures,
-            verdict=report.verdict,
+            claims=getattr(report, "claims", lambda results: []),
+            protocol=getattr(report, "protocol", lambda config: None),
         )
     )
 

@@ -31,8 +31,12 @@ th { background: #f3f3f3; } tr:nth-child(even) td { background: #fafafa; }
 .claim { background: #f6f8fa; border-left: 4px solid #8899aa; padding: 0.6em 1em; }
 .verdict { border: 2px solid #333; border-radius: 6px; padding: 0.4em 1em; margin: 0.8em 0; }
 .verdict p { margin: 0.4em 0; padding: 0.2em 0.5em; border-radius: 4px; }
-.verdict .holds { background: #e3f6e6; } .verdict .fails { background: #fde5e3; }
-.verdict .neutral { background: #f3f3f3; } .verdict .weak { background: #fff4cc; }
+.status { font-weight: 600; white-space: nowrap; padding: 0.05em 0.45em; border-radius: 4px; }
+.status-supported { background: #e3f6e6; color: #14532d; }
+.status-contradicted { background: #fde5e3; color: #7f1d1d; }
+.status-unresolved { background: #eef0f3; color: #374151; }
+td.num { white-space: nowrap; font-variant-numeric: tabular-nums; }
+.claims td.detail { color: #444; font-size: 0.92em; max-width: 34em; }
 figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
 .error { color: #a00; } details { margin: 0.6em 0; } code { font-size: 0.9em; }
 """
@@ -49,18 +53,79 @@ def _table(table: dict[str, Any]) -> str:
     return f"<table>{caption_html}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _verdict(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()] or ["(no verdict)"]
-    out = []
-    for line in lines:
-        if "NOT hold" in line:
-            kind = "fails"
-        elif "HOLDS" in line:
-            kind = "weak" if "not a clear result" in line else "holds"
-        else:
-            kind = "neutral"
-        out.append(f'<p class="{kind}">{escape(line)}</p>')
-    return '<div class="verdict">' + "".join(out) + "</div>"
+_STATUS_LABEL = {
+    "supported": "supported",
+    "contradicted": "contradicted",
+    "unresolved": "unresolved at this scale",
+}
+
+
+def _status(status: str) -> str:
+    """One style per status; the words come from the status too, never from free text."""
+    label = _STATUS_LABEL.get(status, status)
+    return f'<span class="status status-{escape(status, quote=True)}">{escape(label)}</span>'
+
+
+def _number(x: Any) -> str:
+    if x is None:
+        return "—"
+    x = float(x)
+    return f"{x:+.3g}" if abs(x) < 1000 else f"{x:+.0f}"
+
+
+def _effect(claim: dict[str, Any]) -> str:
+    lo, hi = claim["ci95"]
+    return f"{_number(claim['effect'])} [{_number(lo)}, {_number(hi)}]"
+
+
+def _claims(claims: list[dict[str, Any]]) -> str:
+    if not claims:
+        return '<p class="error">This experiment stated no testable claims.</p>'
+    rows = "".join(
+        "<tr>"
+        f"<td>{escape(c['claim'])}</td><td>{_status(c['status'])}</td>"
+        f'<td class="num">{escape(_effect(c))}</td>'
+        f'<td class="num">{escape(_number(c["paper_effect"]))}</td>'
+        f'<td class="num">{int(c["n_seeds"])}</td><td>{escape(c["test"])}</td>'
+        f'<td class="detail">{escape(c["detail"])}</td>'
+        "</tr>"
+        for c in claims
+    )
+    return (
+        '<table class="claims"><thead><tr><th>claim</th><th>status</th>'
+        "<th>our effect [95 % CI]</th><th>paper</th><th>seeds</th><th>test</th><th>detail</th>"
+        f"</tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def _summary(experiments: dict[str, Any]) -> str:
+    """The page's opening table: every claim of every paper, its status, effect and interval."""
+    rows = []
+    for name, entry in experiments.items():
+        for c in entry.get("claims", []):
+            rows.append(
+                f'<tr><td><a href="#{escape(name, quote=True)}">{escape(name)}</a></td>'
+                f"<td>{escape(c['claim'])}</td><td>{_status(c['status'])}</td>"
+                f'<td class="num">{escape(_effect(c))}</td>'
+                f'<td class="num">{escape(_number(c["paper_effect"]))}</td>'
+                f'<td class="num">{int(c["n_seeds"])}</td></tr>'
+            )
+    if not rows:
+        return ""
+    counts = {s: 0 for s in _STATUS_LABEL}
+    for entry in experiments.values():
+        for c in entry.get("claims", []):
+            counts[c["status"]] = counts.get(c["status"], 0) + 1
+    tally = ", ".join(f"{n} {_STATUS_LABEL[s]}" for s, n in counts.items())
+    return (
+        "<h2>Every claim at a glance</h2>"
+        f'<p class="meta">{escape(tally)}. A status comes from a 95 % confidence interval '
+        "over seeds: supported when it lies wholly on the paper's side, contradicted when "
+        "wholly on the other side, otherwise unresolved at this scale.</p>"
+        '<table class="claims summary"><thead><tr><th>experiment</th><th>claim</th>'
+        "<th>status</th><th>our effect [95 % CI]</th><th>paper</th><th>seeds</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _figure(figure: dict[str, Any]) -> str:
@@ -104,7 +169,10 @@ def _section(name: str, entry: dict[str, Any]) -> str:
     parts.append(f'<p class="claim">{escape(entry.get("claim", ""))}</p>')
     parts.extend(_table(t) for t in entry.get("published", []))
     parts.append("<h3>Verdict here</h3>")
-    parts.append(_verdict(entry.get("verdict", "")))
+    parts.append(_claims(entry.get("claims", [])))
+    if entry.get("protocol"):
+        parts.append("<h3>The paper's protocol and ours</h3>")
+        parts.append(_table(entry["protocol"]))
     parts.append("<h3>Our results</h3>")
     parts.extend(_table(t) for t in entry.get("summary", {}).get("tables", []))
     parts.extend(_figure(f) for f in entry.get("figures", []))
@@ -138,7 +206,7 @@ def render_html(document: dict[str, Any]) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>meanwise: reproductions</title><style>{_CSS}</style></head><body>\n"
         f'<header><h1>meanwise: reproductions</h1><p class="meta">{meta}</p>'
-        f"<ul>{toc}</ul></header>\n{sections}\n</body></html>\n"
+        f"<ul>{toc}</ul></header>\n{_summary(experiments)}\n{sections}\n</body></html>\n"
     )
 
 

@@ -4,7 +4,12 @@ Shape::
 
     {"experiments": {name: {"title", "paper", "claim", "published", "preset", "config",
                             "config_hash", "seeds", "results", "summary": {"tables",
-                            "metrics"}, "verdict", "figures", "runtime_s", ...}},
+                            "metrics"}, "claims": [{"claim", "status", "effect", "ci95",
+                            "paper_effect", "n_seeds", "test", "detail"}, ...],
+                            "protocol": {table}, "verdict", "figures", "runtime_s", ...}},
+
+"claims" follows the contract of `meanwise.experiments.claims` (validated here, before
+anything is written); "verdict" is plain text generated from the claims' statuses.
      "meanwise_version": "...", "created": "<ISO time of this write>"}
 
 Every entry carries everything the HTML page shows, so the page is a function of this file
@@ -23,6 +28,7 @@ from typing import Any
 from meanwise import __version__
 from meanwise.atomic_io import atomic_write_text
 from meanwise.experiments import registry
+from meanwise.experiments.claims import Claim, validate_claim, verdict_text
 from meanwise.experiments.runner import ExperimentRun
 
 __all__ = ["RESULTS_FILE", "build_entry", "load_results", "merge_results", "write_results"]
@@ -38,6 +44,8 @@ def build_entry(run: ExperimentRun, preset: str, figures: list[dict[str, Any]]) 
     """The results.json entry of one experiment run (summary and verdict computed here)."""
     experiment = run.experiment
     results = run.results
+    claims = [_claim_json(c, experiment.name) for c in experiment.claims(results)]
+    protocol = experiment.protocol(run.config)
     return {
         "title": experiment.title,
         "paper": experiment.paper,
@@ -52,7 +60,9 @@ def build_entry(run: ExperimentRun, preset: str, figures: list[dict[str, Any]]) 
             "tables": [dataclasses.asdict(t) for t in experiment.summarize(results)],
             "metrics": experiment.metrics(results),
         },
-        "verdict": experiment.verdict(results),
+        "claims": claims,
+        "protocol": None if protocol is None else dataclasses.asdict(protocol),
+        "verdict": verdict_text(claims),
         "figures": figures,
         "runtime_s": sum(s.runtime_s for s in run.seeds),
         "runtime_per_seed_s": [s.runtime_s for s in run.seeds],
@@ -60,6 +70,15 @@ def build_entry(run: ExperimentRun, preset: str, figures: list[dict[str, Any]]) 
         "finished": _now(),
         "meanwise_version": __version__,
     }
+
+
+def _claim_json(claim: Any, experiment: str) -> dict[str, Any]:
+    record = claim.to_json() if isinstance(claim, Claim) else dict(claim)
+    try:
+        validate_claim(record)
+    except ValueError as error:
+        raise ValueError(f"experiment {experiment!r}: {error}") from None
+    return record
 
 
 def load_results(out_dir: Path) -> dict[str, Any]:
