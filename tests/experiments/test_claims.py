@@ -1,4 +1,4 @@
-"""The verdict contract: t quantiles, intervals and statuses against scipy.stats on fixed numbers."""
+"""The verdict contract: t quantiles, intervals and statuses against scipy.stats."""
 
 import math
 
