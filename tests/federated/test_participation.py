@@ -158,13 +158,75 @@ def test_anarchic_hand_simulated_sequence():
     # R5: w0 restarted at 4 from v5 -> staleness 0.
     assert got == [(0, 1.0, 0), (0, 2.0, 0), (0, 3.0, 0), (1, 3.0, 3), (0, 4.0, 1), (0, 5.0, 0)]
 
-    bounded = Anarchic(2, 1, 1, step_times=[1.0, 3.0], max_staleness=2)
-    got = [bounded.next_round() for _ in range(6)]
+    discarding = Anarchic(2, 1, 1, step_times=[1.0, 3.0], max_staleness=2, discard_stale=True)
+    got = [discarding.next_round() for _ in range(6)]
     # w1's update at t=3 (staleness 3 > 2) is rejected; it restarts at 3 with version 3 and
     # would arrive at 6, after w0's arrival at 6 (tie, lower id first): R3@4, R4@5, R5@6 are w0.
     assert [int(a.workers[0]) for a in got] == [0, 0, 0, 0, 0, 0]
     assert got[3].rejected_stale == 1 and got[3].close_time == 4.0
     assert all(int(a.staleness.max()) <= 2 for a in got)
+
+
+def test_anarchic_waits_for_a_worker_at_the_delay_bound():
+    # The same two workers, bounded delay (the default): in R2 (version 2) w1, started from
+    # version 0, has delay 2 = max_staleness, so R2 waits for it: w0@3 then w1@3 (tie, lower id
+    # first), staleness [0, 2]. Both restart at 3 from version 3: w0 arrives at 4, 5, 6, w1 at
+    # 6; in R5 (version 5) w1's delay is 2 again, so R5 takes w0@6 and w1@6.
+    process = Anarchic(2, 1, 1, step_times=[1.0, 3.0], max_staleness=2)
+    got = [process.next_round() for _ in range(6)]
+    assert [a.workers.tolist() for a in got] == [[0], [0], [0, 1], [0], [0], [0, 1]]
+    assert [a.staleness.tolist() for a in got] == [[0], [0], [0, 2], [0], [0], [0, 2]]
+    assert [a.close_time for a in got] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert [a.waited_for for a in got] == [0, 0, 1, 0, 0, 1]
+    assert all(a.rejected_stale == 0 for a in got)
+
+
+@pytest.mark.parametrize("max_staleness", [0, 3, 10])
+def test_anarchic_bounded_delay_every_worker_arrives(max_staleness):
+    # Strongly heterogeneous workers (log-speed and log-idle spread 1.0, as in the AFA
+    # experiment): with the default bounded delay nobody is starved; each worker arrives at
+    # least once in every max_staleness + 1 consecutive rounds and no delay exceeds the bound.
+    # max_staleness = 0 is synchronous FL: every round waits for all workers.
+    g = torch.Generator().manual_seed(3)
+    n, rounds = 20, 600
+    step_times = 0.2 * torch.exp(torch.randn(n, generator=g, dtype=torch.float64))
+    idle_means = torch.exp(torch.randn(n, generator=g, dtype=torch.float64))
+    process = Anarchic(
+        n,
+        4,
+        10,
+        local_steps="per_worker",
+        step_times=step_times,
+        idle_means=idle_means,
+        max_staleness=max_staleness,
+        seed=1,
+    )
+    last = torch.full((n,), -1, dtype=torch.long)
+    counts = torch.zeros(n, dtype=torch.long)
+    for r in range(rounds):
+        a = process.next_round()
+        assert a.workers.numel() >= 4 and len(set(a.workers.tolist())) == a.workers.numel()
+        assert int(a.staleness.max()) <= max_staleness and a.rejected_stale == 0
+        assert a.workers.numel() == 4 + a.waited_for
+        counts[a.workers] += 1
+        last[a.workers] = r
+        assert int((r - last).max()) <= max_staleness  # nobody absent for more than tau+1 rounds
+    assert int(counts.min()) >= rounds // (max_staleness + 1)
+    if max_staleness == 0:
+        assert bool((counts == rounds).all())
+
+
+def test_anarchic_discarding_can_starve_a_slow_worker():
+    # The opt-in discarding with one worker 50x slower than the others: its updates always
+    # arrive staler than the bound, so it is never accepted (what waiting prevents).
+    step_times = torch.tensor([1.0] * 7 + [50.0], dtype=torch.float64)
+    kw = dict(step_times=step_times, max_staleness=5, seed=0)
+    discarding = Anarchic(8, 2, 1, discard_stale=True, **kw)
+    waiting = Anarchic(8, 2, 1, **kw)
+    seen_discard = torch.cat([discarding.next_round().workers for _ in range(300)])
+    seen_wait = torch.cat([waiting.next_round().workers for _ in range(300)])
+    assert 7 not in seen_discard.tolist() and discarding.rejected_total > 0
+    assert int((seen_wait == 7).sum()) >= 300 // 6
 
 
 def test_anarchic_invariants_and_resume():
@@ -178,7 +240,8 @@ def test_anarchic_invariants_and_resume():
     fixed = process.fixed_steps.clone()
     for _ in range(30):
         a = process.next_round()
-        assert len(set(a.workers.tolist())) == 4  # distinct workers per round
+        # distinct workers; more than m only when the round waited for a worker at the bound
+        assert len(set(a.workers.tolist())) == a.workers.numel() == 4 + a.waited_for
         assert torch.equal(a.local_steps, fixed[a.workers])
         assert ((a.local_steps >= 1) & (a.local_steps <= 5)).all()
         assert (a.staleness <= 3).all() and (a.staleness >= 0).all()

@@ -215,7 +215,11 @@ class Arrivals:
     """One AFA round: the ``m`` workers that arrived, in arrival order.
 
     ``start_versions[j]`` is the global-model version worker ``workers[j]`` started from and
-    ``staleness[j]`` = (current version) − start version ≤ max_staleness.
+    ``staleness[j]`` = (current version) − start version ≤ max_staleness. ``rejected_stale``
+    counts updates discarded for staleness (only with ``discard_stale=True``); ``waited_for``
+    counts the workers the round waited for beyond the first m arrivals because their delay had
+    reached the bound (only with the default ``discard_stale=False``), so a round may hold more
+    than m arrivals.
     """
 
     workers: Tensor
@@ -224,6 +228,7 @@ class Arrivals:
     staleness: Tensor
     close_time: float
     rejected_stale: int
+    waited_for: int = 0
 
 
 class Anarchic:
@@ -234,9 +239,19 @@ class Anarchic:
     ``step_times[i]`` seconds each and arrives. The server closes a round after
     ``arrivals_per_round`` arrivals; each arriving worker then receives the new model and starts
     over, so a worker arrives at most once per round. While a worker computes, other rounds may
-    close: its update is stale by (current version − v). Updates staler than ``max_staleness``
-    are rejected on arrival (not counted towards the round) and the worker restarts from the
-    current model, which bounds the delay the aggregators see.
+    close: its update is stale by (current version − v).
+
+    The delay is bounded by ``max_staleness`` (τ) in one of two ways:
+
+    - ``discard_stale=False`` (default): the paper's bounded-delay assumption (Yang, Zhang,
+      Khanduri & Liu, ICML 2022: every delay τ_{t,i} ≤ τ). A round does not close while a
+      worker that is still computing has a delay of τ versions: the server waits for it (and
+      takes whatever else arrives meanwhile), so its update is accepted at delay τ and every
+      worker arrives at least once every τ + 1 rounds, however slow it is.
+    - ``discard_stale=True`` (opt-in): an update staler than τ is discarded on arrival (not
+      counted towards the round) and its worker restarts from the current model. Not in the
+      paper: a worker that is slow enough may never be accepted (starved), which biases every
+      rule, AFA-CS included (its memory of that worker stays empty or frozen).
 
     ``local_steps``: ``"uniform"`` draws K ~ U{1..K_max} at every start; ``"per_worker"`` draws
     one K_i per worker at construction (heterogeneous but fixed, the setting where averaging raw
@@ -253,6 +268,7 @@ class Anarchic:
         step_times: Tensor | Sequence[float] | None = None,
         idle_means: Tensor | Sequence[float] | None = None,
         max_staleness: int = 4,
+        discard_stale: bool = False,
         seed: int = 0,
     ) -> None:
         if int(n_workers) < 1:
@@ -270,6 +286,9 @@ class Anarchic:
         self.arrivals_per_round = int(arrivals_per_round)
         self.max_local_steps = int(max_local_steps)
         self.max_staleness = int(max_staleness)
+        if not isinstance(discard_stale, bool):
+            raise TypeError(f"discard_stale must be a bool; got {type(discard_stale).__name__}")
+        self.discard_stale = discard_stale
         self.step_times = self._positive_vector(step_times, "step_times", 1.0)
         self.idle_means = self._positive_vector(idle_means, "idle_means", 0.0, allow_zero=True)
         self.seed = int(seed)
@@ -336,18 +355,34 @@ class Anarchic:
         heapq.heapify(heap)
         return heap
 
+    def _due(self, arrived: list[int]) -> bool:
+        """Whether a worker still computing has reached the delay bound (the round waits)."""
+        due = (self.version - self.start_version) >= self.max_staleness
+        due[arrived] = False
+        return bool(due.any())
+
     def next_round(self) -> Arrivals:
-        """Collect the next ``arrivals_per_round`` fresh-enough arrivals and close the round."""
+        """Collect the next ``arrivals_per_round`` arrivals and close the round.
+
+        Without ``discard_stale`` the round also waits for every worker whose delay has reached
+        ``max_staleness`` (it would exceed the bound in the next round); with it, updates staler
+        than ``max_staleness`` are discarded as they arrive.
+        """
         arrived: list[int] = []
         rejected = 0
-        while len(arrived) < self.arrivals_per_round:
+        waited = 0
+        while len(arrived) < self.arrivals_per_round or (
+            not self.discard_stale and self._due(arrived)
+        ):
             time, worker = heapq.heappop(self._heap)
             self.now = time
             if self.version - int(self.start_version[worker]) > self.max_staleness:
+                # only reachable with discard_stale: waiting keeps every delay <= max_staleness
                 rejected += 1
                 self._start(worker, time)
                 heapq.heappush(self._heap, (float(self.arrival_time[worker]), worker))
                 continue
+            waited += len(arrived) >= self.arrivals_per_round
             arrived.append(worker)
         workers = torch.tensor(arrived, dtype=torch.long)
         result = Arrivals(
@@ -357,6 +392,7 @@ class Anarchic:
             staleness=self.version - self.start_version[workers],
             close_time=self.now,
             rejected_stale=rejected,
+            waited_for=waited,
         )
         self.version += 1
         self.round += 1
