@@ -57,10 +57,20 @@ def chunked(columns: list[list[Tensor]], chunk: int) -> Iterator[list[list[Tenso
         yield current
 
 
+def as_learning_rate(lr: Any) -> float:
+    """``lr`` as a Python float: numbers, or a one-element tensor as torch.optim accepts."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a tensor must have one element; got shape {list(lr.shape)}")
+        return float(lr)
+    return lr
+
+
 def check_hyperparameters(
-    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+    lr: float | Tensor, betas: tuple[float, float], eps: float, weight_decay: float
 ) -> None:
     """Raise ValueError naming the argument when a common hyperparameter is out of range."""
+    lr = as_learning_rate(lr)
     if not isinstance(lr, float | int) or not lr >= 0.0:
         raise ValueError(f"lr must be a non-negative number; got {lr!r}")
     if (
@@ -73,6 +83,9 @@ def check_hyperparameters(
         raise ValueError(f"eps must be a non-negative number; got {eps!r}")
     if not isinstance(weight_decay, float | int) or not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be a non-negative number; got {weight_decay!r}")
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def parameter_name(group: dict, group_index: int, param_index: int) -> str:
@@ -95,6 +108,23 @@ class FunctionalOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load (group options, including constructor options such as ``lr`` or
+        ``update_each``, come from the checkpoint, as in torch.optim), keeping the float32
+        state of float16/bfloat16 parameters in float32 (torch would cast it to the parameter's
+        dtype and lose the precision the float32 state exists for)."""
+        saved_state = state_dict.get("state", {})
+        saved_ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p, param_id in zip(params, saved_ids, strict=False):
+            saved = saved_state.get(param_id)
+            if not saved or p.dtype not in LOW_PRECISION:
+                continue
+            for key, value in saved.items():
+                if key != "step" and isinstance(value, Tensor) and value.dtype == torch.float32:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
     @staticmethod
     def _ops_for(group: dict, params: list[Tensor]):
         """foreach=None picks the multi-tensor kernels unless the list mixes devices/dtypes,
@@ -114,40 +144,56 @@ class FunctionalOptimizer(Optimizer):
         else:
             yield columns
 
-    def _init_state(self, params: list[Tensor], keys: Iterable[str]) -> None:
-        """Give each parameter a step count and zero buffers for ``keys`` it does not have."""
+    def _init_state(self, group: dict, params: list[Tensor], keys: Iterable[str]) -> None:
+        """Give each parameter a step count (a float32 tensor, as torch.optim keeps it) and zero
+        buffers for ``keys`` it does not have. Buffers of float16/bfloat16 parameters are
+        float32 unless the group says ``state_in_float32=False``."""
+        upcast = group.get("state_in_float32", True)
         for p in params:
             state = self.state[p]
-            state.setdefault("step", 0)
+            step = state.get("step")
+            if not isinstance(step, Tensor):  # absent, or an int from an older checkpoint
+                state["step"] = torch.tensor(float(step or 0), dtype=torch.float32)
+            dtype = torch.float32 if upcast and p.dtype in LOW_PRECISION else p.dtype
             for key in keys:
                 if key not in state:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[key] = torch.zeros_like(
+                        p, dtype=dtype, memory_format=torch.preserve_format
+                    )
 
     def _apply_rule(
         self,
         group: dict,
         params: list[Tensor],
-        columns_of: Callable[[list[Tensor], list[dict]], list[list[Tensor]]],
+        columns_of: Callable[[list[int], list[dict]], list[list[Tensor]]],
         rule: Callable[..., Any],
         **hyperparameters: Any,
     ) -> None:
         """Run ``rule(*columns, step=t, ops=..., **hyperparameters)`` on ``params``: once per
         step-count bucket, on the execution bundles, then advance those parameters' steps.
 
-        ``columns_of(params, states)`` lists the rule's tensor arguments for a bucket (params,
-        gradients, state buffers...), one row per parameter.
+        ``columns_of(indices, states)`` lists the rule's tensor arguments for the parameters
+        ``params[i] for i in indices`` (params, gradients, state buffers...), one row per
+        parameter; column 0 must be the parameters and column 1 the gradients (read only).
+        Complex parameters run on their ``view_as_real`` (torch.optim's convention), and
+        float16/bfloat16 ones on float32 copies written back after the rule (the update's
+        small terms, eps = 1e-16 among them, underflow in half precision).
         """
         ops = self._ops_for(group, params)
         for step, indices in self._buckets(params).items():
-            chosen = [params[i] for i in indices]
-            states = [self.state[p] for p in chosen]
-            for bundle in self._bundles(ops, columns_of(chosen, states)):
-                rule(*bundle, step=step + 1, ops=ops, **hyperparameters)
-            for state in states:
-                state["step"] = step + 1
+            states = [self.state[params[i]] for i in indices]
+            for bundle in self._bundles(ops, columns_of(indices, states)):
+                computed, write_back = _computation_views(bundle)
+                rule(*computed, step=step + 1, ops=ops, **hyperparameters)
+                for target, source in write_back:
+                    target.copy_(source)
+            torch._foreach_add_([s["step"] for s in states], 1.0)
 
-    def _gradients(self, group_index: int, group: dict) -> tuple[list[Tensor], list[Tensor]]:
-        """The parameters of a group that have gradients, and those gradients."""
+    def _gradients(
+        self, group_index: int, group: dict, apply_maximize: bool = True
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters of a group that have gradients, and those gradients (negated when
+        the group maximizes, unless ``apply_maximize=False``)."""
         params, grads = [], []
         for param_index, p in enumerate(group["params"]):
             if p.grad is None:
@@ -161,6 +207,8 @@ class FunctionalOptimizer(Optimizer):
             grads.append(p.grad)
         if group.get("check_finite") and grads:
             self._check_finite(group_index, group, grads)
+        if apply_maximize and group.get("maximize") and grads:
+            grads = torch._foreach_neg(grads)  # new tensors: the user's .grad stays as it is
         return params, grads
 
     @staticmethod
@@ -187,7 +235,7 @@ class FunctionalOptimizer(Optimizer):
         """
         buckets: dict[int, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            buckets[self.state[p]["step"]].append(i)
+            buckets[int(self.state[p]["step"])].append(i)
         return buckets
 
     @staticmethod
@@ -196,3 +244,32 @@ class FunctionalOptimizer(Optimizer):
             return None
         with torch.enable_grad():
             return closure()
+
+
+def _computation_views(
+    columns: list[list[Tensor]],
+) -> tuple[list[list[Tensor]], list[tuple[Tensor, Tensor]]]:
+    """The tensors a rule computes on, and (original, computed) pairs to copy back after it.
+
+    Rows are parameters; column 0 the parameters, column 1 their gradients. A complex row runs
+    on ``view_as_real`` views (they write through). A float16/bfloat16 row runs on float32
+    copies; every column but the gradients is copied back into the original after the rule.
+    """
+    rows = range(len(columns[0]))
+    if not any(columns[0][i].is_complex() or columns[0][i].dtype in LOW_PRECISION for i in rows):
+        return columns, []
+    computed: list[list[Tensor]] = [list(column) for column in columns]
+    write_back: list[tuple[Tensor, Tensor]] = []
+    for i in rows:
+        param = columns[0][i]
+        if param.is_complex():
+            for column in computed:
+                column[i] = torch.view_as_real(column[i])
+        elif param.dtype in LOW_PRECISION:
+            for c, column in enumerate(computed):
+                original = column[i]
+                if original.dtype in LOW_PRECISION:
+                    column[i] = original.float()
+                    if c != 1:
+                        write_back.append((original, column[i]))
+    return computed, write_back

@@ -7,7 +7,12 @@ from collections.abc import Iterable
 import torch
 
 from meanwise.functional import adabelief
-from meanwise.optim._base import Closure, FunctionalOptimizer, check_hyperparameters
+from meanwise.optim._base import (
+    Closure,
+    FunctionalOptimizer,
+    as_learning_rate,
+    check_hyperparameters,
+)
 
 
 class AdaBelief(FunctionalOptimizer):
@@ -35,7 +40,13 @@ class AdaBelief(FunctionalOptimizer):
         degenerated_to_sgd: take those SGD steps (else no step) while not rectified.
         print_change_log: accepted for compatibility and ignored.
         foreach: multi-tensor kernels (None: yes, unless the group mixes devices or dtypes).
+        maximize: maximize the objective (step along the gradient), as in torch.optim.
         check_finite: raise ValueError naming the parameter if a gradient is nan/inf.
+        state_in_float32: for float16/bfloat16 parameters, keep the state in float32 (the
+            update is always computed in float32 for them); False keeps it in their dtype.
+
+    ``lr`` may be a one-element tensor (as torch.optim accepts). Complex parameters are
+    optimized as their ``torch.view_as_real`` pairs, torch.optim's convention.
     """
 
     def __init__(
@@ -53,7 +64,9 @@ class AdaBelief(FunctionalOptimizer):
         print_change_log: bool = True,
         *,
         foreach: bool | None = None,
+        maximize: bool = False,
         check_finite: bool = False,
+        state_in_float32: bool = True,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(
@@ -67,7 +80,9 @@ class AdaBelief(FunctionalOptimizer):
             rectify=rectify,
             degenerated_to_sgd=degenerated_to_sgd,
             foreach=foreach,
+            maximize=maximize,
             check_finite=check_finite,
+            state_in_float32=state_in_float32,
         )
         super().__init__(params, defaults)
 
@@ -76,21 +91,22 @@ class AdaBelief(FunctionalOptimizer):
         """One step for every parameter with a gradient; returns the closure's loss."""
         loss = self._run_closure(closure)
         for group_index, group in enumerate(self.param_groups):
-            params, _ = self._gradients(group_index, group)
+            params, grads = self._gradients(group_index, group)
             if not params:
                 continue
             amsgrad = group["amsgrad"]
             keys = ("exp_avg", "exp_avg_var") + (("max_exp_avg_var",) if amsgrad else ())
-            self._init_state(params, keys)
+            self._init_state(group, params, keys)
             beta1, beta2 = group["betas"]
             self._apply_rule(
                 group,
                 params,
-                lambda chosen, states, keys=keys: (
-                    [chosen, [p.grad for p in chosen]] + [[s[key] for s in states] for key in keys]
+                lambda indices, states, params=params, grads=grads, keys=keys: (
+                    [[params[i] for i in indices], [grads[i] for i in indices]]
+                    + [[s[key] for s in states] for key in keys]
                 ),
                 adabelief,
-                lr=group["lr"],
+                lr=as_learning_rate(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],

@@ -12,6 +12,7 @@ from meanwise.functional import adahessian, hessian_diagonal, hutchinson_product
 from meanwise.optim._base import (
     Closure,
     FunctionalOptimizer,
+    as_learning_rate,
     check_hyperparameters,
     parameter_name,
 )
@@ -51,17 +52,29 @@ class AdaHessian(FunctionalOptimizer):
             The probes are drawn by the attribute ``probe(tensor, generator)``
             (:func:`meanwise.functional.rademacher_like`); assign another to change them.
         check_finite: raise ValueError naming the parameter if a gradient is nan/inf.
+        maximize: maximize the objective (step along the gradient), as in torch.optim; the
+            Hessian estimate is unchanged (AdaHessian uses ``|z * Hz|``).
+        state_in_float32: for float16/bfloat16 parameters, keep the state (moments and the
+            stored Hessian diagonal) in float32; the update is computed in float32 for them.
         distributed: average gradients and Hessian probes over ``process_group`` (the
             optimizer does the communication itself because DDP does not support double
             backward; do not wrap the model in DDP). ``None``: on when torch.distributed is
             initialized. Parameters must start equal on all ranks.
-        process_group: the group to average over (default: the world).
+        process_group: the group to average over (default: the world). It is not carried by
+            ``copy.deepcopy``/pickle (process groups cannot be), which restore the default.
+
+    Every option is a param-group option, as in torch.optim (``update_each`` and
+    ``n_samples`` must be the same in every group: one backward serves all groups), so
+    ``state_dict()`` round trips restore them; ``load_state_dict`` takes them from the
+    checkpoint, as torch.optim does for every group option. The one step counter is
+    torch.optim's per-parameter ``state["step"]``. ``lr`` may be a one-element tensor.
+    Complex parameters are refused (the Hutchinson estimate here is for real parameters).
     """
 
     def __init__(
         self,
         params: Iterable,
-        lr: float = 0.15,
+        lr: float | Tensor = 0.15,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-4,
         weight_decay: float = 0,
@@ -73,43 +86,94 @@ class AdaHessian(FunctionalOptimizer):
         check_finite: bool = False,
         *,
         foreach: bool | None = None,
+        maximize: bool = False,
+        state_in_float32: bool = True,
         distributed: bool | None = None,
         process_group: Any = None,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
         if not isinstance(hessian_power, float | int) or not 0.0 <= hessian_power <= 1.0:
             raise ValueError(f"hessian_power must be in [0, 1]; got {hessian_power!r}")
-        if not isinstance(update_each, int) or update_each < 1:
-            raise ValueError(f"update_each must be an integer >= 1; got {update_each!r}")
-        if not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be an integer >= 1; got {n_samples!r}")
+        _check_cadence(update_each, n_samples)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+        if distributed is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
             hessian_power=float(hessian_power),
+            update_each=update_each,
+            n_samples=n_samples,
             spatial_average=spatial_average,
             foreach=foreach,
+            maximize=maximize,
             check_finite=check_finite,
+            state_in_float32=state_in_float32,
+            distributed=bool(distributed),
         )
         super().__init__(params, defaults)
-        self.update_each = update_each
-        self.n_samples = n_samples
-        self.steps_taken = 0
+        self._cadence()  # groups given as dicts may carry their own update_each/n_samples
         if generator is None:
-            first = self.param_groups[0]["params"][0]
+            first = next(p for g in self.param_groups for p in g["params"])
             generator = torch.Generator(device=first.device)
             generator.manual_seed(int(torch.randint(0, 2**62, ())))
         self.generator = generator
         self.probe = rademacher_like
-        if distributed is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.distributed = distributed
         self.process_group = process_group
         self._generator_synced = False
+
+    # -- pickling: torch.optim keeps defaults, state and param_groups; the probe generator and
+    # the probe function are state too (a copy must draw the same probes next).
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["generator"] = self.generator
+        if self.probe is not rademacher_like:
+            state["probe"] = self.probe
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = state.pop("generator", None)
+        probe = state.pop("probe", rademacher_like)
+        super().__setstate__(state)
+        if generator is None:  # an object pickled by an older meanwise
+            generator = torch.Generator()
+        self.generator = generator
+        self.probe = probe
+        self.process_group = None
+        self._generator_synced = False
+
+    def _cadence(self) -> tuple[int, int]:
+        """``(update_each, n_samples)``, the same in every group (validated)."""
+        values = {(g["update_each"], g["n_samples"]) for g in self.param_groups}
+        if len(values) != 1:
+            raise ValueError(
+                "update_each and n_samples must be the same in every param group (one backward "
+                f"with create_graph serves all groups); got {sorted(values)}"
+            )
+        update_each, n_samples = values.pop()
+        _check_cadence(update_each, n_samples)
+        return update_each, n_samples
+
+    @property
+    def steps_taken(self) -> int:
+        """Steps taken so far: the largest per-parameter ``state["step"]``."""
+        steps = [int(s["step"]) for s in self.state.values() if "step" in s]
+        return max(steps, default=0)
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.defaults["distributed"])
+
+    @property
+    def update_each(self) -> int:
+        return self._cadence()[0]
+
+    @property
+    def n_samples(self) -> int:
+        return self._cadence()[1]
 
     @property
     def hessian_due(self) -> bool:
@@ -150,14 +214,21 @@ class AdaHessian(FunctionalOptimizer):
         loss = self._run_closure(closure)
         entries = []  # (group_index, group, param_index_in_group, param)
         for group_index, group in enumerate(self.param_groups):
-            params, _ = self._gradients(group_index, group)
+            params, _ = self._gradients(group_index, group, apply_maximize=False)
             names = {id(p): i for i, p in enumerate(group["params"])}
             entries.extend((group_index, group, names[id(p)], p) for p in params)
         if not entries:
             return loss
         params = [e[3] for e in entries]
+        for group_index, group, param_index, p in entries:
+            if p.is_complex():
+                raise ValueError(
+                    "AdaHessian does not support complex parameters (parameter "
+                    f"{parameter_name(group, group_index, param_index)})"
+                )
         grads = [p.grad for p in params]
-        hessian_step = self.hessian_due
+        update_each, n_samples = self._cadence()
+        hessian_step = self.steps_taken % update_each == 0
 
         if hessian_step:
             if all(g.grad_fn is None for g in grads):
@@ -173,7 +244,7 @@ class AdaHessian(FunctionalOptimizer):
                 products = hutchinson_products(
                     grads,
                     params,
-                    n_samples=self.n_samples,
+                    n_samples=n_samples,
                     generator=self.generator,
                     keep_sign=self.distributed,  # ranks average signed products
                     probe=self.probe,
@@ -191,11 +262,12 @@ class AdaHessian(FunctionalOptimizer):
                 p.grad = g
 
         for i, (group_index, group, param_index, p) in enumerate(entries):
-            self._init_state([p], ("exp_avg", "exp_hessian_diag_sq"))
+            self._init_state(group, [p], ("exp_avg", "exp_hessian_diag_sq"))
             state = self.state[p]
             if hessian_step:
-                if self.update_each > 1:
-                    state["hessian_diag"] = diagonals[i]
+                if update_each > 1:
+                    keep = state["exp_avg"].dtype  # float32 for half-precision parameters
+                    state["hessian_diag"] = diagonals[i].to(keep)
             elif "hessian_diag" not in state:
                 raise ValueError(
                     f"parameter {parameter_name(group, group_index, param_index)} has no Hessian "
@@ -203,54 +275,65 @@ class AdaHessian(FunctionalOptimizer):
                     "gradient on a Hessian step (opt.hessian_due) first"
                 )
 
-        position = {id(p): i for i, p in enumerate(params)}
         for group in self.param_groups:
-            group_params = [e[3] for e in entries if e[1] is group]
-            if not group_params:
+            rows = [i for i, e in enumerate(entries) if e[1] is group]
+            if not rows:
                 continue
+            group_params = [params[i] for i in rows]
+            group_grads = [params[i].grad for i in rows]
+            if group["maximize"]:
+                group_grads = torch._foreach_neg(group_grads)
+            group_diagonals = [diagonals[i] for i in rows] if hessian_step else None
             beta1, beta2 = group["betas"]
             self._apply_rule(
                 group,
                 group_params,
-                lambda chosen, states: [
-                    chosen,
-                    [p.grad for p in chosen],
+                lambda indices, states, ps=group_params, gs=group_grads, ds=group_diagonals: [
+                    [ps[i] for i in indices],
+                    [gs[i] for i in indices],
                     [
-                        diagonals[position[id(p)]] if hessian_step else s["hessian_diag"]
-                        for p, s in zip(chosen, states, strict=True)
+                        ds[i] if ds is not None else s["hessian_diag"]
+                        for i, s in zip(indices, states, strict=True)
                     ],
                     [s["exp_avg"] for s in states],
                     [s["exp_hessian_diag_sq"] for s in states],
                 ],
                 adahessian,
-                lr=group["lr"],
+                lr=as_learning_rate(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 hessian_power=group["hessian_power"],
             )
-        self.steps_taken += 1
         return loss
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus the step counter and the probe generator's state."""
+        """torch.optim's state dict (options in the groups, steps in the state) plus the probe
+        generator's state, so a resume draws the same probes."""
         state = super().state_dict()
-        state["adahessian"] = {
-            "steps_taken": self.steps_taken,
-            "update_each": self.update_each,
-            "n_samples": self.n_samples,
-            "generator_state": self.generator.get_state(),
-        }
+        state["adahessian"] = {"generator_state": self.generator.get_state()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("adahessian", None)
+        legacy = extra is not None and "update_each" in extra  # written by meanwise <= 0.1.0
+        if legacy:
+            groups = [dict(g) for g in state_dict["param_groups"]]
+            for g in groups:
+                g.setdefault("update_each", int(extra["update_each"]))
+                g.setdefault("n_samples", int(extra["n_samples"]))
+            state_dict["param_groups"] = groups
         super().load_state_dict(state_dict)
+        self._cadence()
         if extra is not None:
-            self.steps_taken = int(extra["steps_taken"])
-            self.update_each = int(extra["update_each"])
-            self.n_samples = int(extra["n_samples"])
             self.generator.set_state(extra["generator_state"])
+
+
+def _check_cadence(update_each: Any, n_samples: Any) -> None:
+    if not isinstance(update_each, int) or isinstance(update_each, bool) or update_each < 1:
+        raise ValueError(f"update_each must be an integer >= 1; got {update_each!r}")
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ValueError(f"n_samples must be an integer >= 1; got {n_samples!r}")

@@ -7,7 +7,12 @@ from collections.abc import Iterable
 import torch
 
 from meanwise.functional import diffgrad
-from meanwise.optim._base import Closure, FunctionalOptimizer, check_hyperparameters
+from meanwise.optim._base import (
+    Closure,
+    FunctionalOptimizer,
+    as_learning_rate,
+    check_hyperparameters,
+)
 
 
 class DiffGrad(FunctionalOptimizer):
@@ -24,7 +29,13 @@ class DiffGrad(FunctionalOptimizer):
             the step size).
         weight_decay: L2, added to the gradient before the friction is computed.
         foreach: multi-tensor kernels (None: yes, unless the group mixes devices or dtypes).
+        maximize: maximize the objective (step along the gradient), as in torch.optim.
         check_finite: raise ValueError naming the parameter if a gradient is nan/inf.
+        state_in_float32: for float16/bfloat16 parameters, keep the state in float32 (the
+            update is always computed in float32 for them); False keeps it in their dtype.
+
+    ``lr`` may be a one-element tensor (as torch.optim accepts). Complex parameters are
+    optimized as their ``torch.view_as_real`` pairs, torch.optim's convention.
     """
 
     def __init__(
@@ -36,7 +47,9 @@ class DiffGrad(FunctionalOptimizer):
         weight_decay: float = 0,
         *,
         foreach: bool | None = None,
+        maximize: bool = False,
         check_finite: bool = False,
+        state_in_float32: bool = True,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(
@@ -45,7 +58,9 @@ class DiffGrad(FunctionalOptimizer):
             eps=eps,
             weight_decay=weight_decay,
             foreach=foreach,
+            maximize=maximize,
             check_finite=check_finite,
+            state_in_float32=state_in_float32,
         )
         super().__init__(params, defaults)
 
@@ -54,20 +69,21 @@ class DiffGrad(FunctionalOptimizer):
         """One step for every parameter with a gradient; returns the closure's loss."""
         loss = self._run_closure(closure)
         for group_index, group in enumerate(self.param_groups):
-            params, _ = self._gradients(group_index, group)
+            params, grads = self._gradients(group_index, group)
             if not params:
                 continue
             keys = ("exp_avg", "exp_avg_sq", "previous_grad")
-            self._init_state(params, keys)
+            self._init_state(group, params, keys)
             beta1, beta2 = group["betas"]
             self._apply_rule(
                 group,
                 params,
-                lambda chosen, states, keys=keys: (
-                    [chosen, [p.grad for p in chosen]] + [[s[key] for s in states] for key in keys]
+                lambda indices, states, params=params, grads=grads, keys=keys: (
+                    [[params[i] for i in indices], [grads[i] for i in indices]]
+                    + [[s[key] for s in states] for key in keys]
                 ),
                 diffgrad,
-                lr=group["lr"],
+                lr=as_learning_rate(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
