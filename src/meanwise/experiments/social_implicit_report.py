@@ -1,13 +1,24 @@
 """What the report says about experiment `social-implicit`: claim, published numbers, our tables,
-figures and the verdict. Everything here reads results in their JSON form (lists of dicts), so a
+figures, the claims (each with its status from a 95 % interval over seeds) and the "paper
+protocol vs ours" table. Everything here reads results in their JSON form (lists of dicts), so a
 report can be rebuilt from cached results.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import replace
 from typing import Any
 
 from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
+from meanwise.experiments.claims import (
+    Claim,
+    ProtocolRow,
+    deterministic_claim,
+    paired_claim,
+    protocol_table,
+    threshold_claim,
+)
 
 __all__ = [
     "PAPER",
@@ -19,7 +30,9 @@ __all__ = [
     "summarize",
     "metrics",
     "figures",
-    "verdict",
+    "claims",
+    "protocol",
+    "PAPER_TRAINING",
 ]
 
 JSON = dict[str, Any]
@@ -54,7 +67,8 @@ RELEASED_ADE_FDE: dict[str, tuple[float, float]] = {
     "zara1": (0.26, 0.51),
     "zara2": (0.22, 0.44),
 }
-# "approaches" = both ADE and FDE within this fraction above the published value
+# "reproduces" / "reaches" = both ADE and FDE within this fraction of the published value (the
+# earlier report's "approaches" margin, kept so that it was not tuned to these runs)
 APPROACH_TOLERANCE = 0.10
 
 PUBLISHED = [
@@ -89,6 +103,7 @@ PUBLISHED = [
 ]
 
 _METRICS = ("ade", "fde", "amd", "amv", "kde_nll")
+_SHIFT_MODEL = {"released": "the authors' released weights", "trained": "our trained model"}
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -116,16 +131,22 @@ def _cell(runs: list[JSON], predictor: str, metric: str, digits: int = 3) -> str
     return format_mean_std(values, digits) if values else "n/a"
 
 
+def _probes(runs: list[JSON]) -> list[list[JSON]]:
+    """Every shift probe of these runs (one per sampling seed of every seed), each a list of
+    points, one per offset."""
+    return [points for r in runs for points in r.get("shift") or [] if points]
+
+
 def _shift_mean(runs: list[JSON]) -> list[JSON]:
-    """The shift probe averaged over seeds, point by point."""
-    points = [r["shift"] for r in runs if r.get("shift")]
-    if not points:
+    """The shift probe averaged over its sampling seeds and seeds, point by point."""
+    probes = _probes(runs)
+    if not probes:
         return []
     out = []
-    for i, first in enumerate(points[0]):
+    for i, first in enumerate(probes[0]):
         out.append(
             {"offset": first["offset"]}
-            | {m: mean_std([p[i][m] for p in points])[0] for m in ("ade", "fde", "amd", "amv")}
+            | {m: mean_std([p[i][m] for p in probes])[0] for m in ("ade", "fde", "amd", "amv")}
         )
     return out
 
@@ -198,9 +219,11 @@ def summarize(results: list[JSON]) -> list[Table]:
                         + [f"{_ratio(points, i, m):.2f}" for m in ("ade", "fde", "amd", "amv")]
                         for i, p in enumerate(points)
                     ],
-                    caption=f"{split}: shift probe on our trained model, first "
+                    caption=f"{split}: shift probe on "
+                    f"{_SHIFT_MODEL.get(first.get('shift_model'), 'our trained model')}, first "
                     f"{first['shift_scenes']} test scenes; every sample moved by the offset "
-                    "along the diagonal (same draws at every offset); × = relative to offset 0.",
+                    "along the diagonal (same draws at every offset); mean over "
+                    f"{len(_probes(runs))} sampling seed(s); × = relative to offset 0.",
                 )
             )
         tables.append(
@@ -237,84 +260,308 @@ def metrics(results: list[JSON]) -> dict[str, float]:
     return out
 
 
-# --- verdict -------------------------------------------------------------------------------------
+# --- claims --------------------------------------------------------------------------------------
+
+#: the paper's training recipe: the budget a run must use before a shortfall from the published
+#: numbers can count against the paper (anything shorter only checks our shortened training)
+PAPER_TRAINING = {"epochs": 50, "max_train_scenes": 0, "accumulate": 128}
+PUBLISHED_PARAMETERS = 5800  # "5.8K parameters"
 
 
-def _accuracy_verdict(split: str, runs: list[JSON]) -> str:
-    ade, fde = _mean(runs, "trained", "ade"), _mean(runs, "trained", "fde")
-    cv_ade, cv_fde = (
-        _mean(runs, "constant_velocity", "ade"),
-        _mean(runs, "constant_velocity", "fde"),
+def _data_text(first: JSON) -> str:
+    if first["data"] == "eth_ucy":
+        return f"ETH/UCY {first['split'].upper()} leave-one-out test set"
+    return (
+        "the synthetic social-force crowd (no ETH/UCY folder was found on this machine, so "
+        "nothing here is about the paper's data)"
     )
-    epochs = runs[0]["epochs"]
-    ours = f"ours {ade:.3f}/{fde:.3f} after {epochs} epochs"
-    versus_cv = (
-        f"{'better' if ade < cv_ade and fde < cv_fde else 'NOT better'} than constant velocity "
-        f"({cv_ade:.3f}/{cv_fde:.3f})"
-    )
-    if split not in PUBLISHED_ADE_FDE:
-        return (
-            f"{split}: no published numbers exist for the synthetic crowd; {ours} (ADE/FDE, "
-            f"metres), {versus_cv}."
-        )
+
+
+def _rel_gap_percent(ade: float, fde: float, split: str) -> float:
+    """The larger of |ADE / published − 1| and |FDE / published − 1|, in percent."""
     pub_ade, pub_fde = PUBLISHED_ADE_FDE[split]
-    close = ade <= pub_ade * (1 + APPROACH_TOLERANCE) and fde <= pub_fde * (1 + APPROACH_TOLERANCE)
-    outcome = (
-        "approaches the published numbers (within 10%)" if close else
-        "does NOT approach the published numbers at this scale"
-    )  # fmt: skip
-    text = (
-        f"{split}: our trained model {outcome}: {ours} vs published {pub_ade:.2f}/{pub_fde:.2f} "
-        f"(×{ade / pub_ade:.2f} / ×{fde / pub_fde:.2f})"
-    )
-    rel_ade = _mean(runs, "released", "ade")
-    if rel_ade is not None:
-        rel_fde = _mean(runs, "released", "fde")
-        text += f"; the released weights give {rel_ade:.3f}/{rel_fde:.3f} on the same test set"
-    return text + f"; {versus_cv}."
+    return 100 * max(abs(ade / pub_ade - 1), abs(fde / pub_fde - 1))
 
 
-def _shift_verdict(split: str, runs: list[JSON]) -> str | None:
-    points = _shift_mean(runs)
-    if len(points) < 2:
-        return None
-    r = {m: _ratio(points, -1, m) for m in ("ade", "fde", "amd", "amv")}
-    offset = points[-1]["offset"]
-    amd_more = r["amd"] - 1 > max(r["ade"] - 1, r["fde"] - 1)
-    numbers = (
-        f"at a {offset:g} m shift ADE ×{r['ade']:.2f}, FDE ×{r['fde']:.2f}, AMD ×{r['amd']:.2f}, "
-        f"AMV ×{r['amv']:.2f}"
+def _is_paper_training(first: JSON) -> bool:
+    return (
+        first["epochs"] >= PAPER_TRAINING["epochs"]
+        and first["scenes_per_epoch"] >= first["train_scenes"]
+        and first["accumulate"] == PAPER_TRAINING["accumulate"]
     )
-    text = (
-        f"{split} shift probe: AMD reacts to the shift more than best-of-N ADE/FDE: "
-        f"{'HOLDS here' if amd_more else 'does NOT hold here'} ({numbers})."
+
+
+def _split_claims(split: str, runs: list[JSON], samples: int, kd: Any) -> list[Claim]:
+    first = runs[0]
+    n = len(runs)
+    data = _data_text(first)
+    training = (
+        f"{first['epochs']} epochs of {first['scenes_per_epoch']} of {first['train_scenes']} "
+        f"training scenes, {first['accumulate']} scenes per SGD step"
     )
-    amv_moves = abs(r["amv"] - 1) > 0.01
-    text += (
-        " AMV "
-        + ("changes" if amv_moves else "does not react")
-        + f" (×{r['amv']:.2f}): it measures the samples' spread, which a constant shift leaves "
-        "unchanged, so only AMD can register a moved distribution."
-    )
-    if max(r["ade"], r["fde"]) > 1.2:
-        spread = points[0]["amv"] ** 0.5
-        text += (
-            f" ADE/FDE are not immune either (×{r['ade']:.2f} / ×{r['fde']:.2f}): best-of-N "
-            "stays put only while some sample still lands near the truth, i.e. for shifts "
-            f"small against the samples' spread (sqrt(AMV) = {spread:.2f} m here)."
+    out: list[Claim] = []
+    for metric in ("ade", "fde"):
+        trained = _values(runs, "trained", metric)
+        cv = _values(runs, "constant_velocity", metric)
+        out.append(
+            paired_claim(
+                f"{split}: IMLE-trained Social-Implicit has a lower best-of-{samples} "
+                f"{metric.upper()} than constant velocity",
+                trained,
+                cv,
+                paper_effect=None,
+                direction="less",
+                unit="m",
+                detail=f"Per training seed: our trained model's {metric.upper()} minus constant "
+                f"velocity's (the last observed step repeated; deterministic, so the same in "
+                f"every seed) on {data}; ours trained {training}. Constant velocity is not in "
+                "the paper's table: it is a yardstick any trained predictor should beat.",
+            )
         )
-    return text
+    if split in PUBLISHED_ADE_FDE:
+        pub_ade, pub_fde = PUBLISHED_ADE_FDE[split]
+        sampling = [x for r in runs for x in r.get("released_sampling") or []]
+        if sampling:
+            gaps = [_rel_gap_percent(x["ade"], x["fde"], split) for x in sampling]
+            mean_ade = sum(x["ade"] for x in sampling) / len(sampling)
+            mean_fde = sum(x["fde"] for x in sampling) / len(sampling)
+            out.append(
+                threshold_claim(
+                    f"{split}: the authors' released weights reproduce the published ADE/FDE "
+                    f"{pub_ade:.2f}/{pub_fde:.2f} within {100 * APPROACH_TOLERANCE:.0f} %",
+                    gaps,
+                    threshold=100 * APPROACH_TOLERANCE,
+                    paper_effect=0.0,
+                    direction="less",
+                    unit="%",
+                    detail=f"Per sampling seed ({len(sampling)} in all; the weights are fixed, "
+                    "so sampling is their only randomness): the larger of |ADE/published − 1| "
+                    f"and |FDE/published − 1|, best of {samples} per pedestrian, on {data}. "
+                    f"Mean ADE/FDE {mean_ade:.3f}/{mean_fde:.3f}. The tolerance is the earlier "
+                    "report's 'approaches' margin (10 %), kept so it was not tuned to these "
+                    "runs; the published numbers are rounded to 0.01 m, and the authors' own "
+                    "evaluation of these weights gives about the same gap (REFERENCES.md).",
+                )
+            )
+        gaps = [_rel_gap_percent(r["trained"]["ade"], r["trained"]["fde"], split) for r in runs]
+        claim = threshold_claim(
+            f"{split}: Social-Implicit trained with the paper's recipe reaches the published "
+            f"ADE/FDE {pub_ade:.2f}/{pub_fde:.2f} within {100 * APPROACH_TOLERANCE:.0f} %",
+            gaps,
+            threshold=100 * APPROACH_TOLERANCE,
+            paper_effect=0.0,
+            direction="less",
+            unit="%",
+            detail=f"Per training seed: the larger of |ADE/published − 1| and "
+            f"|FDE/published − 1| of our trained model on {data}; ours trained {training} "
+            f"(the paper: {PAPER_TRAINING['epochs']} epochs over every scene, "
+            f"{PAPER_TRAINING['accumulate']} scenes per step). Mean ADE/FDE "
+            f"{mean_std(_values(runs, 'trained', 'ade'))[0]:.3f}/"
+            f"{mean_std(_values(runs, 'trained', 'fde'))[0]:.3f} over {n} seed(s).",
+        )
+        if not _is_paper_training(first) and claim.status != "supported":
+            claim = replace(
+                claim,
+                status="unresolved",
+                detail=claim.detail + " This run's training is shorter than the paper's, so a "
+                "gap to the published numbers checks our shortened training, not the paper: "
+                "it can neither contradict nor (short of reaching them) support the claim. "
+                "Only the full preset's training budget can decide it.",
+            )
+        out.append(claim)
+
+    probes = _probes(runs)
+    if probes and len(probes[0]) > 1:
+        who = _SHIFT_MODEL.get(first.get("shift_model"), "our trained model")
+        offset = probes[0][-1]["offset"]
+        amd = [p[-1]["amd"] / p[0]["amd"] for p in probes]
+        best = [max(p[-1]["ade"] / p[0]["ade"], p[-1]["fde"] / p[0]["fde"]) for p in probes]
+        out.append(
+            paired_claim(
+                f"{split}: AMD reacts more than best-of-{samples} ADE/FDE to a predicted "
+                f"distribution shifted {offset:g} m away from the truth",
+                amd,
+                best,
+                paper_effect=None,
+                direction="greater",
+                unit="× (ratio to no shift)",
+                detail=f"Per sampling seed ({len(probes)} in all, paired: the same draws at "
+                f"every offset): AMD at a {offset:g} m shift over AMD unshifted, minus the "
+                f"larger of the same ratios for ADE and FDE. Probed model: {who}; the first "
+                f"{first['shift_scenes']} scenes of {data}; AMD from {kd} samples per scene. "
+                f"Means: AMD ×{sum(amd) / len(amd):.2f}, max(ADE, FDE) "
+                f"×{sum(best) / len(best):.2f}. The paper argues this point; the constant-offset "
+                "probe is ours.",
+            )
+        )
+        amv_change = max(abs(point["amv"] / p[0]["amv"] - 1) for p in probes for point in p)
+        out.append(
+            deterministic_claim(
+                f"{split}: AMV measures the predicted spread only: a constant shift leaves it "
+                "unchanged",
+                amv_change,
+                holds=amv_change < 1e-6,
+                paper_effect=0.0,
+                detail=f"The largest |AMV(shifted) / AMV(unshifted) − 1| over every offset and "
+                f"sampling seed of the probe ({who}, {data}); a constant offset moves the "
+                "fitted mixture without changing its covariances, so anything above float "
+                "round-off (1e-6) would be an error in the metric.",
+            )
+        )
+    return out
 
 
-def verdict(results: list[JSON]) -> str:
-    """Per split: does our training approach the published numbers; does AMD react more."""
-    lines = []
+def claims(results: list[JSON]) -> list[Claim]:
+    """Per split: trained vs constant velocity (ADE, FDE), the released weights and our
+    training vs the published numbers (ETH/UCY only), AMD vs ADE/FDE under a shift, AMV's
+    shift invariance; and the model's parameter count."""
+    if not results:
+        return []
+    samples = results[0].get("samples", 20)
+    kd = results[0].get("distribution_samples", "?")
+    out: list[Claim] = []
+    parameters = results[0].get("num_parameters")
+    if parameters:
+        out.append(
+            deterministic_claim(
+                "Social-Implicit has about 5.8K parameters",
+                parameters,
+                holds=round(parameters, -2) == PUBLISHED_PARAMETERS,
+                paper_effect=float(PUBLISHED_PARAMETERS),
+                detail=f"Our model's parameter count ({parameters:,}: four Social-Cells of "
+                f"{parameters // 4:,}), rounded to hundreds, against the paper's '5.8K'.",
+            )
+        )
     for split, runs in _by_split(results).items():
-        lines.append(_accuracy_verdict(split, runs))
-        shift = _shift_verdict(split, runs)
-        if shift is not None:
-            lines.append(shift)
-    return "\n".join(lines) if lines else "No comparable runs in these results."
+        out.extend(_split_claims(split, runs, samples, kd))
+    return out
+
+
+# --- protocol ------------------------------------------------------------------------------------
+
+
+def _data_that_runs(config: JSON) -> str:
+    """Which data a run with `config` uses on this machine (the claims' details say which data
+    each split actually ran on)."""
+    if config.get("data") == "synthetic":
+        return "the synthetic social-force crowd (data='synthetic')"
+    from meanwise.experiments.social_implicit import SocialImplicitConfig, _eth_ucy_root
+
+    known = {f.name for f in dataclasses.fields(SocialImplicitConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known}
+    try:
+        root = _eth_ucy_root(SocialImplicitConfig(**values))
+    except ValueError as error:  # a data_dir that is not a folder here
+        return f"not found on this machine ({error})"
+    if root is not None:
+        return f"ETH/UCY from {root} (the authors' copy of the standard leave-one-out splits)"
+    return (
+        "the synthetic social-force crowd: no ETH/UCY folder was found on this machine "
+        "(data='auto'), so no claim here is about the paper's data"
+    )
+
+
+def protocol(config: JSON) -> Table:
+    """The paper's protocol against the config that ran, row by row, with why each differs."""
+    c = config
+    splits = ", ".join(s.upper() for s in c["splits"])
+    short = (
+        c["epochs"] < PAPER_TRAINING["epochs"]
+        or c["max_train_scenes"] != 0
+        or c["accumulate"] != PAPER_TRAINING["accumulate"]
+    )
+    scenes = (
+        "every scene" if not c["max_train_scenes"] else f"at most {c['max_train_scenes']} scenes"
+    )
+    rows = [
+        ProtocolRow(
+            "data",
+            "ETH/UCY, leave-one-out over ETH, HOTEL, UNIV, ZARA1, ZARA2 (8 observed + 12 "
+            "predicted steps at 2.5 Hz)",
+            f"{_data_that_runs(c)}; splits {splits}",
+            "same as the paper where ETH/UCY is found; the quick preset runs ZARA1 only (CPU "
+            "time). Without the data folder the synthetic crowd stands in: it exercises the "
+            "pipeline, and no published number applies to it.",
+        ),
+        ProtocolRow(
+            "model",
+            "Social-Implicit, 4 Social-Cells, 5.8K parameters; the released code routes every "
+            "pedestrian to zone 0 (its speed is read from the first, always-zero, step)",
+            "the same cells; our training routes pedestrians to the four zones by their top "
+            "observed speed; the released weights are evaluated in compatibility mode "
+            "(zone 0 for all, float64)",
+            "the released code's zone choice is a bug (REFERENCES.md); real zones use all four "
+            "cells, which the paper describes. It may change our trained numbers slightly, not "
+            "the released weights'.",
+        ),
+        ProtocolRow(
+            "training budget",
+            "50 epochs over every training scene, gradients accumulated over 128 scenes",
+            f"{c['epochs']} epochs over {scenes} per epoch, {c['accumulate']} scenes per step",
+            (
+                "CPU time: one training seed of the quick preset costs ~100 s here. Fewer "
+                "epochs leave our model short of the published numbers, so that comparison "
+                "checks our shortened training, not the paper (its claim is unresolved here); "
+                "smaller steps give the few epochs more updates."
+            )
+            if short
+            else "same as the paper",
+        ),
+        ProtocolRow(
+            "optimizer and schedule",
+            "SGD lr 1.0, StepLR(45 epochs, ×0.1); IMLE with K = 20 (the nearest sample of the "
+            "scene); L1 + weighted distance / angle / triplet terms; seven augmentations",
+            "the same (meanwise.trajectory.train), float64; the best epoch on validation ADE "
+            "is kept",
+            "same as the paper (float64: in float32 the angle term's acos clamp rounds to 1 "
+            "and the first step gives NaN)",
+        ),
+        ProtocolRow(
+            "runs / seeds",
+            "one trained model per split (the released weights); no seeds or intervals "
+            "recorded in REFERENCES.md",
+            f"{c['seeds']} training seed(s) per split; {c['probe_seeds']} sampling seeds per "
+            "run for the fixed predictors (the released weights, the shift probe)",
+            "claims on our training need ≥ 2 training seeds for an interval"
+            + (
+                " (the quick preset trains one, for time: those claims stay unresolved)"
+                if c["seeds"] < 2
+                else ""
+            )
+            + "; a fixed model's only randomness is its sampling, so its claims' intervals are "
+            "over sampling seeds.",
+        ),
+        ProtocolRow(
+            "metrics",
+            "best-of-20 ADE/FDE per pedestrian (metres); AMD / AMV / KDE-NLL from 1000 samples",
+            f"best-of-{c['samples']} ADE/FDE per pedestrian; AMD / AMV / KDE-NLL from "
+            f"{c['distribution_samples']} samples per scene",
+            "same as the paper"
+            if c["distribution_samples"] >= 1000
+            else "CPU time (a mixture fit per step and pedestrian): AMD/AMV at fewer samples "
+            "are noisier and not comparable with the paper's values; the shift probe compares "
+            "them only with themselves.",
+        ),
+        ProtocolRow(
+            "comparisons",
+            "published numbers of Social-STGCNN, Social-GAN, Trajectron++ and others",
+            "the released weights, constant velocity, the published Social-Implicit numbers",
+            "the other models are not implemented here; their published averages are shown "
+            "for reference, not tested.",
+        ),
+        ProtocolRow(
+            "AMD/AMV argument",
+            "best-of-N ADE/FDE barely notices a distribution that has moved away from the "
+            "truth; AMD / AMV judge the whole distribution (argued in the paper)",
+            f"a probe: every sample moved by {', '.join(f'{o:g}' for o in c['shift_offsets'])} "
+            f"m along the diagonal on the first {c['shift_scenes'] or 'all'} test scenes, the "
+            "same draws at every offset; on the released weights (our trained model on the "
+            "synthetic crowd)",
+            "our test of the paper's argument: a constant offset is the simplest moved "
+            "distribution; it cannot probe shapes a shift leaves alone.",
+        ),
+    ]
+    return protocol_table(rows, caption="Mohamed et al. (ECCV 2022) against the config that ran.")
 
 
 # --- figures -------------------------------------------------------------------------------------
@@ -371,7 +618,9 @@ def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
             specs.append(
                 FigureSpec(
                     f"shift-{split}",
-                    f"{split}: every sample of our trained model moved by a constant offset. "
+                    f"{split}: every sample of "
+                    f"{_SHIFT_MODEL.get(runs[0].get('shift_model'), 'our trained model')} moved "
+                    "by a constant offset (mean over sampling seeds). "
                     "Left, best-of-N ADE/FDE; middle, AMD/AMV; right, each relative to the "
                     "unshifted value.",
                     _draw_shift(split, points),
