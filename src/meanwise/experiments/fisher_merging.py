@@ -1,77 +1,156 @@
-"""Experiment `fisher-merging`: Fisher-weighted vs plain averaging of fine-tuned MLPs on digits.
+"""Experiment `fisher-merging`: the paper's two settings where plain averaging was already in use,
+at digits scale, plus one explicitly labelled extra.
 
-One shared "pre-trained" MLP (trained briefly on all ten classes of a pre-training split) is
-fine-tuned on narrower tasks from a separate fine-tuning split; then
+Pre-training is on a *broad* distribution: the pre-training split with random rotations,
+translations and noise redrawn every epoch. Fine-tuning is on the *narrow* one: clean images of
+a separate fine-tuning split. Merge coefficients are chosen on a clean validation split; the test
+split is fixed (split seed 0).
 
-(a) ensembling-style merging: one model per task (classes {0-3}, {4-6}, {7-9} by default), merged
-    with equal coefficients by plain averaging and by Fisher merging (exact and sampled Fisher,
-    each model's Fisher on its own task's fine-tuning examples). Every model and merge is scored
-    on each task's test examples (10-way argmax) and on the whole test set (the union);
-(b) robust fine-tuning (WiSE-FT style): the pre-trained model (Fisher on the pre-training split)
-    and a model fine-tuned on the first task (Fisher on its task data), interpolated with
-    coefficients (1 - λ, λ) over a grid, plainly and Fisher-weighted. Accuracy on the task and on
-    the union is recorded for every λ; as in the paper, λ is chosen on held-out validation data
-    (best union accuracy) and the test accuracies at that λ are the headline.
+(a) Ensembling (the paper's GLUE experiment): one pre-trained model, 5 copies fine-tuned on the
+    SAME 10-way task with different data orders, and the first N ∈ {2, 3, 5} merged. Two head
+    settings: "fresh" (the body pre-trained on a related task, digit mod 5, and every copy given
+    a freshly initialised 10-way head, as BERT gets one per fine-tune) and "shared" (every copy
+    starts from the pre-trained 10-way model, head included). Plain averaging and Fisher merging
+    with the authors' options (`preset="authors"`: normalized exact Fishers over up to 4096
+    fine-tuning examples, floor on the target only, body merged, the target's head kept) each
+    get the paper's coefficient search on validation (a 51-point grid for two models, Dirichlet
+    samples for more; the same candidates for both), then are scored on the test set beside the
+    output ensemble (mean of the N softmaxes) and the individual models.
+(b) Robust fine-tuning (WiSE-FT): the broad pre-trained model and its fine-tune on the clean
+    split, interpolated as (λ fine-tuned + (1 − λ) pre-trained), plainly and Fisher-weighted
+    (authors' preset, the fine-tuned model as target; each model's Fisher on its own training
+    distribution), on the λ grid. Clean (in-distribution) and shifted (rotated / translated /
+    noisy test images) accuracy for every λ; λ is chosen on clean validation accuracy.
+Extra, not in the paper: the multi-task merge of models fine-tuned on disjoint class groups,
+    with the confidence analysis that explains why Fisher weighting loses there.
 
-The digits test split is fixed (split seed 0); the seed draws the split of the training images
-into pre-training / fine-tuning / validation parts, the initial weights and the batch order.
-The report side is in `fisher_merging_report`.
+The report side is in `fisher_merging_report`; the model, data and trainer in
+`fisher_merging_models`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 
-from meanwise.data import NUM_CLASSES, load_digits
+from meanwise.data import NUM_CLASSES
 from meanwise.experiments.base import progress, seeded, torch_threads
-from meanwise.merging import average_merge, diagonal_fisher, fisher_merge
+from meanwise.experiments.fisher_merging_models import (
+    BODY_KEYS,
+    MLP,
+    Pair,
+    Splits,
+    State,
+    accuracy,
+    accuracy_and_nll,
+    as_module,
+    broad_augment,
+    logits,
+    make_splits,
+    shifted_test_sets,
+    subset,
+    train_copies,
+)
+from meanwise.merging import average_merge, candidate_coefficients, diagonal_fisher, fisher_merge
 
-__all__ = ["FisherMergingConfig", "FisherMergingResult", "ScoredModel", "MLP", "run"]
+__all__ = ["FisherMergingConfig", "FisherMergingResult", "run", "HEADS", "SHIFTS"]
+
+HEADS: tuple[str, ...] = ("fresh", "shared")
+SHIFTS: tuple[str, ...] = ("rotated", "translated", "noisy")
+RELATED_CLASSES = 5  # the related pre-training task of the "fresh" setting: digit mod 5
 
 
 @dataclass(frozen=True)
 class FisherMergingConfig:
-    """Settings of both parts; `quick()` runs in well under a minute on 2 cores for 3 seeds."""
+    """Settings of all parts; `quick()` is sized for the demo (2 cores), `full()` for the report."""
 
-    seeds: int = 3
-    tasks: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9))
+    seeds: int = 8
     hidden: int = 64
     pretrain_fraction: float = 0.4  # of the training images; the rest minus validation fine-tunes
     validation_fraction: float = 0.2
-    pretrain_epochs: int = 6
-    finetune_epochs: int = 20
+    pretrain_epochs: int = 25  # on the broad (augmented) distribution
+    finetune_epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
-    fisher_examples: int = 4096  # the authors' number; the splits here are smaller
-    sampled_n: int = 1  # draws per example for the sampled Fisher
+    # the broad pre-training distribution: uniform in ± these
+    augment_degrees: float = 30.0
+    augment_shift: float = 1.0
+    augment_noise: float = 0.8
+    # the shifted test sets of (b)
+    shift_degrees: tuple[float, float] = (15.0, 30.0)
+    shift_pixels: float = 1.0
+    shift_noise: float = 0.8
+    # (a)
+    ensemble_sizes: tuple[int, ...] = (2, 3, 5)
+    grid_points: int = 51  # coefficient candidates for two models (the authors' grid)
+    dirichlet_samples: int = 30  # candidates for more than two models (full preset: 50)
+    fisher_examples: int = 4096  # the authors' number (our splits are smaller, so all of them)
     floor: float = 1e-6
-    normalize: bool = False
-    lambdas: int = 11  # grid points for (b), λ = 0, 0.1, ..., 1
+    sampled_draws: int = 64  # draws per example of the sampled-Fisher check
+    # (b)
+    lambdas: int = 51
+    # the extra multi-task merge
+    multitask_tasks: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9))
+    multitask: bool = True
     split_seed: int = 0
     test_fraction: float = 0.25
     num_threads: int = 1
 
     def __post_init__(self) -> None:
-        if len(self.tasks) < 2:
-            raise ValueError(f"tasks needs at least two class groups; got {self.tasks}")
-        flat = [c for task in self.tasks for c in task]
-        if len(set(flat)) != len(flat) or not all(0 <= c < NUM_CLASSES for c in flat):
-            raise ValueError(f"tasks must be disjoint groups of classes 0-9; got {self.tasks}")
         fractions = (self.pretrain_fraction, self.validation_fraction)
         if min(fractions) <= 0 or sum(fractions) >= 1:
             raise ValueError(
                 f"pretrain_fraction and validation_fraction must be > 0 with a sum < 1 (the "
                 f"rest fine-tunes); got {fractions}"
             )
-        if min(self.seeds, self.batch_size, self.finetune_epochs, self.hidden) < 1:
-            raise ValueError("seeds, batch_size, finetune_epochs and hidden must be >= 1")
-        if self.lambdas < 2:
-            raise ValueError(f"lambdas (grid points) must be >= 2; got {self.lambdas}")
+        positive = {
+            "seeds": self.seeds, "hidden": self.hidden, "batch_size": self.batch_size,
+            "pretrain_epochs": self.pretrain_epochs, "finetune_epochs": self.finetune_epochs,
+            "dirichlet_samples": self.dirichlet_samples, "fisher_examples": self.fisher_examples,
+            "sampled_draws": self.sampled_draws,
+        }  # fmt: skip
+        bad = {k: v for k, v in positive.items() if not (isinstance(v, int) and v >= 1)}
+        if bad:
+            raise ValueError(f"these settings must be integers >= 1: {bad}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        sizes = self.ensemble_sizes
+        if not sizes or any(n < 2 for n in sizes) or list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"ensemble_sizes must be increasing integers >= 2; got {sizes}")
+        if self.grid_points < 2 or self.lambdas < 2:
+            raise ValueError(
+                f"grid_points and lambdas must be >= 2; got {self.grid_points}, {self.lambdas}"
+            )
+        if self.floor < 0:
+            raise ValueError(f"floor must be >= 0; got {self.floor}")
+        low, high = self.shift_degrees
+        if not 0 <= low <= high:
+            raise ValueError(f"shift_degrees must be (low, high) with 0 <= low <= high; got "
+                             f"{self.shift_degrees}")  # fmt: skip
+        if min(self.augment_degrees, self.augment_shift, self.augment_noise) < 0:
+            raise ValueError("augment_degrees, augment_shift and augment_noise must be >= 0")
+        if min(self.shift_pixels, self.shift_noise) < 0:
+            raise ValueError("shift_pixels and shift_noise must be >= 0")
+        tasks = self.multitask_tasks
+        flat = [c for task in tasks for c in task]
+        if (
+            len(tasks) < 2
+            or len(set(flat)) != len(flat)
+            or not all(0 <= c < NUM_CLASSES for c in flat)
+        ):
+            raise ValueError(
+                f"multitask_tasks must be at least two disjoint groups of classes 0-9; got {tasks}"
+            )
+
+    @property
+    def copies(self) -> int:
+        """Fine-tuned copies per head setting (the largest ensemble; smaller ones are prefixes)."""
+        return max(self.ensemble_sizes)
 
     @classmethod
     def quick(cls) -> FisherMergingConfig:
@@ -79,216 +158,285 @@ class FisherMergingConfig:
 
     @classmethod
     def full(cls) -> FisherMergingConfig:
-        """More seeds, a wider net, a 21-point λ grid."""
-        return cls(seeds=5, hidden=128, finetune_epochs=30, lambdas=21)
-
-
-@dataclass
-class ScoredModel:
-    """A model or merge: accuracy (%) on each task's test examples and on the whole test set."""
-
-    name: str
-    task_acc: list[float]
-    union_acc: float
+        """More seeds, and twice the fine-tuning."""
+        return cls(seeds=20, finetune_epochs=20, dirichlet_samples=50)
 
 
 @dataclass
 class FisherMergingResult:
     seed: int
     num_parameters: int = 0
-    tasks: list[list[int]] = field(default_factory=list)
-    ensembling: list[ScoredModel] = field(default_factory=list)
-    # (b): the λ grid and, per method, target-task / union test and union validation accuracy
-    lambdas: list[float] = field(default_factory=list)
-    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    robust: list[ScoredModel] = field(default_factory=list)  # at the λ chosen on validation
-    chosen_lambda: dict[str, float] = field(default_factory=dict)
-    sampled_vs_exact_error: float = 0.0  # relative L2 error of the sampled Fisher
+    # (a): one record per (head setting, N): test accuracy of every arm, the chosen λ, ...
+    ensembling: list[dict[str, Any]] = field(default_factory=list)
+    pretrained_test_acc: dict[str, float] = field(default_factory=dict)  # per head setting
+    # sampled vs exact Fisher of one fine-tuned model: {"draws": [...], "relative_error": [...]}
+    sampled_fisher: dict[str, Any] = field(default_factory=dict)
+    # (b): λ grid, per method the curves, the λ chosen on validation and the scores there
+    robust: dict[str, Any] = field(default_factory=dict)
+    # extra: the multi-task merge and its confidence analysis
+    multitask: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
 
-class MLP(nn.Module):
-    """64 pixels -> hidden -> hidden -> 10, tanh: a few thousand parameters, trains in seconds."""
-
-    def __init__(self, hidden: int = 64) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Flatten(), nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
-        )
-        self.head = nn.Linear(hidden, NUM_CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
+# --- helpers -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Splits:
-    pretrain: tuple[Tensor, Tensor]
-    finetune: tuple[Tensor, Tensor]
-    validation: tuple[Tensor, Tensor]
-    test: tuple[Tensor, Tensor]
-
-
-def _splits(config: FisherMergingConfig, generator: torch.Generator) -> _Splits:
-    data = load_digits(config.split_seed, config.test_fraction)
-    images, labels = data.train_images, data.train_labels
-    parts: dict[str, list[Tensor]] = {"pretrain": [], "finetune": [], "validation": []}
-    for c in range(NUM_CLASSES):  # stratified, so every part has every class
-        members = torch.nonzero(labels == c).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        n_pre = round(config.pretrain_fraction * len(members))
-        n_val = round(config.validation_fraction * len(members))
-        parts["pretrain"].append(members[:n_pre])
-        parts["validation"].append(members[n_pre : n_pre + n_val])
-        parts["finetune"].append(members[n_pre + n_val :])
-    picked = {k: torch.cat(v).sort().values for k, v in parts.items()}
-    return _Splits(
-        **{k: (images[idx], labels[idx]) for k, idx in picked.items()},
-        test=(data.test_images, data.test_labels),
-    )
-
-
-def _subset(pair: tuple[Tensor, Tensor], classes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    x, y = pair
-    mask = torch.isin(y, torch.tensor(classes))
-    return x[mask], y[mask]
-
-
-def _train(
-    model: nn.Module,
-    data: tuple[Tensor, Tensor],
-    epochs: int,
+def _fisher(
+    state: State,
+    data: Pair,
     config: FisherMergingConfig,
-    generator: torch.Generator,
-) -> None:
-    x, y = data
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), config.batch_size):
-            idx = order[start : start + config.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
-
-
-def _accuracy(model: nn.Module, data: tuple[Tensor, Tensor]) -> float:
-    x, y = data
-    with torch.no_grad():
-        return 100.0 * float((model(x).argmax(1) == y).double().mean())
-
-
-def _score(name: str, model: nn.Module, splits: _Splits, tasks) -> ScoredModel:
-    return ScoredModel(
-        name=name,
-        task_acc=[_accuracy(model, _subset(splits.test, t)) for t in tasks],
-        union_acc=_accuracy(model, splits.test),
-    )
-
-
-def _loaded(state: dict[str, Tensor], hidden: int) -> nn.Module:
-    model = MLP(hidden)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def _fisher(model: nn.Module, data: tuple[Tensor, Tensor], mode: str, config, generator):
+    keys: tuple[str, ...] | None = None,
+    mode: str = "exact",
+    draws: int = 1,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     return diagonal_fisher(
-        model,
+        as_module(state, config.hidden),
         [data],
         mode=mode,
-        n_samples=config.sampled_n,
+        n_samples=draws,
         max_examples=config.fisher_examples,
+        params=keys,
         generator=generator,
     )
 
 
-def _relative_error(estimate: dict[str, Tensor], exact: dict[str, Tensor]) -> float:
+def relative_error(estimate: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
+    """‖estimate − exact‖₂ / ‖exact‖₂ over all entries of all tensors."""
     num = sum(float((estimate[k] - exact[k]).double().square().sum()) for k in exact)
     den = sum(float(exact[k].double().square().sum()) for k in exact)
     return (num / den) ** 0.5
 
 
-def _ensembling(config, splits, pretrained, generator, result) -> None:
-    tasks = config.tasks
-    models, exact, sampled = [], [], []
-    for i, task in enumerate(progress(tasks, desc=f"seed {result.seed} fine-tune")):
-        model = _loaded(pretrained.state_dict(), config.hidden)
-        _train(model, _subset(splits.finetune, task), config.finetune_epochs, config, generator)
-        models.append(model)
-        task_data = _subset(splits.finetune, task)
-        exact.append(_fisher(model, task_data, "exact", config, generator))
-        sampled.append(_fisher(model, task_data, "sampled", config, generator))
-        result.ensembling.append(_score(f"fine-tuned on task {i + 1}", model, splits, tasks))
-    result.sampled_vs_exact_error = sum(
-        _relative_error(s, e) for s, e in zip(sampled, exact, strict=True)
-    ) / len(exact)
-    states = [m.state_dict() for m in models]
+def _search(
+    merge: Callable[[list[float]], State],
+    candidates: list[list[float]],
+    validation: Pair,
+) -> tuple[list[float], State]:
+    """The candidate with the best validation accuracy; ties (accuracy moves in steps of one
+    example) go to the lower validation loss, not to the first candidate of the grid."""
+    best_key, best = None, None
+    for lam in candidates:
+        state = merge(lam)
+        acc, loss = accuracy_and_nll(state, validation)
+        key = (acc, -loss)
+        if best_key is None or key > best_key:
+            best_key, best = key, (lam, state)
+    assert best is not None
+    return best
+
+
+def _pretrain(config: FisherMergingConfig, splits: Splits, generator) -> dict[str, State]:
+    """Two MLPs trained side by side on the broad (augmented) pre-training distribution: on the
+    10-way task ("shared": its head is fine-tuned further) and on digit mod 5 ("fresh": only
+    its body is used; its 10-logit head sees labels 0-4 only and is discarded)."""
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        return broad_augment(
+            x, generator, splits.background, config.augment_degrees, config.augment_shift,
+            config.augment_noise,
+        )  # fmt: skip
+
+    inits = [MLP(config.hidden).state_dict() for _ in HEADS]
+    fresh, shared = train_copies(
+        inits, splits.pretrain, config.pretrain_epochs, config.batch_size, config.lr, generator,
+        augment=augment, label_maps=[lambda y: y % RELATED_CLASSES, None],
+    )  # fmt: skip
+    return {"fresh": fresh, "shared": shared}
+
+
+def _broad_sample(config: FisherMergingConfig, splits: Splits, generator) -> Pair:
+    """Up to `fisher_examples` draws from the broad pre-training distribution."""
+    x, y = splits.pretrain
+    repeats = max(1, -(-config.fisher_examples // x.shape[0]))
+    xs, ys = x.repeat(repeats, 1, 1, 1), y.repeat(repeats)
+    augmented = broad_augment(
+        xs, generator, splits.background, config.augment_degrees, config.augment_shift,
+        config.augment_noise,
+    )  # fmt: skip
+    return augmented[: config.fisher_examples], ys[: config.fisher_examples]
+
+
+# --- (a) ensembling ------------------------------------------------------------------------------
+
+
+def _copies(
+    config: FisherMergingConfig, splits: Splits, pretrained: State, head: str, generator
+) -> list[State]:
+    """`config.copies` fine-tunes of `pretrained` on the clean 10-way task."""
+    inits = []
+    for _ in range(config.copies):
+        fresh = MLP(config.hidden).state_dict()  # a new 10-way head per copy ("fresh")
+        init = {k: pretrained[k].clone() for k in BODY_KEYS}
+        for k in ("head.weight", "head.bias"):
+            init[k] = fresh[k] if head == "fresh" else pretrained[k].clone()
+        inits.append(init)
+    return train_copies(
+        inits, splits.finetune, config.finetune_epochs, config.batch_size, config.lr, generator
+    )
+
+
+def _ensemble_accuracy(states: list[State], data: Pair) -> float:
+    """The output ensemble: the mean of the members' predicted probabilities."""
+    x, y = data
+    with torch.no_grad():
+        probs = torch.stack([F.softmax(logits(s, x), 1) for s in states]).mean(0)
+    return 100.0 * float((probs.argmax(1) == y).double().mean())
+
+
+def _ensembling(config, splits, generator, result: FisherMergingResult) -> dict[str, list[State]]:
+    pretrained = _pretrain(config, splits, generator)
+    result.pretrained_test_acc["shared"] = accuracy(pretrained["shared"], splits.test)
+    copies: dict[str, list[State]] = {}
+    for head in progress(HEADS, desc=f"seed {result.seed} ensembling"):
+        states = _copies(config, splits, pretrained[head], head, generator)
+        copies[head] = states
+        fishers = [_fisher(s, splits.finetune, config, BODY_KEYS) for s in states]
+        if head == "fresh":
+            result.sampled_fisher = _sampled_check(config, states[0], fishers[0], splits, generator)
+        for n in config.ensemble_sizes:
+            members, member_fishers = states[:n], fishers[:n]
+            candidates = candidate_coefficients(
+                n, config.grid_points, config.dirichlet_samples, generator
+            )
+            merges = {
+                "plain": lambda lam, m=members: average_merge(m, lam, keep_target=["head"]),
+                "fisher": lambda lam, m=members, f=member_fishers: fisher_merge(
+                    m, f, lam, floor=config.floor, preset="authors", keep_target=["head"]
+                ),
+            }
+            test: dict[str, float] = {}
+            chosen: dict[str, list[float]] = {}
+            for method, merge in merges.items():
+                lam, state = _search(merge, candidates, splits.validation)
+                chosen[method] = lam
+                test[f"{method} (λ searched)"] = accuracy(state, splits.test)
+                test[f"{method} (equal λ)"] = accuracy(merge([1.0 / n] * n), splits.test)
+            individual = [accuracy(s, splits.test) for s in members]
+            test["output ensemble"] = _ensemble_accuracy(members, splits.test)
+            test["target (copy 1)"] = individual[0]
+            test["individual (mean)"] = sum(individual) / n
+            test["individual (best)"] = max(individual)
+            result.ensembling.append(
+                {"head": head, "n_models": n, "test_acc": test, "individual_test_acc": individual,
+                 "chosen_lambda": chosen, "candidates": len(candidates)}
+            )  # fmt: skip
+    return {"pretrained_shared": [pretrained["shared"]], **copies}
+
+
+def _sampled_check(config, state: State, exact, splits: Splits, generator) -> dict[str, Any]:
+    """The sampled Fisher of one fine-tuned model against its exact Fisher (same examples)."""
+    draws = sorted({1, config.sampled_draws})
+    errors = []
+    for s in draws:
+        sampled = _fisher(state, splits.finetune, config, BODY_KEYS, "sampled", s, generator)
+        errors.append(relative_error(sampled, exact))
+    examples = min(config.fisher_examples, splits.finetune[1].shape[0])
+    return {"draws": draws, "relative_error": errors, "examples": examples}
+
+
+# --- (b) robust fine-tuning ----------------------------------------------------------------------
+
+
+def _robust(config, splits, generator, pretrained: State, finetuned: State) -> dict[str, Any]:
+    shifted = shifted_test_sets(
+        splits.test, splits.background, config.shift_degrees, config.shift_pixels,
+        config.shift_noise, seed=config.split_seed + 1,
+    )  # fmt: skip
+    # each model's Fisher on its own training distribution; the fine-tuned model is the target
+    fishers = [
+        _fisher(finetuned, splits.finetune, config),
+        _fisher(pretrained, _broad_sample(config, splits, generator), config),
+    ]
+    states = [finetuned, pretrained]
+    grid = [i / (config.lambdas - 1) for i in range(config.lambdas)]
+    merges = {
+        "plain": lambda lam: average_merge(states, [lam, 1 - lam]),
+        "fisher": lambda lam: fisher_merge(
+            states, fishers, [lam, 1 - lam], floor=config.floor, preset="authors"
+        ),
+    }
+    out: dict[str, Any] = {"lambdas": grid, "curves": {}, "chosen_lambda": {}, "at_chosen": {}}
+    for method, merge in merges.items():
+        curve: dict[str, list[float]] = {"val": [], "val_nll": [], "id_test": []}
+        curve.update({name: [] for name in SHIFTS})
+        for lam in grid:
+            state = merge(lam)  # at λ = 0 and 1 both rules return one model (tested)
+            acc, loss = accuracy_and_nll(state, splits.validation)
+            curve["val"].append(acc)
+            curve["val_nll"].append(loss)
+            curve["id_test"].append(accuracy(state, splits.test))
+            for name, data in shifted.items():
+                curve[name].append(accuracy(state, data))
+        per_shift = zip(*(curve[s] for s in SHIFTS), strict=True)
+        curve["shift_test"] = [sum(v) / len(SHIFTS) for v in per_shift]
+        best = max(range(len(grid)), key=lambda i: (curve["val"][i], -curve["val_nll"][i]))
+        out["curves"][method] = curve
+        out["chosen_lambda"][method] = grid[best]
+        out["at_chosen"][method] = {k: curve[k][best] for k in ("id_test", "shift_test", *SHIFTS)}
+    return out
+
+
+# --- extra: the multi-task merge -----------------------------------------------------------------
+
+
+def _multitask(config, splits, generator, pretrained: State) -> dict[str, Any]:
+    """One model per disjoint class group, all from the shared pre-trained model and its head,
+    merged with equal weights; 10-way accuracy per group. Not an experiment of the paper."""
+    tasks = config.multitask_tasks
+    states, fishers, confidence, fisher_total = [], [], [], []
+    for task in tasks:
+        data = subset(splits.finetune, task)
+        (state,) = train_copies(
+            [pretrained], data, config.finetune_epochs, config.batch_size, config.lr, generator
+        )
+        fisher = _fisher(state, data, config)
+        with torch.no_grad():
+            probs = F.softmax(logits(state, data[0]), 1)
+        states.append(state)
+        fishers.append(fisher)
+        confidence.append(100.0 * float(probs.max(1).values.mean()))
+        fisher_total.append(sum(float(f.sum()) for f in fishers[-1].values()))
     merges = {
         "plain average": average_merge(states),
-        "Fisher merge (exact)": fisher_merge(
-            states, exact, floor=config.floor, normalize=config.normalize
-        ),
-        "Fisher merge (exact, normalized)": fisher_merge(
-            states, exact, floor=config.floor, normalize=True
-        ),
-        "Fisher merge (sampled)": fisher_merge(
-            states, sampled, floor=config.floor, normalize=config.normalize
-        ),
+        "Fisher (exact)": fisher_merge(states, fishers, floor=config.floor),
+        "Fisher (authors' preset)": fisher_merge(states, fishers, floor=config.floor,
+                                                 preset="authors"),
+    }  # fmt: skip
+    scored = {
+        name: {"task_acc": [accuracy(s, subset(splits.test, t)) for t in tasks],
+               "union_acc": accuracy(s, splits.test)}
+        for name, s in {**{f"task {i + 1} model": s for i, s in enumerate(states)},
+                        **merges}.items()
+    }  # fmt: skip
+    return {
+        "tasks": [list(t) for t in tasks],
+        "scored": scored,
+        "output_ensemble_union_acc": _ensemble_accuracy(states, splits.test),
+        "confidence": confidence,  # mean max-probability on each model's own Fisher data (%)
+        "fisher_total": fisher_total,  # Σ of each model's exact Fisher over all parameters
     }
-    result.ensembling.insert(0, _score("pre-trained", pretrained, splits, tasks))
-    for name, state in merges.items():
-        result.ensembling.append(_score(name, _loaded(state, config.hidden), splits, tasks))
 
 
-def _robust(config, splits, pretrained, generator, result) -> None:
-    task = config.tasks[0]
-    finetuned = _loaded(pretrained.state_dict(), config.hidden)
-    _train(finetuned, _subset(splits.finetune, task), config.finetune_epochs, config, generator)
-    fishers = [
-        _fisher(pretrained, splits.pretrain, "exact", config, generator),
-        _fisher(finetuned, _subset(splits.finetune, task), "exact", config, generator),
-    ]
-    states = [pretrained.state_dict(), finetuned.state_dict()]
-    grid = [i / (config.lambdas - 1) for i in range(config.lambdas)]
-    result.lambdas = grid
-    merges = {
-        "plain": lambda lam: average_merge(states, [1 - lam, lam]),
-        "Fisher": lambda lam: fisher_merge(
-            states, fishers, [1 - lam, lam], floor=config.floor, normalize=config.normalize
-        ),
-    }
-    for method, merge in merges.items():
-        curve: dict[str, list[float]] = {"target": [], "union": [], "val_union": []}
-        for lam in grid:
-            model = _loaded(merge(lam), config.hidden)
-            curve["target"].append(_accuracy(model, _subset(splits.test, task)))
-            curve["union"].append(_accuracy(model, splits.test))
-            curve["val_union"].append(_accuracy(model, splits.validation))
-        result.curves[method] = curve
-        best = max(range(len(grid)), key=lambda i: curve["val_union"][i])  # first on ties
-        result.chosen_lambda[method] = grid[best]
-        model = _loaded(merge(grid[best]), config.hidden)
-        scored = _score(f"{method} at λ={grid[best]:.2f}", model, splits, config.tasks)
-        result.robust.append(scored)
-    result.robust.insert(0, _score("pre-trained (λ=0)", pretrained, splits, config.tasks))
-    result.robust.insert(1, _score("fine-tuned (λ=1)", finetuned, splits, config.tasks))
+# --- the run -------------------------------------------------------------------------------------
 
 
 def run(config: FisherMergingConfig, seed: int) -> FisherMergingResult:
-    """Both parts for one seed (a few seconds each)."""
+    """All parts for one seed (a few seconds on one core)."""
     start = time.perf_counter()
-    result = FisherMergingResult(seed=seed, tasks=[list(t) for t in config.tasks])
+    result = FisherMergingResult(seed=seed)
     with torch_threads(config.num_threads), seeded(seed) as generator:
-        splits = _splits(config, generator)
-        pretrained = MLP(config.hidden)
-        result.num_parameters = sum(p.numel() for p in pretrained.parameters())
-        _train(pretrained, splits.pretrain, config.pretrain_epochs, config, generator)
-        _ensembling(config, splits, pretrained, generator, result)
-        _robust(config, splits, pretrained, generator, result)
+        splits = make_splits(
+            config.pretrain_fraction, config.validation_fraction, config.split_seed,
+            config.test_fraction, generator,
+        )  # fmt: skip
+        result.num_parameters = sum(p.numel() for p in MLP(config.hidden).parameters())
+        models = _ensembling(config, splits, generator, result)
+        pretrained = models["pretrained_shared"][0]
+        # (b) reuses the shared setting's first copy: the pre-trained 10-way model fine-tuned
+        result.robust = _robust(config, splits, generator, pretrained, models["shared"][0])
+        if config.multitask:
+            result.multitask = _multitask(config, splits, generator, pretrained)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -299,7 +447,7 @@ def _register() -> None:
 
     register_reproduction(
         "fisher-merging",
-        "Fisher merging: Fisher-weighted vs plain averaging of fine-tuned models",
+        "Fisher merging: ensembling and robust fine-tuning, Fisher-weighted vs plain averaging",
         FisherMergingConfig,
         run,
         report,
