@@ -313,13 +313,20 @@ def _ensembling(config, splits, generator, result: FisherMergingResult) -> dict[
                 test[f"{method} (λ searched)"] = accuracy(state, splits.test)
                 test[f"{method} (equal λ)"] = accuracy(merge([1.0 / n] * n), splits.test)
             individual = [accuracy(s, splits.test) for s in members]
+            with torch.no_grad():
+                predictions = [logits(s, splits.test[0]).argmax(1) for s in members]
+            # how different the members are: % of test images where copy k ≠ copy 1
+            disagreement = [
+                100.0 * float((p != predictions[0]).double().mean()) for p in predictions[1:]
+            ]
             test["output ensemble"] = _ensemble_accuracy(members, splits.test)
             test["target (copy 1)"] = individual[0]
             test["individual (mean)"] = sum(individual) / n
             test["individual (best)"] = max(individual)
             result.ensembling.append(
                 {"head": head, "n_models": n, "test_acc": test, "individual_test_acc": individual,
-                 "chosen_lambda": chosen, "candidates": len(candidates)}
+                 "chosen_lambda": chosen, "candidates": len(candidates),
+                 "disagreement": sum(disagreement) / len(disagreement)}
             )  # fmt: skip
     return {"pretrained_shared": [pretrained["shared"]], **copies}
 

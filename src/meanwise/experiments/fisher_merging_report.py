@@ -174,6 +174,8 @@ def _ensembling_table(results: list[JSON], n_seeds: int) -> Table:
             _cell(r, head, n)["chosen_lambda"][m][0] for m in ("fisher", "plain") for r in results
         ]
         cells.append(f"{sum(weights) / len(weights):.2f}")
+        disagree = [_cell(r, head, n).get("disagreement", 0.0) for r in results]
+        cells.append(format_mean_std(disagree))
         rows.append(cells)
     first = results[0]
     return Table(
@@ -183,6 +185,7 @@ def _ensembling_table(results: list[JSON], n_seeds: int) -> Table:
             "Fisher − plain, λ searched",
             "Fisher − plain, equal λ",
             "target's λ (mean)",
+            "copies disagree with copy 1 (% of test)",
         ],  # fmt: skip
         rows=rows,
         caption=f"(a) Ensembling: N MLPs ({first.get('num_parameters', '?')} parameters) fine-"
@@ -192,7 +195,8 @@ def _ensembling_table(results: list[JSON], n_seeds: int) -> Table:
         "with the authors' preset. Test accuracy, mean ± std over "
         f"{n_seeds} seed(s); differences: mean [95 % t interval] (seeds up ↑ / down ↓). The "
         "search picks by validation accuracy (ties: lower validation loss); 'target's λ' is the "
-        "mean weight it gave copy 1 (1/N = equal).",
+        "mean weight it gave copy 1 (1/N = equal); the last column says how different the copies "
+        "are (test images where a copy's prediction differs from copy 1's).",
     )
 
 
