@@ -178,8 +178,9 @@ def test_results_are_well_formed(tiny_runs):
         for lam in cell["chosen_lambda"].values():
             assert len(lam) == cell["n_models"] and sum(lam) == pytest.approx(1.0)
     assert cell["candidates"] == 2 and a.ensembling[0]["candidates"] == 3  # Dirichlet / grid
-    sampled = a.sampled_fisher
-    assert sampled["draws"] == [1, 4] and all(e > 0 for e in sampled["relative_error"])
+    assert len(a.sampled_fisher) == 2
+    for sampled in a.sampled_fisher.values():
+        assert sampled["draws"] == [1, 4] and all(e > 0 for e in sampled["relative_error"])
     assert len(a.multitask["confidence"]) == 2 and a.multitask["fisher_total"][0] > 0
 
 

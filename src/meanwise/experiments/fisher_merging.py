@@ -169,7 +169,8 @@ class FisherMergingResult:
     # (a): one record per (head setting, N): test accuracy of every arm, the chosen λ, ...
     ensembling: list[dict[str, Any]] = field(default_factory=list)
     pretrained_test_acc: dict[str, float] = field(default_factory=dict)  # per head setting
-    # sampled vs exact Fisher of one fine-tuned model: {"draws": [...], "relative_error": [...]}
+    # sampled vs exact Fisher of two fine-tuned models (the parameters each merge weights):
+    # {model: {"draws": [...], "relative_error": [...], "examples": n}}
     sampled_fisher: dict[str, Any] = field(default_factory=dict)
     # (b): λ grid, per method the curves, the λ chosen on validation and the scores there
     robust: dict[str, Any] = field(default_factory=dict)
@@ -293,7 +294,9 @@ def _ensembling(config, splits, generator, result: FisherMergingResult) -> dict[
         copies[head] = states
         fishers = [_fisher(s, splits.finetune, config, BODY_KEYS) for s in states]
         if head == "fresh":
-            result.sampled_fisher = _sampled_check(config, states[0], fishers[0], splits, generator)
+            result.sampled_fisher["(a) fresh-head copy 1, body"] = _sampled_check(
+                config, states[0], fishers[0], splits, generator, BODY_KEYS
+            )
         for n in config.ensemble_sizes:
             members, member_fishers = states[:n], fishers[:n]
             candidates = candidate_coefficients(
@@ -331,12 +334,14 @@ def _ensembling(config, splits, generator, result: FisherMergingResult) -> dict[
     return {"pretrained_shared": [pretrained["shared"]], **copies}
 
 
-def _sampled_check(config, state: State, exact, splits: Splits, generator) -> dict[str, Any]:
+def _sampled_check(
+    config, state: State, exact, splits: Splits, generator, keys: tuple[str, ...] | None
+) -> dict[str, Any]:
     """The sampled Fisher of one fine-tuned model against its exact Fisher (same examples)."""
     draws = sorted({1, config.sampled_draws})
     errors = []
     for s in draws:
-        sampled = _fisher(state, splits.finetune, config, BODY_KEYS, "sampled", s, generator)
+        sampled = _fisher(state, splits.finetune, config, keys, "sampled", s, generator)
         errors.append(relative_error(sampled, exact))
     examples = min(config.fisher_examples, splits.finetune[1].shape[0])
     return {"draws": draws, "relative_error": errors, "examples": examples}
@@ -355,6 +360,7 @@ def _robust(config, splits, generator, pretrained: State, finetuned: State) -> d
         _fisher(finetuned, splits.finetune, config),
         _fisher(pretrained, _broad_sample(config, splits, generator), config),
     ]
+    sampled = _sampled_check(config, finetuned, fishers[0], splits, generator, None)
     states = [finetuned, pretrained]
     grid = [i / (config.lambdas - 1) for i in range(config.lambdas)]
     merges = {
@@ -363,7 +369,8 @@ def _robust(config, splits, generator, pretrained: State, finetuned: State) -> d
             states, fishers, [lam, 1 - lam], floor=config.floor, preset="authors"
         ),
     }
-    out: dict[str, Any] = {"lambdas": grid, "curves": {}, "chosen_lambda": {}, "at_chosen": {}}
+    out: dict[str, Any] = {"lambdas": grid, "curves": {}, "chosen_lambda": {}, "at_chosen": {},
+                           "sampled_fisher": sampled}  # fmt: skip
     for method, merge in merges.items():
         curve: dict[str, list[float]] = {"val": [], "val_nll": [], "id_test": []}
         curve.update({name: [] for name in SHIFTS})
@@ -442,6 +449,9 @@ def run(config: FisherMergingConfig, seed: int) -> FisherMergingResult:
         pretrained = models["pretrained_shared"][0]
         # (b) reuses the shared setting's first copy: the pre-trained 10-way model fine-tuned
         result.robust = _robust(config, splits, generator, pretrained, models["shared"][0])
+        result.sampled_fisher["(b) fine-tuned model, all parameters"] = result.robust.pop(
+            "sampled_fisher"
+        )
         if config.multitask:
             result.multitask = _multitask(config, splits, generator, pretrained)
     result.seconds = time.perf_counter() - start

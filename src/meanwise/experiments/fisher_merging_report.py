@@ -257,25 +257,27 @@ def _robust_tables(results: list[JSON], n_seeds: int) -> list[Table]:
 
 
 def _sampled_table(results: list[JSON]) -> Table:
-    records = [r["sampled_fisher"] for r in results]
     rows = []
-    for i, draws in enumerate(records[0]["draws"]):
-        errors = [rec["relative_error"][i] for rec in records]
-        within = sum(e <= 0.10 for e in errors)
-        rows.append([str(draws), format_mean_std(errors, 3), f"{max(errors):.3f}",
-                     f"{within} of {len(errors)}"])  # fmt: skip
+    for model, first in results[0]["sampled_fisher"].items():
+        records = [r["sampled_fisher"][model] for r in results]
+        for i, draws in enumerate(first["draws"]):
+            errors = [rec["relative_error"][i] for rec in records]
+            within = sum(e <= 0.10 for e in errors)
+            rows.append([model, str(draws), format_mean_std(errors, 3), f"{max(errors):.3f}",
+                         f"{within} of {len(errors)}"])  # fmt: skip
+        examples = first["examples"]
     return Table(
         columns=[
+            "model (parameters)",
             "draws per example",
             "relative L2 error vs exact",
             "max over seeds",
             "seeds within 10 %",
         ],  # fmt: skip
         rows=rows,
-        caption="The sampled Fisher (labels drawn from the model) of one fine-tuned model of (a) "
-        f"over its {records[0]['examples']} fine-tuning examples and merged parameters, against "
-        "the exact Fisher on the same examples. The error falls as 1/√draws; the merges above "
-        "use the exact Fisher, as the authors do.",
+        caption="The sampled Fisher (labels drawn from the model) against the exact Fisher on the "
+        f"same {examples} fine-tuning examples, over the parameters each merge weights. The "
+        "error falls as 1/√draws; the merges above use the exact Fisher, as the authors do.",
     )
 
 
@@ -353,9 +355,11 @@ def metrics(results: list[JSON]) -> dict[str, float]:
                 [r["robust"]["chosen_lambda"][m] for r in results]
             )[0]
     if results and all(r.get("sampled_fisher") for r in results):
-        errors = [r["sampled_fisher"]["relative_error"][-1] for r in results]
-        out["sampled_fisher.relative_error.mean"] = mean_std(errors)[0]
-        out["sampled_fisher.draws"] = float(results[0]["sampled_fisher"]["draws"][-1])
+        for i, model in enumerate(results[0]["sampled_fisher"]):
+            errors = [r["sampled_fisher"][model]["relative_error"][-1] for r in results]
+            out[f"sampled_fisher.{'ab'[i]}.relative_error.mean"] = mean_std(errors)[0]
+            draws = results[0]["sampled_fisher"][model]["draws"][-1]
+            out[f"sampled_fisher.{'ab'[i]}.draws"] = float(draws)
     return out
 
 
