@@ -1,4 +1,4 @@
-"""Experiment `frame-averaging` on a tiny config: determinism, resume, report parts, verdict."""
+"""Experiment `frame-averaging` on a tiny config: determinism, resume, report parts, claims."""
 
 import dataclasses
 import math
@@ -8,6 +8,7 @@ import torch
 
 from meanwise.experiments import get
 from meanwise.experiments.base import runner_context
+from meanwise.experiments.claims import status_from_interval, validate_claim
 from meanwise.experiments.frame_averaging import (
     FrameAveragingConfig,
     equivariance_error,
@@ -15,7 +16,8 @@ from meanwise.experiments.frame_averaging import (
     run,
     train_nbody,
 )
-from meanwise.experiments.frame_averaging_report import PUBLISHED_MSE, summarize, verdict
+from meanwise.experiments.frame_averaging_report import PUBLISHED_MSE, claims, protocol, summarize
+from meanwise.experiments.runner import config_to_dict
 from meanwise.symmetry.models import LinearDynamics
 
 TINY = FrameAveragingConfig(
@@ -112,44 +114,140 @@ def test_registered_experiment_produces_report_parts(tiny_runs):
     assert {f.stem for f in experiment.figures({}, results)} == {"nbody-curves", "normals"}
     metrics = experiment.metrics(results)
     assert metrics["nbody.FA-GNN.test_mse.std"] == 0.0
-    assert "HOLDS here" in experiment.verdict(results) or "NOT" in experiment.verdict(results)
     quick, full = FrameAveragingConfig.quick(), FrameAveragingConfig.full()
     assert quick.epochs < full.epochs and full.train_size == 3000 and full.batch_size == 100
+    assert quick.seeds >= 3 and full.seeds >= 3
 
 
-def _fake(mse: dict[str, float], normals=(5.0, 5.0, 5.0, 40.0)):
+def test_claims_of_a_tiny_run_validate_and_follow_their_intervals(tiny_runs):
+    results = [dataclasses.asdict(r) for r in (tiny_runs[0], tiny_runs[2])]  # seeds 0 and 1
+    found = get("frame-averaging").claims(results)
+    names = [c.claim for c in found]
+    assert names[:2] == [
+        "FA-GNN has a lower n-body test MSE than GNN",
+        "GNN has a lower n-body test MSE than Linear",
+    ]
+    assert not any("published n-body test MSE" in n for n in names)  # 40 systems: no level
+    thresholds = {"MSE": 0.0, "equivariant": 1e-5, "equals": 0.5, "removes": 0.0}
+    for c in found:
+        validate_claim(c.to_json())
+        assert c.n_seeds == 2
+        threshold = next(v for k, v in thresholds.items() if k in c.claim)
+        assert c.status == status_from_interval(c.ci95, threshold, "less")
+    # the effect is the mean paired difference, computed here from the raw runs
+    by_seed = [{r.model: r.test_mse for r in run.nbody} for run in (tiny_runs[0], tiny_runs[2])]
+    expected = sum(m["FA-GNN"] - m["GNN"] for m in by_seed) / 2
+    assert math.isclose(found[0].effect, expected, rel_tol=1e-12)
+    assert math.isclose(found[0].paper_effect, 0.0057 - 0.0107)
+
+
+def test_protocol_lists_every_aspect_with_the_config_that_ran():
+    for config in (FrameAveragingConfig.quick(), FrameAveragingConfig.full()):
+        table = get("frame-averaging").protocol(config_to_dict(config))
+        assert table.columns[:3] == ["aspect", "paper", "ours"]
+        aspects = {row[0]: row for row in table.rows}
+        for aspect in ("n-body simulator", "data size", "FA-GNN", "GNN baseline", "optimizer",
+                       "training budget", "runs", "metric", "normal estimation"):  # fmt: skip
+            assert aspect in aspects
+        assert all(cell.strip() for row in table.rows for cell in row)
+        assert f"{config.train_size:,} / {config.val_size:,}" in aspects["data size"][2]
+        assert f"batch {config.batch_size}" in aspects["optimizer"][2]
+        assert f"at most {config.epochs} epochs" in aspects["training budget"][2]
+        assert f"{config.seeds} seed(s)" in aspects["runs"][2]
+    full = {r[0]: r for r in protocol(config_to_dict(FrameAveragingConfig.full())).rows}
+    assert full["data size"][3] == "same as the paper"
+
+
+def _fake(mse: dict[str, list[float]], normals=(5.0, 5.0, 5.0, 40.0), train_size=3000):
+    """Results of len(values) seeds; normals = (FA aligned, FA rotated, plain aligned, rotated),
+    each shifted by 0.1 x seed so that the per-seed spread is not zero."""
     fa_al, fa_rot, p_al, p_rot = normals
+    seeds = len(next(iter(mse.values())))
     return [
         {
-            "seed": 0, "train_size": 3000, "epochs_cap": 1000, "degenerate_test_fraction": 0.1,
+            "seed": s, "train_size": train_size, "epochs_cap": 1000,
+            "degenerate_test_fraction": 0.1,
             "nbody": [
-                {"model": m, "test_mse": v, "equivariance_error": 1e-7, "best_epoch": 9,
-                 "epochs_run": 10, "parameters": 1, "seconds": 1.0, "eval_epochs": [9],
-                 "val_mse": [v], "train_mse": [v]}
+                {"model": m, "test_mse": v[s], "equivariance_error": 1e-7 * (1 + s),
+                 "best_epoch": 9, "epochs_run": 10, "parameters": 1, "seconds": 1.0,
+                 "eval_epochs": [9], "val_mse": [v[s]], "train_mse": [v[s]]}
                 for m, v in mse.items()
             ],
             "normals": [
-                {"model": "FA-PointNet", "aligned_error_deg": fa_al, "rotated_error_deg": fa_rot,
-                 "equivariance_error": 1e-7, "seconds": 1.0, "train_loss": [1.0]},
-                {"model": "PointNet", "aligned_error_deg": p_al, "rotated_error_deg": p_rot,
-                 "equivariance_error": 1.0, "seconds": 1.0, "train_loss": [1.0]},
+                {"model": "FA-PointNet", "aligned_error_deg": fa_al + 0.1 * s,
+                 "rotated_error_deg": fa_rot + 0.1 * s, "equivariance_error": 1e-7,
+                 "seconds": 1.0, "train_loss": [1.0]},
+                {"model": "PointNet", "aligned_error_deg": p_al, "rotated_error_deg": p_rot
+                 + 0.3 * s, "equivariance_error": 1.0, "seconds": 1.0, "train_loss": [1.0]},
             ],
         }
+        for s in range(seeds)
     ]  # fmt: skip
 
 
-def test_verdict_says_when_the_ordering_holds_and_when_not():
-    holds = verdict(_fake({"FA-GNN": 0.0055, "GNN": 0.0107, "Linear": 0.0819}))
-    lines = holds.splitlines()
-    assert lines[0].startswith("n-body ordering FA-GNN < GNN < Linear (paper): HOLDS here")
-    assert "FA-GNN reaches the paper's level" in lines[0]
-    assert lines[1].startswith("Normals under unseen rotations: HOLDS here")
-    fails = verdict(_fake({"FA-GNN": 0.02, "GNN": 0.0107, "Linear": 0.0819}, (5, 9, 5, 5)))
-    assert "does NOT hold here" in fails.splitlines()[0]
-    assert "ours GNN < FA-GNN < Linear" in fails
-    assert "does not reach" in fails
-    assert fails.splitlines()[1].startswith("Normals under unseen rotations: does NOT hold")
-    table = summarize(_fake({"FA-GNN": 0.0055, "GNN": 0.0107}))[0]
+# t_{0.975} with 2 degrees of freedom (scipy.stats.t.ppf(0.975, 2)), an independent constant
+T975_DF2 = 4.302652729911275
+
+
+def test_claims_follow_the_paired_intervals_of_hand_made_results():
+    results = _fake(
+        {
+            "FA-GNN": [0.0050, 0.0052, 0.0051],
+            "GNN": [0.0107, 0.0111, 0.0104],
+            "Linear": [0.0819, 0.0820, 0.0818],
+        }  # fmt: skip
+    )
+    found = {c.claim: c for c in claims(results)}
+    fa = found["FA-GNN has a lower n-body test MSE than GNN"]
+    diffs = [0.0050 - 0.0107, 0.0052 - 0.0111, 0.0051 - 0.0104]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    assert math.isclose(fa.effect, mean, rel_tol=1e-12)
+    half = T975_DF2 * sd / math.sqrt(3)
+    assert fa.ci95 == pytest.approx((mean - half, mean + half), rel=1e-9)
+    assert fa.status == "supported" and fa.n_seeds == 3
+    assert found["GNN has a lower n-body test MSE than Linear"].status == "supported"
+    assert found["FA-GNN is E(3)-equivariant up to float32 rounding"].status == "supported"
+    level = found["FA-GNN reaches the published n-body test MSE (.0057)"]
+    assert level.status == "supported" and level.paper_effect == PUBLISHED_MSE["FA-GNN"]
+    assert (
+        found["FA-PointNet's normal error on unseen rotations equals its aligned error"].status
+        == "supported"
+    )
+    removes = found[
+        "Frame averaging removes the plain network's degradation under unseen rotations"
+    ]
+    assert removes.status == "supported" and removes.effect == pytest.approx(-35.3)
+
+
+def test_claims_are_contradicted_or_unresolved_when_the_numbers_say_so():
+    reversed_ = claims(
+        _fake(
+            {"FA-GNN": [0.020, 0.021, 0.022], "GNN": [0.0107, 0.0111, 0.0104]},
+            normals=(5.0, 9.0, 5.0, 5.0),
+        )  # fmt: skip
+    )
+    found = {c.claim: c for c in reversed_}
+    assert found["FA-GNN has a lower n-body test MSE than GNN"].status == "contradicted"
+    assert found["FA-GNN reaches the published n-body test MSE (.0057)"].status == "contradicted"
+    assert (
+        found["FA-PointNet's normal error on unseen rotations equals its aligned error"].status
+        == "contradicted"
+    )
+    assert "GNN has a lower n-body test MSE than Linear" not in found  # no Linear arm
+    noisy = claims(_fake({"FA-GNN": [0.010, 0.012, 0.0105], "GNN": [0.011, 0.0105, 0.0112]}))
+    within_noise = {c.claim: c for c in noisy}["FA-GNN has a lower n-body test MSE than GNN"]
+    assert within_noise.status == "unresolved"
+    assert "Minimum detectable effect at 3 seeds" in within_noise.detail
+    one_seed = claims(_fake({"FA-GNN": [0.005], "GNN": [0.0107]}))
+    assert all(c.status == "unresolved" and c.n_seeds == 1 for c in one_seed)
+    small = {c.claim for c in claims(_fake({"FA-GNN": [0.04, 0.05]}, train_size=500))}
+    assert "FA-GNN reaches the published n-body test MSE (.0057)" not in small
+    assert claims([]) == []
+
+
+def test_summary_table_ranks_models_next_to_the_paper():
+    table = summarize(_fake({"FA-GNN": [0.0055], "GNN": [0.0107]}))[0]
     row = {r[0]: r for r in table.rows}
     assert row["FA-GNN"][2] == f"{PUBLISHED_MSE['FA-GNN']:.4f}" and row["FA-GNN"][3] == "1"
 

@@ -128,6 +128,26 @@ def test_splits_have_the_published_distribution():
     assert torch.equal(again["test"].target, test.target)
 
 
+def test_initial_state_is_reflected_once_at_the_walls_as_the_reference_does():
+    x, v, q = _initial(2, seed=5)
+    x[0, 0, 0], v[0, 0, 0] = 6.5, 0.3  # beyond +5, moving out
+    x[1, 2, 1], v[1, 2, 1] = -5.25, -0.2  # beyond -5, moving out
+    # by hand: mirror at the wall, velocity component pointing inwards, nothing else changes
+    x_hand, v_hand = x.clone(), v.clone()
+    x_hand[0, 0, 0], v_hand[0, 0, 0] = 3.5, -0.3
+    x_hand[1, 2, 1], v_hand[1, 2, 1] = -4.75, 0.2
+    reflected = simulate_charged_particles(2, steps=300, record_every=100, initial_state=(x, v, q))
+    by_hand = simulate_charged_particles(
+        2, steps=300, record_every=100, initial_state=(x_hand, v_hand, q), initial_box=None
+    )
+    assert torch.equal(reflected.positions, by_hand.positions)
+    assert torch.equal(reflected.velocities, by_hand.velocities)
+    inside = simulate_charged_particles(
+        2, steps=300, record_every=100, initial_state=(x_hand, v_hand, q)
+    )
+    assert torch.equal(inside.positions, by_hand.positions)  # inside the box: no change
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_systems must be a positive int"):
         simulate_charged_particles(0)
@@ -137,3 +157,5 @@ def test_bad_arguments():
         simulate_charged_particles(2, initial_state=_initial(3))
     with pytest.raises(ValueError, match="frame_in < frame_out"):
         make_nbody_splits(0, {"train": 2}, frame_in=5, frame_out=5)
+    with pytest.raises(ValueError, match="initial_box must be > 0"):
+        simulate_charged_particles(2, initial_box=0.0)

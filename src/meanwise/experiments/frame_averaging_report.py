@@ -1,6 +1,7 @@
 """What the report says about experiment `frame-averaging`: claim, published numbers, our tables,
-figures and the verdict. Everything here reads results in their JSON form (lists of dicts), so a
-report can be rebuilt from cached results.
+figures, the claims (each with a 95 % interval over seeds) and the protocol table. Everything
+here reads results in their JSON form (lists of dicts), so a report can be rebuilt from cached
+results.
 """
 
 from __future__ import annotations
@@ -8,9 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
+from meanwise.experiments.claims import (
+    Claim,
+    ProtocolRow,
+    paired_claim,
+    protocol_table,
+    threshold_claim,
+)
 
 __all__ = ["PAPER", "CLAIM", "PUBLISHED", "PUBLISHED_MSE", "summarize", "metrics", "figures",
-           "verdict"]  # fmt: skip
+           "claims", "protocol"]  # fmt: skip
 
 JSON = dict[str, Any]
 
@@ -165,74 +173,296 @@ def metrics(results: list[JSON]) -> dict[str, float]:
     return out
 
 
-def _nbody_verdict(results: list[JSON]) -> str | None:
-    by_model = _nbody_by_model(results)
-    if not by_model:
-        return None
-    means = {m: _mean(runs, "test_mse") for m, runs in by_model.items()}
-    ours = sorted(means, key=means.get)
-    paper = sorted((m for m in means if m in PUBLISHED_MSE), key=PUBLISHED_MSE.get)
-    numbers = ", ".join(f"{m} {means[m]:.4f}" for m in ours)
+# --- claims and protocol -----------------------------------------------------------------------
+
+# The paper's level for FA-GNN: .0057, with the old report's 5 % tolerance
+FA_GNN_LEVEL = 0.0060
+# float32 rounding bound for a relative equivariance error (the library's tests use the same)
+EQUIVARIANCE_TOLERANCE = 1e-5
+# a rotation-invariant normal estimator's error may differ between aligned and rotated copies
+# of a shape by rounding only; half a degree is far above that and far below a real effect
+ROTATION_TOLERANCE_DEG = 0.5
+
+# What the row-by-row comparison with EGNN's code found about the GNN's gap (see `protocol`)
+GNN_BUDGET_FINDING_OURS = "TODO"
+GNN_BUDGET_FINDING_WHY = "TODO"
+
+
+def _runs_by_seed(results: list[JSON], part: str) -> dict[str, dict[int, JSON]]:
+    """{model: {seed: run}} for part "nbody" or "normals"."""
+    out: dict[str, dict[int, JSON]] = {}
+    for index, result in enumerate(results):
+        seed = int(result.get("seed", index))
+        for run in result.get(part, []):
+            out.setdefault(run["model"], {})[seed] = run
+    return out
+
+
+def _paired(arms: dict[str, dict[int, JSON]], a: str, b: str) -> list[int]:
+    """The seeds both arms ran, in order (pairing by seed)."""
+    if a not in arms or b not in arms:
+        return []
+    return sorted(set(arms[a]) & set(arms[b]))
+
+
+def _scale(results: list[JSON]) -> str:
     first = results[0]
-    scale = (
-        f"{first.get('train_size', '?')} training systems, at most "
-        f"{first.get('epochs_cap', '?')} epochs"
-    )
-    holds = ours == paper
-    text = (
-        f"n-body ordering {' < '.join(paper)} (paper): "
-        f"{'HOLDS here' if holds else 'does NOT hold here'} at this scale ({scale}): "
-        f"ours {' < '.join(ours)}: {numbers} (paper: "
-        + ", ".join(f"{m} {PUBLISHED_MSE[m]:.4f}" for m in paper)
-        + ")."
-    )
-    if "FA-GNN" in means:
-        target = 0.0060
-        met = means["FA-GNN"] <= target
-        text += (
-            f" FA-GNN {'reaches' if met else 'does not reach'} the paper's level "
-            f"(<= {target:.4f}) here"
-            + ("" if met else "; the paper's number needs its uncapped 10,000-epoch protocol")
-            + "."
-        )
-    if len(results) > 1:
-        spread = max(mean_std([r["test_mse"] for r in runs])[1] for runs in by_model.values())
-        gaps = [means[b] - means[a] for a, b in zip(ours, ours[1:], strict=False)]
-        if gaps and min(gaps) < spread:
-            text += " Some gaps are smaller than the seed-to-seed standard deviation."
-    errors = {m: _mean(runs, "equivariance_error") for m, runs in by_model.items()}
-    if "FA-GNN" in errors:
-        text += (
-            f" Equivariance error: FA-GNN {errors['FA-GNN']:.1e}"
-            + (f", GNN {errors['GNN']:.2f}" if "GNN" in errors else "")
-            + (f", Linear {errors['Linear']:.1e}" if "Linear" in errors else "")
-            + " (FA-GNN exact up to float32 rounding, amplified on nearly degenerate frames)."
-        )
-    return text
-
-
-def _normals_verdict(results: list[JSON]) -> str | None:
-    normals = _normals_by_model(results)
-    if "PointNet" not in normals or "FA-PointNet" not in normals:
-        return None
-    plain, fa = normals["PointNet"], normals["FA-PointNet"]
-    p_al, p_rot = _mean(plain, "aligned_error_deg"), _mean(plain, "rotated_error_deg")
-    f_al, f_rot = _mean(fa, "aligned_error_deg"), _mean(fa, "rotated_error_deg")
-    fa_unaffected = abs(f_rot - f_al) <= 0.5
-    plain_degrades = p_rot > p_al + 2.0
-    outcome = "HOLDS here" if fa_unaffected and plain_degrades else "does NOT hold here"
     return (
-        f"Normals under unseen rotations: {outcome}: the FA network's angle error is "
-        f"{f_al:.2f}° aligned vs {f_rot:.2f}° rotated "
-        f"({'unaffected' if fa_unaffected else 'affected'}); the plain network's "
-        f"{p_al:.2f}° vs {p_rot:.2f}° ({'degrades' if plain_degrades else 'does not degrade'})."
+        f"{first.get('train_size', '?')} training systems, at most "
+        f"{first.get('epochs_cap', '?')} epochs (the paper: 3,000 and up to 10,000)"
     )
 
 
-def verdict(results: list[JSON]) -> str:
-    """One line per claim, each saying HOLDS / does NOT hold here, with our numbers."""
-    lines = [v for v in (_nbody_verdict(results), _normals_verdict(results)) if v is not None]
-    return "\n".join(lines) if lines else "No comparable runs in these results."
+def claims(results: list[JSON]) -> list[Claim]:
+    """Each claim this experiment tests, with a 95 % interval over seeds (paired by seed)."""
+    out: list[Claim] = []
+    if not results:
+        return out
+    nbody = _runs_by_seed(results, "nbody")
+    scale = _scale(results)
+    for method, baseline in (("FA-GNN", "GNN"), ("GNN", "Linear")):
+        seeds = _paired(nbody, method, baseline)
+        if not seeds:
+            continue
+        out.append(
+            paired_claim(
+                f"{method} has a lower n-body test MSE than {baseline}",
+                [nbody[method][s]["test_mse"] for s in seeds],
+                [nbody[baseline][s]["test_mse"] for s in seeds],
+                paper_effect=PUBLISHED_MSE[method] - PUBLISHED_MSE[baseline],
+                direction="less",
+                unit="MSE",
+                detail=f"Test MSE at the best validation epoch, {method} minus {baseline}, "
+                f"paired by seed (seed = initialisation and batch order; the data are the "
+                f"same for every seed); {scale}.",
+            )
+        )
+    if "FA-GNN" in nbody:
+        fa = nbody["FA-GNN"]
+        seeds = sorted(fa)
+        out.append(
+            threshold_claim(
+                "FA-GNN is E(3)-equivariant up to float32 rounding",
+                [fa[s]["equivariance_error"] for s in seeds],
+                threshold=EQUIVARIANCE_TOLERANCE,
+                paper_effect=None,
+                direction="less",
+                unit="",
+                detail="Relative error ‖f(Qx+b, Qv) − (Q f(x, v) + b)‖ / ‖f(x, v)‖ over test "
+                "systems, Q random in O(3), b random, float32, after training; the paper "
+                f"states exactness by construction (no number). Threshold "
+                f"{EQUIVARIANCE_TOLERANCE:g}: float32 rounding, amplified on nearly "
+                "degenerate 5-point frames.",
+            )
+        )
+        if min(int(r.get("train_size", 0)) for r in results) >= 3000:
+            # the level is only comparable on the paper's data size; the quick preset's 500
+            # systems and few epochs cannot test it (see the protocol table)
+            out.append(
+                threshold_claim(
+                    "FA-GNN reaches the published n-body test MSE (.0057)",
+                    [fa[s]["test_mse"] for s in seeds],
+                    threshold=FA_GNN_LEVEL,
+                    paper_effect=PUBLISHED_MSE["FA-GNN"],
+                    direction="less",
+                    unit="MSE",
+                    detail=f"FA-GNN test MSE at the best validation epoch against "
+                    f"{FA_GNN_LEVEL} (the paper's .0057 + 5 %); {scale}.",
+                )
+            )
+    normals = _runs_by_seed(results, "normals")
+    if "FA-PointNet" in normals:
+        fa = normals["FA-PointNet"]
+        seeds = sorted(fa)
+        out.append(
+            threshold_claim(
+                "FA-PointNet's normal error on unseen rotations equals its aligned error",
+                [abs(fa[s]["rotated_error_deg"] - fa[s]["aligned_error_deg"]) for s in seeds],
+                threshold=ROTATION_TOLERANCE_DEG,
+                paper_effect=None,
+                direction="less",
+                unit="°",
+                detail="|angle error on randomly rotated and translated test shapes − angle "
+                "error on the same shapes axis-aligned| per seed, trained on aligned shapes "
+                "only; our synthetic-shape check of the invariance the paper proves (no "
+                f"published number). Threshold {ROTATION_TOLERANCE_DEG}°.",
+            )
+        )
+    seeds = _paired(normals, "FA-PointNet", "PointNet")
+    if seeds:
+
+        def degradation(run: JSON) -> float:
+            return run["rotated_error_deg"] - run["aligned_error_deg"]
+
+        out.append(
+            paired_claim(
+                "Frame averaging removes the plain network's degradation under unseen rotations",
+                [degradation(normals["FA-PointNet"][s]) for s in seeds],
+                [degradation(normals["PointNet"][s]) for s in seeds],
+                paper_effect=None,
+                direction="less",
+                unit="°",
+                detail="(rotated − aligned angle error) of FA-PointNet minus that of PointNet, "
+                "paired by seed; both trained on axis-aligned shapes only.",
+            )
+        )
+    return out
+
+
+def _lr(config: JSON, model: str) -> str:
+    rates = {name: rate for name, rate in config.get("lr", [])}
+    return "?" if model not in rates else f"{rates[model]:g}"
+
+
+def protocol(config: JSON) -> Table:
+    """The paper's (EGNN's) n-body protocol against the config that ran, row by row."""
+    c = config
+    patience_epochs = c["patience"] * c["eval_every"]
+    early_stop = (
+        "none"
+        if c["patience"] * c["eval_every"] >= c["epochs"]
+        else f"after {c['patience']} evaluations ({patience_epochs} epochs) without a better "
+        "validation MSE"
+    )
+    rows = [
+        ProtocolRow(
+            "n-body simulator",
+            "EGNN's nbody_small generator (from NRI / SE(3)-Transformer): 5 particles, charges "
+            "±1 (p = ½), x ~ N(0, 1) per coordinate, |v| = 0.5 in a uniform direction, "
+            "F_i = Σ q_i q_j (x_i − x_j)/r³ clipped to ±100 per component, no box (the box "
+            "reflection is applied once, to the initial state, with walls at ±5), "
+            "semi-implicit Euler dt = 1e-3, 5,000 steps recorded every 100 (49 frames)",
+            "the same equations re-implemented in batched float64 torch (tests: against a "
+            "per-system loop of the reference integration, momentum and energy)",
+            "the released .npy files are not available offline; the generator is re-"
+            "implemented (the initial ±5 reflection is omitted: a N(0, 1) coordinate passes "
+            "5 with probability 6e-7). Different random draws, same distribution",
+        ),
+        ProtocolRow(
+            "task",
+            "inputs: positions and velocities at frame 30, charges; target: positions at "
+            "frame 40 (1,000 integration steps later)",
+            "frame 30 → frame 40",
+        ),
+        ProtocolRow(
+            "data size",
+            "3,000 training systems (the first 3,000 of 10,000 generated with NumPy seed 43), "
+            "2,000 validation, 2,000 test",
+            f"{c['train_size']:,} / {c['val_size']:,} / {c['test_size']:,} (data_seed "
+            f"{c['data_seed']}, the same for every seed)",
+            "same as the paper"
+            if (c["train_size"], c["val_size"], c["test_size"]) == (3000, 2000, 2000)
+            else "quick preset: CPU time on 2 shared cores; fewer systems raise every "
+            "learned model's MSE, the plain GNN's most (no symmetry to share data across "
+            "orientations)",
+        ),
+        ProtocolRow(
+            "data draw",
+            "one draw; Linear (the least-squares t of x + t·v) reaches .0819",
+            "our own draw; the least-squares Linear model reaches a test MSE of "
+            ".0865-.0907 over data seeds 0-3 (standard error of one 2,000-system test mean "
+            "≈ .003, heavy-tailed: close encounters)",
+            "a different draw of the same distribution; the Linear gap (+6-10 %) is about "
+            "two standard errors of a test mean, so all MSE levels here may sit a few per "
+            "cent above the paper's for the draw alone",
+        ),
+        ProtocolRow(
+            "FA-GNN",
+            "4 residual message-passing layers (SiLU), 60 hidden channels read as 20 "
+            "3-vectors, edge features [q_i q_j, ‖x_i − x_j‖²], frame averaging (8 E(3) PCA "
+            "frame elements) inside every layer",
+            f"{c['layers']} layers, {c['fa_hidden']} hidden",
+            "same as the paper"
+            if (c["layers"], c["fa_hidden"]) == (4, 60)
+            else "smaller, for time",
+        ),
+        ProtocolRow(
+            "GNN baseline",
+            "EGNN's GNN: embedding Linear(6, 64) of [x, v], 4 residual GCL layers (edge MLP "
+            "on [h_i, h_j, q_i q_j], sum over neighbours, node MLP), SiLU, decoder "
+            "64 → 64 → 3 predicting positions directly",
+            f"the same, {c['layers']} layers, {c['gnn_hidden']} hidden",
+            "same as the paper"
+            if (c["layers"], c["gnn_hidden"]) == (4, 64)
+            else "smaller, for time",
+        ),
+        ProtocolRow(
+            "Linear baseline",
+            "x̂ = x + t·v, one learned scalar t (initial 0.7)",
+            "the same",
+        ),
+        ProtocolRow(
+            "optimizer",
+            "Adam, weight decay 1e-12, batch 100; lr FA-GNN 1e-3, GNN 1e-3 (EGNN README), "
+            "Linear 5e-4 (EGNN default); constant lr, MSE loss on positions",
+            f"Adam, weight decay {c['weight_decay']:g}, batch {c['batch_size']}; lr FA-GNN "
+            f"{_lr(c, 'FA-GNN')}, GNN {_lr(c, 'GNN')}, Linear {_lr(c, 'Linear')}",
+            (
+                "same as the paper"
+                if c["batch_size"] == 100
+                else "quick preset: batch 50 "
+                "gives twice the updates for the same CPU time on a small training set; "
+            )
+            + " Linear's lr only sets how fast the convex 1-D fit converges (it converges "
+            "within the budget either way)",
+        ),
+        ProtocolRow(
+            "training budget",
+            "up to 10,000 epochs, validation every 5, test MSE at the best validation epoch; "
+            "no early stopping",
+            f"at most {c['epochs']} epochs, validation every {c['eval_every']}, test MSE at "
+            f"the best validation epoch; early stop: {early_stop}",
+            "CPU time: one FA-GNN epoch on 3,000 systems takes ~8 s on one core (10,000 "
+            "epochs ≈ 22 h per seed). Fewer epochs can only raise the MSE of a model whose "
+            "validation MSE is still improving; see the GNN row below",
+        ),
+        ProtocolRow(
+            "GNN level (.0152 here vs .0107)",
+            "GNN .0107 after 10,000 epochs",
+            GNN_BUDGET_FINDING_OURS,
+            GNN_BUDGET_FINDING_WHY,
+        ),
+        ProtocolRow(
+            "runs",
+            "one run per model, no interval",
+            f"{c['seeds']} seed(s) per model (initialisation and batch order); claims from a "
+            "95 % t interval over seeds, paired by seed",
+            "the contract of this report; the paper's numbers carry no seed spread",
+        ),
+        ProtocolRow(
+            "metric",
+            "MSE of predicted positions, mean over systems, particles and coordinates",
+            "the same",
+        ),
+        ProtocolRow(
+            "equivariance",
+            "exact by construction (no measured number)",
+            f"measured: relative error under random O(3) rotations + translations on "
+            f"{c['equivariance_systems']} test systems, float32",
+            "an empirical check of the theorem; float32 rounding, amplified on nearly "
+            "degenerate 5-point frames, is the expected residue",
+        ),
+        ProtocolRow(
+            "normal estimation",
+            "the paper's point-cloud experiments use real shape data",
+            f"synthetic spheres, ellipsoids and tori ({c['normal_train_shapes']} training / "
+            f"{c['normal_test_shapes']} test shapes, {c['normal_points']} points), a "
+            f"PointNet-style network of width {c['normal_width']} and its FrameAveraging "
+            f"('E3', 'vector', stochastic frames while training) version, {c['normal_epochs']}"
+            " epochs, trained on axis-aligned shapes only",
+            "no shape data offline; this tests only invariance to unseen rotations, not the "
+            "paper's error levels",
+        ),
+        ProtocolRow(
+            "hardware",
+            "GPU",
+            f"CPU, {c['num_threads']} thread(s)",
+            "the machine here; results are deterministic per seed on one machine",
+        ),
+    ]
+    return protocol_table(
+        rows, "n-body: the protocol of the paper (EGNN's code, which FA follows) against ours."
+    )
 
 
 def _draw_curves(results: list[JSON]):

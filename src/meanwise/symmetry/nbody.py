@@ -1,11 +1,16 @@
 """The charged-particle n-body simulator of EGNN and Frame Averaging ("nbody_small").
 
 Each system: 5 particles with charges ±1 (probability ½ each), positions ~ N(0, 1) per
-coordinate, velocities in uniformly random directions with norm 0.5. Coulomb-like forces
+coordinate, velocities in uniformly random directions with norm 0.5 (each particle's velocity
+is normalised), interaction strength 1. Coulomb-like forces
 F_i = Σ_j q_i q_j (x_i − x_j)/‖x_i − x_j‖³ (like charges repel), clipped per component to ±100,
 integrated by semi-implicit Euler with dt = 1e-3: v += dt·F, then 5000 times {x += dt·v;
 record every 100th step; recompute F; v += dt·F}, which records 49 frames (steps 100..4900).
-Task: from positions and velocities at frame 30, predict positions at frame 40.
+No box during the integration: the reference reflects the *initial* state once at walls ±5
+(a coordinate beyond 5 is mirrored and its velocity component turned inwards) and leaves its
+per-step reflection commented out; `initial_box` does the same (it acts with probability
+~6e-7 per coordinate). Task: from positions and velocities at frame 30, predict positions at
+frame 40 (EGNN's "nbody_small": 3,000 / 2,000 / 2,000 systems).
 
 The reference generator runs one system at a time in NumPy (≈ 0.2 s each); here all systems of
 a split advance together as [S, n, 3] float64 tensors, so 7000 systems take seconds. Same
@@ -91,6 +96,15 @@ def _pair_forces(x: Tensor, qq: Tensor, left: Tensor, right: Tensor, max_force: 
     return forces.clamp_(-max_force, max_force)
 
 
+def _reflect_once(x: Tensor, v: Tensor, box: float) -> tuple[Tensor, Tensor]:
+    """Mirror coordinates beyond ±box back inside and point their velocity inwards (one
+    elastic bounce, as the reference applies to the initial state)."""
+    over, under = x > box, x < -box
+    x = torch.where(over, 2 * box - x, torch.where(under, -2 * box - x, x))
+    v = torch.where(over, -v.abs(), torch.where(under, v.abs(), v))
+    return x, v
+
+
 def simulate_charged_particles(
     num_systems: int,
     *,
@@ -100,6 +114,7 @@ def simulate_charged_particles(
     dt: float = 1e-3,
     position_std: float = 1.0,
     speed: float = 0.5,
+    initial_box: float | None = 5.0,
     frames: int | None = None,
     initial_state: tuple[Tensor, Tensor, Tensor] | None = None,
     generator: torch.Generator | None = None,
@@ -109,7 +124,8 @@ def simulate_charged_particles(
     `frames` stops after recording that many frames (the task needs frames up to 40 of 49):
     the integration is causal, so the recorded frames are the same as in a full run.
     `initial_state` = (positions [S, n, 3], velocities [S, n, 3], charges [S, n]) replaces the
-    random draw (for tests and for simulating given systems).
+    random draw (for tests and for simulating given systems). `initial_box` reflects the
+    initial state once at walls ±initial_box, as the reference does (None: no reflection).
     """
     for name, value in (
         ("num_systems", num_systems),
@@ -145,6 +161,10 @@ def simulate_charged_particles(
                 f"initial_state must be (positions, velocities, charges) of shapes {expected}; "
                 f"got {[list(t.shape) for t in (x, v, charges)]}"
             )
+    if initial_box is not None:
+        if not initial_box > 0:
+            raise ValueError(f"initial_box must be > 0 or None; got {initial_box}")
+        x, v = _reflect_once(x, v, float(initial_box))
     max_force = 0.1 / dt  # the reference generator's clip, 100 for dt = 1e-3
     left, right = torch.triu_indices(n_particles, n_particles, 1)
     # systems innermost: [n, 3, S]
