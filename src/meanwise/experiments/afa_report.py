@@ -1,34 +1,53 @@
-"""What the report says about experiment `afa`: claim, the paper's setting, our tables,
-figures and the verdict, from results in their JSON form (lists of dicts).
+"""What the report says about experiment `afa`: the paper's claims, the paper's setting, our
+tables and figures, the claims with intervals and the protocol, from results in their JSON form
+(lists of dicts).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
+from meanwise.experiments.claims import (
+    Claim,
+    ProtocolRow,
+    paired_claim,
+    protocol_table,
+    threshold_claim,
+)
 
-__all__ = ["PAPER", "CLAIM", "PUBLISHED", "summarize", "metrics", "figures", "verdict"]
+__all__ = [
+    "PAPER",
+    "CLAIM",
+    "PUBLISHED",
+    "summarize",
+    "metrics",
+    "figures",
+    "claims",
+    "protocol",
+]
 
 JSON = dict[str, Any]
 
 PAPER = (
-    "Yang, Zhang, Fang & Liu, Anarchic Federated Learning, ICML 2022 (AFA-CD and AFA-CS; no "
-    "public code from the authors)"
+    "Yang, Zhang, Khanduri & Liu, Anarchic Federated Learning, ICML 2022 (AFA-CD and AFA-CS; "
+    "no public code from the authors)"
 )
 
 CLAIM = (
-    "Workers that choose when to take part and how many local steps K_i to run (and may "
-    "return stale updates) are safe with AFA: the two-sided learning rates and the "
-    "step-normalized update G_i = (x_start − y_i)/(η_L K_i) make it converge under arbitrary "
-    "local steps and participation, with a speedup that grows with the number m of workers "
-    "per round. AFA-CD (cross-device: mean of the round's arrivals) keeps a non-vanishing "
-    "error term under heterogeneous data and non-uniform arrivals; AFA-CS (cross-silo: mean "
-    "of every worker's latest update) does not. FedAvg on raw deltas weights a worker by its "
-    "step count. Here: FedProx Synthetic(1, 1), one user per worker, L2-regularised logistic "
-    "regression, whose exact minimum f* gives each method's excess objective f(x) − f*."
+    "Workers that choose when to take part and how many local steps K_i to run (and return "
+    "updates computed on models up to a bounded number of versions old) are safe with AFA: "
+    "the two-sided learning rates and the step-normalized update G_i = (x_start − y_i)/(η_L "
+    "K_i) make it converge under arbitrary local steps and participation, with a linear "
+    "speedup in the number m of workers per round. AFA-CD (cross-device: mean of the round's "
+    "arrivals) keeps a non-vanishing error term under heterogeneous data and non-uniform "
+    "arrivals; AFA-CS (cross-silo: mean of every worker's latest update) does not. Here: "
+    "FedProx Synthetic(1, 1), one user per worker, L2-regularised logistic regression, whose "
+    "exact minimum f* gives each method's excess objective f(x) − f*; FedAvg on raw deltas "
+    "(which weights a worker by its step count) as the reference."
 )
 
 PUBLISHED = [
@@ -36,16 +55,16 @@ PUBLISHED = [
         columns=["claim (the paper's theorems)", "what we measure"],
         rows=[
             [
-                "AFA-CD/CS converge under arbitrary K_i and participation",
-                "excess objective of every method falls well below its start",
+                "AFA-CD/CS converge under arbitrary K_i and participation (bounded delay)",
+                "excess objective of the iterate average, as a fraction of its start",
             ],
             [
                 "AFA-CS has no heterogeneity bias; AFA-CD keeps one under non-uniform arrivals",
-                "final excess objective: AFA-CS below AFA-CD",
+                "excess objective of the iterate average: AFA-CS below AFA-CD, paired by seed",
             ],
             [
                 "linear speedup in the number m of workers per round (η ∝ sqrt(m K))",
-                "rounds of AFA-CD to reach the target excess, for each m",
+                "slope of log(rounds of AFA-CD to the target) against log m (linear: −1)",
             ],
         ],
         caption="The paper's results are convergence rates, not a table of numbers; no public "
@@ -53,14 +72,28 @@ PUBLISHED = [
     )
 ]
 
+_METHOD_ORDER = ("AFA-CD", "AFA-CS", "FedAvg")
+
 
 def _chosen(results: list[JSON]) -> dict[str, list[JSON]]:
+    """Each method's chosen run per seed (seed order kept, so lists pair by index)."""
     out: dict[str, list[JSON]] = {}
     for result in results:
         for r in result.get("runs", []):
             if r["chosen"]:
                 out.setdefault(r["method"], []).append(r)
-    return out
+    return {m: out[m] for m in _METHOD_ORDER if m in out}
+
+
+def _paired(results: list[JSON], a: str, b: str) -> tuple[list[float], list[float]]:
+    """Tail-averaged excess of methods a and b on the seeds that ran both."""
+    xs, ys = [], []
+    for result in results:
+        chosen = {r["method"]: r for r in result.get("runs", []) if r["chosen"]}
+        if a in chosen and b in chosen:
+            xs.append(chosen[a]["tail_average_excess"])
+            ys.append(chosen[b]["tail_average_excess"])
+    return xs, ys
 
 
 def _speedup(results: list[JSON]) -> dict[int, list[JSON]]:
@@ -75,6 +108,16 @@ def _predicted(results: list[JSON], method: str) -> list[float]:
     return [r["predicted_bias"][method] for r in results if method in r.get("predicted_bias", {})]
 
 
+def _ratio(results: list[JSON], method: str) -> list[float]:
+    """Tail-averaged excess / initial excess per seed (small = converged)."""
+    out = []
+    for result in results:
+        for r in result.get("runs", []):
+            if r["chosen"] and r["method"] == method:
+                out.append(r["tail_average_excess"] / result["initial_excess"])
+    return out
+
+
 def _rounds_to_target(runs: list[JSON]) -> float | None:
     """Mean over seeds of the rounds to the target; None if some seed never reached it."""
     values = [r["rounds_to_target"] for r in runs]
@@ -83,18 +126,33 @@ def _rounds_to_target(runs: list[JSON]) -> float | None:
     return sum(values) / len(values)
 
 
-def _convergence_ratio(results: list[JSON], method: str) -> list[float]:
-    """Final excess / initial excess per seed (small = converged)."""
-    ratios = []
+def _speedup_slopes(results: list[JSON]) -> tuple[list[float], int]:
+    """Per seed, the least-squares slope of log(rounds to target) on log m, and how many runs
+    never reached the target (counted as reaching it at the last round: a censored value
+    that can only flatten the slope)."""
+    slopes, censored = [], 0
     for result in results:
-        for r in result.get("runs", []):
-            if r["chosen"] and r["method"] == method:
-                ratios.append(r["final_excess"] / result["initial_excess"])
-    return ratios
+        runs = result.get("speedup", [])
+        if len(runs) < 2:
+            continue
+        xs, ys = [], []
+        for r in runs:
+            reached = r["rounds_to_target"]
+            if reached is None:
+                censored += 1
+                reached = r["rounds"][-1] if r["rounds"] else 1
+            xs.append(math.log(r["arrivals_per_round"]))
+            ys.append(math.log(reached))
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx > 0:
+            slopes.append(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx)
+    return slopes, censored
 
 
 def summarize(results: list[JSON]) -> list[Table]:
-    """The method comparison, the speedup in m, and the arrivals the workers produced."""
+    """The method comparison (measured vs predicted bias), the CD − CS gap, the speedup in m,
+    and the arrivals the workers produced."""
     tables = []
     chosen = _chosen(results)
     if chosen:
@@ -104,7 +162,7 @@ def summarize(results: list[JSON]) -> list[Table]:
                 format_mean_std([r["final_excess"] for r in runs], digits=4),
                 format_mean_std([r["tail_average_excess"] for r in runs], digits=4),
                 format_mean_std(_predicted(results, method), digits=4),
-                format_mean_std(_convergence_ratio(results, method), digits=3),
+                format_mean_std(_ratio(results, method), digits=4),
                 format_mean_std([r["final_test_acc"] for r in runs]),
                 ", ".join(sorted({f"{r['server_lr']:.3g}" for r in runs}, key=float)),
             ]
@@ -116,23 +174,48 @@ def summarize(results: list[JSON]) -> list[Table]:
             Table(
                 columns=[
                     "method",
-                    "final f(x) − f*",
-                    "tail-averaged x: f − f*",
-                    "predicted bias floor",
-                    "final / initial excess",
+                    "last iterates: f − f*",
+                    "iterate average: f − f* (measured bias)",
+                    "predicted bias",
+                    "iterate average / initial excess",
                     "test acc (%, per-worker mean)",
-                    "server lr chosen",
+                    "server lr (base; halved on schedule)",
                 ],
                 rows=rows,
                 caption=f"{first.get('n_workers', '?')} anarchic workers, "
-                f"{rounds[-1] if rounds else '?'} rounds, m arrivals per round as configured; "
-                "final = mean of the last "
-                "evaluations; tail-averaged = the mean of the model snapshots of the second half "
-                "(removes most of the constant-rate noise, keeps the bias); predicted bias floor "
-                "= f − f* at the minimizer of the objective weighted as the rule weights workers "
-                "in expectation (AFA-CD: arrival counts; FedAvg: arrivals × K_i; AFA-CS: "
-                "uniform); server rate chosen per seed from the grid by the final excess "
-                f"objective; mean ± std over {len(results)} seed(s).",
+                f"{rounds[-1] if rounds else '?'} rounds; last iterates = mean of the last "
+                "evaluations; iterate average = f − f* at the mean of the iterates of the last "
+                "averaging window (with the halved server rate this removes most of the "
+                "stochastic noise and keeps the bias). Predicted bias = f − f* where the rule's "
+                "expected direction vanishes: the minimizer of the objective weighted as the "
+                "rule weights workers (AFA-CD: per-round arrival shares; FedAvg: shares × K_i; "
+                "AFA-CS: 1 per live memory entry, 0 for a starved worker, a frozen entry as a "
+                "constant), without local drift or memory lag (see afa.py). "
+                f"Mean ± std over {len(results)} seed(s).",
+            )
+        )
+    cd, cs = _paired(results, "AFA-CD", "AFA-CS")
+    if cd:
+        gap_measured = [a - b for a, b in zip(cd, cs, strict=True)]
+        gap_predicted = [
+            r["predicted_bias"]["AFA-CD"] - r["predicted_bias"]["AFA-CS"]
+            for r in results
+            if {"AFA-CD", "AFA-CS"} <= set(r.get("predicted_bias", {}))
+        ]
+        wins = sum(g > 0 for g in gap_measured)
+        tables.append(
+            Table(
+                columns=["quantity", "value"],
+                rows=[
+                    [
+                        "AFA-CD − AFA-CS, measured (iterate average)",
+                        format_mean_std(gap_measured, 4),
+                    ],
+                    ["AFA-CD − AFA-CS, predicted", format_mean_std(gap_predicted, 4)],
+                    ["seeds where AFA-CS ends below AFA-CD", f"{wins} of {len(gap_measured)}"],
+                ],
+                caption="The bias AFA-CS removes, paired by seed (same data, arrivals and "
+                "minibatches for both rules).",
             )
         )
     speedup = _speedup(results)
@@ -149,22 +232,25 @@ def summarize(results: list[JSON]) -> list[Table]:
                     ", ".join(sorted({f"{r['server_lr']:.3g}" for r in runs}, key=float)),
                     "not reached" if reached is None else f"{reached:.0f}",
                     ratio,
-                    format_mean_std([r["final_excess"] for r in runs], digits=4),
+                    format_mean_std([r["tail_average_excess"] for r in runs], digits=4),
                 ]
             )
+        slopes, censored = _speedup_slopes(results)
         tables.append(
             Table(
                 columns=[
                     "m (arrivals / round)",
-                    "server lr",
+                    "server lr (base)",
                     "rounds to target",
                     "speedup vs the smallest m that reached it",
-                    "final f(x) − f*",
+                    "iterate average: f − f*",
                 ],
                 rows=rows,
-                caption="AFA-CD with m arrivals per round, server rate scaled by sqrt(m); target: "
-                "excess objective ≤ a fixed fraction of its initial value (see the config). "
-                "'not reached': some seed did not reach it within the run.",
+                caption="AFA-CD with m arrivals per round, server rate scaled by sqrt(m); "
+                "target: excess objective ≤ a fixed fraction of its initial value (see the "
+                "config). 'not reached': some seed did not reach it within the run. Slope of "
+                f"log(rounds) on log m per seed: {format_mean_std(slopes, 3)} (linear speedup: "
+                f"−1; {censored} censored run(s)).",
             )
         )
     if results and results[0].get("arrival_counts"):
@@ -177,6 +263,18 @@ def summarize(results: list[JSON]) -> list[Table]:
                 columns=["statistic", "value"],
                 rows=[
                     ["arrivals of the busiest / rarest worker", format_mean_std(per_seed_ratio)],
+                    [
+                        "workers never accepted (starved)",
+                        format_mean_std([r.get("never_arrived", 0) for r in results]),
+                    ],
+                    [
+                        "rounds that waited for a worker at the delay bound",
+                        format_mean_std([r.get("waited_rounds", 0) for r in results]),
+                    ],
+                    [
+                        "updates discarded as too stale",
+                        format_mean_std([r.get("rejected_stale", 0) for r in results]),
+                    ],
                     [
                         "mean staleness of an arrival (versions)",
                         format_mean_std([r["mean_staleness"] for r in results]),
@@ -196,6 +294,9 @@ def metrics(results: list[JSON]) -> dict[str, float]:
     out: dict[str, float] = {}
     for method, runs in _chosen(results).items():
         out[f"{method}.final_excess.mean"] = mean_std([r["final_excess"] for r in runs])[0]
+        out[f"{method}.tail_average_excess.mean"] = mean_std(
+            [r["tail_average_excess"] for r in runs]
+        )[0]
         out[f"{method}.final_test_acc.mean"] = mean_std([r["final_test_acc"] for r in runs])[0]
     for m, runs in _speedup(results).items():
         reached = _rounds_to_target(runs)
@@ -203,64 +304,164 @@ def metrics(results: list[JSON]) -> dict[str, float]:
     return out
 
 
-def verdict(results: list[JSON]) -> str:
-    """One line per claim, each saying HOLDS / does NOT hold here, with our numbers."""
-    lines = []
+def claims(results: list[JSON]) -> list[Claim]:
+    """The paper's claims, each with a 95 % interval over seeds (paired where both arms ran)."""
+    out: list[Claim] = []
     chosen = _chosen(results)
-    afa = [m for m in ("AFA-CD", "AFA-CS") if m in chosen]
-    if afa:
-        ratios = {m: max(_convergence_ratio(results, m)) for m in afa}
-        text = ", ".join(f"{m} ends at ≤ {ratios[m]:.3f} of its initial excess" for m in afa)
-        outcome = "HOLDS" if all(r < 0.1 for r in ratios.values()) else "does NOT hold"
-        lines.append(
-            f"AFA converges under arbitrary local steps and participation: {outcome} here "
-            f"({text}; criterion: below 0.1 on every seed)."
-        )
-    if "AFA-CD" in chosen and "AFA-CS" in chosen:
-        cd = [r["tail_average_excess"] for r in chosen["AFA-CD"]]
-        cs = [r["tail_average_excess"] for r in chosen["AFA-CS"]]
-        (cd_mean, cd_std), (cs_mean, cs_std) = mean_std(cd), mean_std(cs)
-        outcome = "HOLDS" if cs_mean < cd_mean else "does NOT hold"
-        text = (
-            "AFA-CS removes the heterogeneity bias AFA-CD keeps (lower excess objective of the "
-            f"tail-averaged model): {outcome} here (AFA-CS {format_mean_std(cs, 4)} vs AFA-CD "
-            f"{format_mean_std(cd, 4)})"
-        )
-        if len(cd) > 1 and abs(cd_mean - cs_mean) < max(cd_std, cs_std):
-            text += "; the gap is within the seed-to-seed std, so not a clear result"
-        predicted = _predicted(results, "AFA-CD")
-        if predicted:
-            floor = mean_std(predicted)[0]
-            text += f"; AFA-CD's predicted bias floor from its arrival weights is {floor:.4f}"
-            if floor < max(cd_std, cs_std, abs(cd_mean - cs_mean)):
-                text += (
-                    ", smaller than the noise of this measurement, so this run cannot resolve "
-                    "the bias either way"
+    for method in ("AFA-CD", "AFA-CS"):
+        ratios = _ratio(results, method)
+        if ratios:
+            out.append(
+                threshold_claim(
+                    f"{method} converges under arbitrary local steps and participation",
+                    ratios,
+                    threshold=0.1,
+                    direction="less",
+                    paper_effect=None,
+                    unit="× initial excess",
+                    detail=f"{method}'s iterate-average excess objective f − f* as a fraction "
+                    "of the initial one, per seed; criterion: below 0.1 (the paper proves a "
+                    "rate, not a number; for AFA-CD to a neighbourhood set by its bias).",
                 )
-        if "FedAvg" in chosen:
-            fedavg = mean_std([r["tail_average_excess"] for r in chosen["FedAvg"]])[0]
-            text += f"; FedAvg on raw deltas ends at {fedavg:.4f}"
-            if fedavg < cd_mean:
-                text += " (below AFA-CD: tuned FedAvg does not show a larger bias here)"
-        lines.append(text + ".")
-    speedup = _speedup(results)
-    if len(speedup) > 1:
-        reached = {m: _rounds_to_target(runs) for m, runs in speedup.items()}
-        ms = list(reached)
-        # 'not reached' counts as infinitely many rounds: the sequence must never rise and
-        # must fall at least once
-        as_number = [float("inf") if reached[m] is None else reached[m] for m in ms]
-        pairs = list(zip(as_number, as_number[1:], strict=False))
-        monotone = all(b <= a for a, b in pairs) and any(b < a for a, b in pairs)
-        shown = ", ".join(
-            f"m={m}: {'not reached' if reached[m] is None else f'{reached[m]:.0f}'}" for m in ms
+            )
+    cd, cs = _paired(results, "AFA-CD", "AFA-CS")
+    if cd:
+        gaps = [
+            r["predicted_bias"]["AFA-CD"] - r["predicted_bias"]["AFA-CS"]
+            for r in results
+            if {"AFA-CD", "AFA-CS"} <= set(r.get("predicted_bias", {}))
+        ]
+        predicted = (
+            f" (predicted from the arrival weights: {-mean_std(gaps)[0]:+.4g})" if gaps else ""
         )
-        outcome = "HOLDS" if monotone else "does NOT hold"
-        lines.append(
-            f"Speedup with more workers per round (fewer rounds to the target as m grows): "
-            f"{outcome} here (rounds to target: {shown})."
+        out.append(
+            paired_claim(
+                "AFA-CS removes the heterogeneity bias AFA-CD keeps under non-uniform arrivals",
+                cs,
+                cd,
+                paper_effect=None,
+                direction="less",
+                unit="f − f*",
+                detail="AFA-CS minus AFA-CD, excess objective of the iterate average (server "
+                "rate halved on schedule), paired by seed: the same data, arrivals and "
+                f"minibatches{predicted}.",
+            )
         )
-    return "\n".join(lines) if lines else "No comparable runs in these results."
+    if "AFA-CD" in chosen and "FedAvg" in chosen:
+        cd_f, fedavg = _paired(results, "AFA-CD", "FedAvg")
+        out.append(
+            paired_claim(
+                "Step-normalized AFA-CD avoids FedAvg's weighting of workers by K_i",
+                cd_f,
+                fedavg,
+                paper_effect=None,
+                direction="less",
+                unit="f − f*",
+                detail="AFA-CD minus FedAvg on raw deltas, excess objective of the iterate "
+                "average, paired by seed. The reason the paper normalizes updates by K_i; "
+                "both rules keep an arrival-frequency bias.",
+            )
+        )
+    slopes, censored = _speedup_slopes(results)
+    if slopes:
+        ms = sorted(_speedup(results))
+        out.append(
+            threshold_claim(
+                "Speedup in the number m of workers per round (linear: rounds ∝ 1/m)",
+                slopes,
+                threshold=0.0,
+                direction="less",
+                paper_effect=-1.0,
+                unit="d log(rounds) / d log m",
+                detail=f"Per seed, the slope of log(rounds of AFA-CD to the target) on log m "
+                f"for m in {ms} (server rate ∝ sqrt(m)); supported if the slope is negative, "
+                f"the paper's linear speedup is −1; {censored} run(s) never reached the target "
+                "and count as reaching it at the last round.",
+            )
+        )
+    return out
+
+
+def protocol(config: JSON) -> Table:
+    """The paper's protocol against ours, with the config that ran."""
+    c = config
+    seeds = c.get("seeds", "?")
+    rounds = c.get("rounds", "?")
+    rows = [
+        ProtocolRow(
+            "model",
+            "neural networks and convex models on real-world data (the paper's experiments)",
+            f"multinomial logistic regression (nn.Linear 60 → 10), L2 {c.get('weight_decay', '?')}",
+            "convex with an exact minimum f*, so each rule's bias is measurable as f − f* "
+            "(the theorems' quantity); a network's bias would hide in its non-convexity",
+        ),
+        ProtocolRow(
+            "data",
+            "real-world datasets split heterogeneously over workers",
+            f"FedProx Synthetic({c.get('synthetic_alpha', '?')}, {c.get('synthetic_beta', '?')}), "
+            f"{c.get('n_workers', '?')} workers, one user each",
+            "generated offline in seconds, strongly heterogeneous (what makes AFA-CD biased)",
+        ),
+        ProtocolRow(
+            "budget",
+            "long training runs (convergence rates in T)",
+            f"{rounds} rounds",
+            "2 CPU cores; enough for the halved rate to reach the bias level",
+        ),
+        ProtocolRow(
+            "optimizer and schedule",
+            "local SGD at η_L, server rate η (theory: η = sqrt(mK), η_L = 1/(sqrt(T) K))",
+            f"local SGD lr {c.get('local_lr', '?')}, batch {c.get('batch_size', '?')}; server "
+            "rate (K_max + 1)/2 × "
+            f"{list(c.get('server_lr_multipliers', []))} (FedAvg 1 ×), halved every "
+            f"{c.get('lr_halving', '?')} rounds; iterate average over the last "
+            f"{c.get('average_rounds', '?')} rounds",
+            "with a fixed rate the noise floor is ~10× the CD-vs-CS bias; the halving and "
+            "the average bring it below. A fixed η_L keeps a small local-drift term for both "
+            "rules",
+        ),
+        ProtocolRow(
+            "participation",
+            "workers choose when to arrive; a round takes m arrivals; delays bounded by τ",
+            f"event-driven workers, log-speed spread {c.get('speed_spread', '?')}, log-idle "
+            f"spread {c.get('idle_spread', '?')}, m = {c.get('arrivals_per_round', '?')}, τ = "
+            f"{c.get('max_staleness', '?')}; "
+            + (
+                "updates staler than τ discarded (opt-in)"
+                if c.get("discard_stale")
+                else "a round waits for a worker at the bound (every worker arrives)"
+            ),
+            "the paper assumes bounded delays and says nothing about discarding; waiting "
+            "implements the bound without starving slow workers",
+        ),
+        ProtocolRow(
+            "local steps",
+            "K_i chosen by each worker, arbitrary",
+            f"K_i fixed per worker, uniform in 1..{c.get('max_local_steps', '?')}",
+            "fixed per worker makes FedAvg's K_i weighting visible; any K_i is allowed by "
+            "the theory",
+        ),
+        ProtocolRow(
+            "seeds",
+            "not stated as a number of repetitions here",
+            f"{seeds} seed(s), each new data, arrivals, initialization and minibatches",
+            "claims are paired by seed with a 95 % t interval",
+        ),
+        ProtocolRow(
+            "metric",
+            "training loss / test accuracy curves",
+            "excess objective f − f* of the iterate average (and test accuracy)",
+            "f* is exact for the convex model, so the bias is measured, not inferred",
+        ),
+        ProtocolRow(
+            "speedup",
+            "linear speedup in m (and K) with η ∝ sqrt(mK)",
+            f"AFA-CD for m in {list(c.get('speedup_arrivals', []))}, server rate ∝ sqrt(m), "
+            f"rounds to {c.get('speedup_target', '?')} × the initial excess",
+            "rounds to a target is the practical reading of the rate; K is not varied",
+        ),
+    ]
+    return protocol_table(rows, "AFA: the paper's protocol against ours (the config that ran).")
 
 
 def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
@@ -272,7 +473,10 @@ def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
             length = min(len(r["excess"]) for r in runs)
             curve = torch.tensor([r["excess"][:length] for r in runs]).mean(0)
             left.semilogy(runs[0]["rounds"][:length], curve, color=f"C{i}", label=method)
-        left.set(title="f(x) − f* (chosen rates, mean over seeds)", xlabel="round")
+            predicted = _predicted(results, method)
+            if predicted and mean_std(predicted)[0] > 0:
+                left.axhline(mean_std(predicted)[0], color=f"C{i}", ls=":", lw=1)
+        left.set(title="f(x) − f* (mean over seeds; dotted: predicted bias)", xlabel="round")
         left.legend(fontsize=7)
         for i, (m, runs) in enumerate(_speedup(results).items()):
             length = min(len(r["excess"]) for r in runs)
