@@ -26,6 +26,7 @@ from meanwise.experiments.fisher_merging_models import (
 from meanwise.experiments.fisher_merging_report import (
     claims,
     figures,
+    frontier_mean,
     protocol,
     summarize,
 )
@@ -194,6 +195,16 @@ def test_plain_merge_is_the_hand_average_with_the_target_head():
         else:
             hand = 0.5 * states[0][key] + 0.3 * states[1][key] + 0.2 * states[2][key]
             torch.testing.assert_close(value, hand)
+
+
+def test_frontier_mean_by_hand():
+    """Path B beats A by one point of shifted accuracy for clean levels up to 92 (58 of the 101
+    levels from 88 to 95) and ties above; the λ order of the points does not matter."""
+    a = frontier_mean([88, 92, 95], [64, 65, 62], 88, 95)
+    b = frontier_mean([95, 88, 92], [62, 64, 66], 88, 95)
+    assert b - a == pytest.approx(58 / 101)
+    assert a == pytest.approx((58 * 65 + 43 * 62) / 101)
+    assert frontier_mean([90, 90], [60, 61], 90, 90) == 61
 
 
 def test_registered_with_quick_and_full_presets():
