@@ -282,6 +282,34 @@ def test_run_anarchic_closes_a_round_on_timeout(server_identity):
     assert torch.equal(_flat(out.arrays), x0)
 
 
+def test_run_anarchic_bounded_delay_waits_and_discarding_is_opt_in(server_identity):
+    # node 3 answers 10 pulls after it gets a model, nodes 1 and 2 after 1; one arrival closes
+    # a round, so node 3's model is always more than max_staleness = 2 versions old when its
+    # reply comes. Default: the round where its model is 2 versions old waits for it (accepted
+    # at delay 2, every node arrives). discard_stale=True: it is rejected every time.
+    def handler(node, msg):
+        x = _flat(msg.content.array_records["arrays"])
+        reply = _reply(msg, _update(node, x), {"num-examples": 1, "local-steps": 1})
+        return reply, 10 if node == 3 else 1
+
+    def run(rounds, **kw):
+        aggregator = AFA_CD(3, server_lr=0.5, local_lr=0.1, arrivals_per_round=1)
+        x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
+        grid = ScriptedGrid([1, 2, 3], handler)
+        return run_anarchic(
+            grid, _arrays(x0), aggregator, rounds, max_staleness=2, pull_interval=0, **kw
+        )
+
+    waiting = run(12)
+    assert all(max(r.staleness) <= 2 for r in waiting.rounds)
+    assert sum(r.rejected_stale for r in waiting.rounds) == 0
+    assert {n for r in waiting.rounds for n in r.node_ids} == {1, 2, 3}
+    assert any(3 in r.node_ids and len(r.node_ids) > 1 for r in waiting.rounds)  # waited
+    discarding = run(40, discard_stale=True)
+    assert all(3 not in r.node_ids and len(r.node_ids) == 1 for r in discarding.rounds)
+    assert sum(r.rejected_stale for r in discarding.rounds) >= 1
+
+
 # --- end to end: Flower's Ray simulation vs the meanwise simulator -----------------------------
 
 N_NODES, FEDAU_ROUNDS, AFA_ROUNDS = 4, 4, 4

@@ -384,6 +384,7 @@ def run_anarchic(
     *,
     node_ids: Sequence[int] | None = None,
     max_staleness: int = 4,
+    discard_stale: bool = False,
     round_timeout: float = 600.0,
     wait_for_nodes_s: float = 120.0,
     pull_interval: float = 0.02,
@@ -400,8 +401,14 @@ def run_anarchic(
     ``aggregator.arrivals_per_round`` (m) arrivals: the aggregator turns them into the new model
     (AFA-CD: the mean of the step-normalized updates G_i; AFA-CS: every worker's latest G_i),
     the version increases, and the workers that arrived get the new model. The others keep
-    working on the model they have, so their updates arrive stale; an update staler than
-    ``max_staleness`` versions is rejected and its worker restarts from the current model.
+    working on the model they have, so their updates arrive stale. Delays are bounded by
+    ``max_staleness`` (τ) as the paper assumes: by default a round does not close while a
+    worker whose model is τ versions old has not answered (the server waits for it, taking
+    whatever else arrives meanwhile), so every worker's update is accepted. With
+    ``discard_stale=True`` (opt-in, not in the paper) an update staler than τ is rejected
+    instead and its worker restarts from the current model; a slow worker may then never be
+    accepted. Either way an update staler than τ (possible without discarding only after a
+    round timed out) is rejected, since its model version is no longer kept.
     A failed or malformed reply counts as no arrival; its worker gets the model again when the
     round closes. If fewer than m arrive within ``round_timeout`` seconds the round closes with
     what arrived (the model is unchanged if nothing did).
@@ -415,6 +422,8 @@ def run_anarchic(
         raise ValueError(f"num_rounds must be >= 1; got {num_rounds}")
     if int(max_staleness) < 0:
         raise ValueError(f"max_staleness must be >= 0; got {max_staleness}")
+    if not isinstance(discard_stale, bool):
+        raise TypeError(f"discard_stale must be a bool; got {type(discard_stale).__name__}")
     if not round_timeout > 0:
         raise ValueError(f"round_timeout must be positive; got {round_timeout}")
     n = aggregator.n_clients
@@ -447,6 +456,13 @@ def run_anarchic(
         return unsent
 
     waiting = send(range(n))  # workers that need the model again at the next round close
+
+    def due(current: int) -> bool:
+        # a worker whose model is max_staleness versions old must arrive in this round
+        return not discard_stale and any(
+            current - sent >= max_staleness for _, sent in outstanding.values()
+        )
+
     result = AnarchicResult(arrays=initial_arrays, node_ids=ids)
     arrived: list[tuple[int, Tensor, int, int, dict]] = []  # client, delta, K, staleness, metrics
     rejected = failed = 0
@@ -457,7 +473,8 @@ def run_anarchic(
         if not inbox and outstanding:
             inbox = list(grid.pull_messages(list(outstanding)))
             pulled = bool(inbox)
-        while inbox and len(arrived) < aggregator.arrivals_per_round:
+
+        while inbox and (len(arrived) < aggregator.arrivals_per_round or due(version)):
             reply = inbox.pop(0)
             entry = outstanding.pop(str(reply.metadata.reply_to_message_id), None)
             if entry is None:
@@ -479,7 +496,7 @@ def run_anarchic(
             delta = got[1] - versions[sent_version]
             arrived.append((client, delta, steps, staleness, _first_metrics(reply)))
         timed_out = time.monotonic() - round_start > round_timeout
-        if len(arrived) < aggregator.arrivals_per_round and not timed_out:
+        if (len(arrived) < aggregator.arrivals_per_round or due(version)) and not timed_out:
             if not pulled:
                 time.sleep(pull_interval)
             continue
