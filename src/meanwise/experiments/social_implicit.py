@@ -107,7 +107,7 @@ class SocialImplicitConfig:
     @classmethod
     def quick(cls) -> SocialImplicitConfig:
         """ZARA1 (or the synthetic crowd), one training seed of 3 epochs of at most 1,200
-        scenes, 16 per step; the shift probe at 4 offsets on 100 scenes, 3 sampling seeds.
+        scenes, 16 per step; the shift probe at 4 offsets on 75 scenes, 3 sampling seeds.
 
         One training seed because one costs ~100 s of CPU here (fewer scenes per seed train
         badly: 3 x 500 scenes left ADE 0.85, worse than constant velocity), so the claims on
@@ -119,7 +119,7 @@ class SocialImplicitConfig:
             max_train_scenes=1200,
             accumulate=16,
             shift_offsets=(0.0, 0.25, 1.0, 2.0),
-            shift_scenes=100,
+            shift_scenes=75,
             probe_seeds=3,
         )
 
