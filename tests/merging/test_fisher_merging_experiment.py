@@ -231,8 +231,8 @@ def test_claims_of_a_tiny_run_follow_the_contract(tiny_runs):
     results = [dataclasses.asdict(r) for r in tiny_runs[::2]]  # seeds 0 and 1
     found = claims(results)
     names = [c.claim for c in found]
-    assert len(found) == 4 + 3  # (head, N) cells + WiSE-FT shift / ID / whole curve
-    assert any("N = 3, fresh heads" in n for n in names)
+    assert len(found) == 2 * 4 + 3  # (head, N) cells x (searched, equal λ) + WiSE-FT three
+    assert any("N = 3, fresh heads, equal λ" in n for n in names)
     assert any("under input shift" in n for n in names)
     for c in found:
         validate_claim(c.to_json())
@@ -276,10 +276,10 @@ def _fake(fisher: list[float], plain: list[float]) -> list[dict]:
 
 def test_claim_statuses_follow_the_interval():
     better = claims(_fake([91, 92, 93, 91.5], [90, 90.5, 91, 90]))
-    assert [c.status for c in better] == ["supported"] * 4
+    assert [c.status for c in better] == ["supported"] * 5
     assert better[0].effect == pytest.approx(1.5)
     worse = claims(_fake([88, 88.5, 89, 88], [90, 90.5, 91, 90]))
-    assert [c.status for c in worse] == ["contradicted"] * 4
+    assert [c.status for c in worse] == ["contradicted"] * 5
     noisy = claims(_fake([91, 89, 92, 88], [90, 90, 90, 90]))
     assert all(c.status == "unresolved" for c in noisy)
     assert "Minimum detectable effect" in noisy[0].detail
