@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -240,7 +241,7 @@ class AdaHessian(FunctionalOptimizer):
                 )
             if self.distributed and not self._generator_synced:
                 self._sync_generator()
-            with torch.enable_grad():
+            with torch.enable_grad(), _explain_missing_double_backward():
                 products = hutchinson_products(
                     grads,
                     params,
@@ -330,6 +331,27 @@ class AdaHessian(FunctionalOptimizer):
         self._cadence()
         if extra is not None:
             self.generator.set_state(extra["generator_state"])
+
+
+@contextlib.contextmanager
+def _explain_missing_double_backward() -> Iterator[None]:
+    """Turn autograd's "no double backward" errors into what to do about them."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        missing = ("derivative for" in text and "not implemented" in text) or (
+            "double backward" in text
+        )
+        if not missing:
+            raise
+        raise RuntimeError(
+            "AdaHessian's Hessian-vector product needs a double backward, which an operation "
+            f"of this model lacks ({text.splitlines()[0]}). Fused attention kernels "
+            "(scaled_dot_product_attention's flash kernel on the CPU) have none: load Hugging "
+            "Face models with attn_implementation='eager'. torch.compile'd models cannot "
+            "double-backward: do not compile the model you train with AdaHessian."
+        ) from error
 
 
 def _check_cadence(update_each: Any, n_samples: Any) -> None:
