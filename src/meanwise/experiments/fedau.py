@@ -120,7 +120,7 @@ class FedAUConfig:
     batch_size: int = 16
     digits_local_lr: float = 0.1
     synthetic_local_lr: float = 0.01
-    server_lr_multipliers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    server_lr_multipliers: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     eval_every: int = 50
     final_window: int = 4  # evaluations averaged for the final numbers and the rate choice
     cutoff: int | None = None  # "FedAU"; "FedAU-K50" always uses the paper's other cutoff, 50
@@ -168,14 +168,9 @@ class FedAUConfig:
     @classmethod
     def quick(cls) -> FedAUConfig:
         """The headline setting (Synthetic(1, 1), N = 100, all six methods, 1000 rounds, three
-        patterns) with 3 paired seeds instead of 5, the rate grid ×{1, ..., 16} and the exact
+        patterns, rate grid ×{0.5, ..., 32}) with 3 paired seeds instead of 5 and the exact
         optima for the first seed only, to fit the demo's budget; digits is in `full()`."""
-        return cls(
-            seeds=3,
-            datasets=("synthetic",),
-            server_lr_multipliers=(1.0, 2.0, 4.0, 8.0, 16.0),
-            optimum_seeds=1,
-        )
+        return cls(seeds=3, datasets=("synthetic",), optimum_seeds=1)
 
     @classmethod
     def full(cls) -> FedAUConfig:
@@ -597,8 +592,9 @@ def _minimize(
     convex. The result is float64."""
     from scipy.optimize import minimize  # scikit-learn's dependency
 
-    # float32 evaluations: 3x faster here, and at the iterations used the optimizer's own
-    # tolerance, not float32 rounding, limits the result (tested against float64)
+    # float32 evaluations: 3x faster here; measured on seed 0 against float64 evaluations at
+    # 100-400 iterations, the same objective to ~1e-5 and per-user accuracy within the
+    # ±0.3-point wobble that per-user accuracy shows between nearby minimizers anyway
     x, y = train.features.float(), train.labels
     owners = _owners(train)
     scale = (client_weights / client_weights.sum())[owners] / train.sizes.double()[owners]

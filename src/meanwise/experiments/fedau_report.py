@@ -461,7 +461,8 @@ def claims(results: list[JSON]) -> list[Claim]:
                 "(global rate 1, FedAvg over all at N/Σp, the released README's setting), paired "
                 f"over {n_seeds} seed(s); {_means(fixed, ['FedAU', *_FEDAVG])}.",
             )
-    return out
+    # the premise first (the paper's argument starts there), the secondary setting last
+    return sorted(out, key=lambda c: ("secondary" in c.claim, "premise" not in c.claim))
 
 
 # --- protocol --------------------------------------------------------------------------------
