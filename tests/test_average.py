@@ -218,3 +218,32 @@ def test_batched_variance_and_rescale_equal_one_tensor_at_a_time():
         rescale_to_variance(merged, 1.0, batch_dims=4)
     with pytest.raises(TypeError, match="batch_dims"):
         member_variance(members, batch_dims=1.0)
+
+
+# --- overflow: finite members whose products or sums overflow the dtype ------------------------
+
+
+def test_finite_members_that_overflow_the_sum_average_exactly():
+    x = torch.tensor([[3e38, 1.0], [3e38, 2.0]], dtype=torch.float32)
+    torch.testing.assert_close(weighted_average(x), torch.tensor([3e38, 1.5]))
+    torch.testing.assert_close(
+        weighted_average(x, torch.tensor([1.0, 3.0])), torch.tensor([3e38, 1.75])
+    )
+    torch.testing.assert_close(weighted_average(x, denominator=4), torch.tensor([1.5e38, 0.75]))
+
+
+def test_huge_elementwise_weights_do_not_make_nan():
+    """Two Fishers of 3e38 (the merge that wrote [nan, nan, ...]) and a 3e38 against a 1."""
+    params = torch.tensor([[10.0, 20.0, 10.0], [-10.0, -20.0, 20.0]])
+    fishers = torch.tensor([[3e38, 3e38, 3e38], [3e38, 3e38, 1.0]])
+    out = weighted_average(params, fishers)
+    # float64 oracle of the same average
+    expected = (fishers.double() * params.double()).sum(0) / fishers.double().sum(0)
+    torch.testing.assert_close(out, expected.float())
+    assert torch.isfinite(out).all()
+
+
+def test_an_average_outside_the_dtype_is_refused():
+    x = torch.tensor([[3e38], [3e38]])
+    with pytest.raises(ValueError, match="overflows torch.float32"):
+        weighted_average(x, denominator=0.5)

@@ -111,19 +111,47 @@ def weighted_average(
         d = torch.as_tensor(denominator, dtype=acc, device=x.device)
         if not torch.isfinite(d).all() or (d == 0).any():
             raise ValueError(f"denominator must be finite and non-zero; got {denominator}")
-        return (numerator / d).to(out)
-    if n == 0:
+    elif n == 0:
         raise ValueError(
             "stacked has no members and no denominator= was given; pass denominator= "
             "to get a zero average for an empty round"
         )
-    if (total == 0).any():
+    elif (total == 0).any():
         raise ValueError(
             "weights sum to zero"
             + (" at some elements" if w.dim() > 1 else "")
             + "; pass denominator= explicitly or give positive weight to some member"
         )
-    return (numerator / total).to(out)
+    result = (numerator / (total if denominator is None else d)).to(out)
+    if n > 0 and not bool(torch.isfinite(result).all()):
+        # Finite members can still overflow in the products or the sum (two 3e38 float32
+        # updates): redo the average on inputs scaled to magnitude <= 1. Non-finite members
+        # are the caller's to refuse; they pass through as before.
+        return _scaled_average(x, w, None if denominator is None else d, out)
+    return result
+
+
+def _scaled_average(x: Tensor, w: Tensor, d: Tensor | None, out: torch.dtype) -> Tensor:
+    """The weighted average computed on ``x / max|x|`` and ``w / max|w|``, rescaled at the end;
+    a ValueError if the true average itself is outside ``out``'s range."""
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(w).all())):
+        numerator = torch.tensordot(w, x, dims=1) if w.dim() == 1 else (w * x).sum(0)
+        return (numerator / (w.sum(0) if d is None else d)).to(out)
+    x_scale = x.abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+    w_scale = w.abs().amax().clamp_min(torch.finfo(w.dtype).tiny)
+    xs, ws = x / x_scale, w / w_scale
+    numerator = torch.tensordot(ws, xs, dims=1) if ws.dim() == 1 else (ws * xs).sum(0)
+    if d is None:
+        result = numerator / ws.sum(0) * x_scale
+    else:
+        result = numerator * ((w_scale / d) * x_scale)
+    result = result.to(out)
+    if not bool(torch.isfinite(result).all()):
+        raise ValueError(
+            f"the weighted average of these finite members overflows {out} (largest member "
+            f"magnitude {float(x_scale):.3g}); refuse or clip such updates before averaging"
+        )
+    return result
 
 
 def average_state_dicts(
