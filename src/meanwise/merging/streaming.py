@@ -10,6 +10,7 @@ every Fisher before the first merged tensor, so it costs one extra pass over the
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from meanwise.merging.merge import (
     validate_coefficients,
 )
 
-__all__ = ["MergeSummary", "merge_checkpoints", "merge_opened"]
+__all__ = ["MergeSummary", "merge_checkpoints", "merge_opened", "copy_model_files"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -47,6 +48,61 @@ class MergeSummary:
     tensors: int = 0
     total_bytes: int = 0
     seconds: float = 0.0
+
+
+# Files of a model folder that hold weights (or training state) and are never copied: the merge
+# writes its own weights, and a copied shard index would point at the target's shards.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
+                    ".onnx", ".npz", ".index.json")  # fmt: skip
+# Files that describe the target's training, not the merge.
+_SKIPPED_NAMES = {"README.md", "trainer_state.json", "training_args.json"}
+_DTYPE_STRINGS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                  torch.float64: "float64"}  # fmt: skip
+
+
+def _output_float_dtype(specs: dict[str, TensorSpec]) -> torch.dtype | None:
+    """The floating dtype holding most bytes of the output (what ``torch_dtype`` should say)."""
+    sizes: dict[torch.dtype, int] = {}
+    for spec in specs.values():
+        if spec.dtype.is_floating_point:
+            sizes[spec.dtype] = sizes.get(spec.dtype, 0) + spec.nbytes
+    return max(sizes, key=sizes.__getitem__) if sizes else None
+
+
+def copy_model_files(
+    source: Path | str, folder: Path | str, dtype: torch.dtype | None
+) -> list[str]:
+    """Copy the non-weight top-level files of the model folder `source` into `folder`.
+
+    ``config.json`` is rewritten with ``torch_dtype`` and ``dtype`` (the transformers 5 name)
+    set to `dtype`; the other files are copied byte for byte. Returns the copied names.
+    """
+    source, folder = Path(source), Path(folder)
+    copied = []
+    for path in sorted(source.iterdir()):
+        name = path.name
+        if (
+            not path.is_file()
+            or name.startswith(".")
+            or name.endswith(_WEIGHT_SUFFIXES)
+            or name in _SKIPPED_NAMES
+        ):
+            continue
+        if name == "config.json":
+            try:
+                config = json.loads(path.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"{path}: not a JSON model config ({error})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{path}: a model config must be a JSON object")
+            if dtype in _DTYPE_STRINGS:
+                config["torch_dtype"] = _DTYPE_STRINGS[dtype]
+                config["dtype"] = _DTYPE_STRINGS[dtype]
+            (folder / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copyfile(path, folder / name)
+        copied.append(name)
+    return copied
 
 
 def _is_kept(key: str, keep_target: Sequence[str]) -> bool:
@@ -128,8 +184,13 @@ def merge_opened(
     max_shard_bytes: int = 5 * 10**9,
     keep_target: Sequence[str] = (),
     overwrite: bool = False,
+    copy_files_from: Path | str | None = None,
 ) -> MergeSummary:
-    """Merge opened checkpoints into the folder `out` (fishers None: plain λ-average)."""
+    """Merge opened checkpoints into the folder `out` (fishers None: plain λ-average).
+
+    `copy_files_from`: a model folder whose non-weight files (config, tokenizer) are copied
+    into `out` (see `copy_model_files`).
+    """
     start = time.perf_counter()
     if not models:
         raise ValueError("need at least one model to merge")
@@ -198,6 +259,10 @@ def merge_opened(
             index = {"metadata": {"total_size": summary.total_bytes}, "weight_map": weight_map}
             (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
             summary.files.append(INDEX_NAME)
+        if copy_files_from is not None:
+            summary.files.extend(
+                copy_model_files(copy_files_from, folder, _output_float_dtype(specs))
+            )
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -212,12 +277,14 @@ def merge_checkpoints(
     max_shard_bytes: int = 5 * 10**9,
     keep_target: Sequence[str] = (),
     overwrite: bool = False,
+    copy_files: bool = True,
 ) -> MergeSummary:
     """Open the checkpoint paths (any format `open_checkpoint` reads) and `merge_opened` them.
 
     The output is a folder: ``model.safetensors``, or shards ``model-0000k-of-0000n.safetensors``
     with ``model.safetensors.index.json`` when it exceeds `max_shard_bytes`; it appears only
-    when complete.
+    when complete. With `copy_files` and a target (``models[0]``) that is a folder, the
+    target's config, tokenizer and generation config are copied in too (`copy_model_files`).
     """
     opened: list[Checkpoint] = []
     try:
@@ -232,6 +299,7 @@ def merge_checkpoints(
         return merge_opened(
             opened[: len(models)], opened_fishers, out, coefficients, options, dtype,
             max_shard_bytes, keep_target, overwrite,
+            Path(models[0]) if copy_files and Path(models[0]).is_dir() else None,
         )  # fmt: skip
     finally:
         for checkpoint in opened:
