@@ -109,6 +109,40 @@ def test_authors_preset_is_max_floor_on_target_and_normalized():
     assert MergeOptions.from_preset("authors") == MergeOptions(1e-6, "max", True, True)
 
 
+@pytest.mark.parametrize(
+    "explicit",
+    [{"normalize": False}, {"favor_target": False}, {"floor_mode": "add"}, {"floor": 0.5},
+     {"missing": "error"}, {"normalize": False, "favor_target": False, "floor_mode": "add"}],
+)  # fmt: skip
+def test_explicit_options_override_the_preset(explicit):
+    """An option passed with preset= is never ignored: the merge equals the one with the preset's
+    other values written out and the explicit one in its place (and the closed form)."""
+    states, fishers = _states(2)
+    fishers[1]["w"][0, 0] = 0.0  # a zero donor Fisher, so favor_target / floors matter
+    fishers = [{k: v * (10.0 if i else 1.0) for k, v in f.items()} for i, f in enumerate(fishers)]
+    lambdas = [0.3, 0.7]
+    written = {"floor": 1e-6, "floor_mode": "max", "favor_target": True, "normalize": True,
+               "missing": "average", **explicit}  # fmt: skip
+    got = fisher_merge(states, fishers, lambdas, preset="authors", **explicit)
+    expected = fisher_merge(states, fishers, lambdas, **written)
+    default = fisher_merge(states, fishers, lambdas, preset="authors")
+    changes = any(not torch.equal(got[k], default[k]) for k in ("w", "b"))
+    assert changes or explicit == {"missing": "error"}  # missing only matters without Fishers
+    norms = [math.sqrt(sum(float(v.square().sum()) for v in f.values())) for f in fishers]
+    for key in ("w", "b"):
+        assert torch.equal(got[key], expected[key]), key
+
+        def floor_fn(i, f, o=written, n=norms):
+            if o["floor"] and (not o["favor_target"] or i == 0):
+                f = f.clamp_min(o["floor"]) if o["floor_mode"] == "max" else f + o["floor"]
+            return f / n[i] if o["normalize"] else f
+
+        torch.testing.assert_close(got[key], by_hand(states, fishers, lambdas, floor_fn, key))
+    assert MergeOptions.from_preset("authors", normalize=False).normalize is False
+    with pytest.raises(TypeError, match="unknown merge options \\['florr'\\]"):
+        MergeOptions.from_preset("authors", florr=1.0)
+
+
 @pytest.mark.parametrize("lambdas,winner", [([0.0, 1.0], 1), ([1.0, 0.0], 0)])
 @pytest.mark.parametrize("floor", [0.0, 1e-6])
 @pytest.mark.parametrize("favor_target", [False, True])

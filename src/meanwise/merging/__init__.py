@@ -15,6 +15,7 @@ from meanwise.merging.merge import (
     average_merge,
     candidate_coefficients,
     fisher_merge,
+    merge_options,
     search_coefficients,
 )
 from meanwise.merging.streaming import MergeSummary, merge_checkpoints
@@ -25,6 +26,7 @@ __all__ = [
     "fisher_merge",
     "average_merge",
     "MergeOptions",
+    "merge_options",
     "search_coefficients",
     "candidate_coefficients",
     "CoefficientSearch",

@@ -33,6 +33,7 @@ from meanwise.average import average_state_dicts
 
 __all__ = [
     "MergeOptions",
+    "merge_options",
     "fisher_merge",
     "average_merge",
     "merge_tensor",
@@ -75,8 +76,22 @@ class MergeOptions:
             return cls(**overrides)
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS} or None; got {preset!r}")
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(
+                f"unknown merge options {unknown}; known: {sorted(cls.__dataclass_fields__)}"
+            )
         base = {"floor": 1e-6, "floor_mode": "max", "favor_target": True, "normalize": True}
         return cls(**{**base, **overrides})
+
+
+def merge_options(preset: str | None = None, **options: object) -> MergeOptions:
+    """`MergeOptions` from a preset and explicit options; an option that is None is unset.
+
+    An explicit option always wins over the preset's value (``preset="authors",
+    normalize=False`` merges without normalization): nothing passed is silently ignored.
+    """
+    return MergeOptions.from_preset(preset, **{k: v for k, v in options.items() if v is not None})
 
 
 def validate_coefficients(coefficients: Sequence[float] | Tensor | None, n: int) -> list[float]:
@@ -252,11 +267,11 @@ def fisher_merge(
     states: Sequence[Mapping[str, Tensor]],
     fishers: Sequence[Mapping[str, Tensor]],
     coefficients: Sequence[float] | Tensor | None = None,
-    floor: float = 1e-6,
-    floor_mode: str = "max",
-    favor_target: bool = False,
-    normalize: bool = False,
-    missing: str = "average",
+    floor: float | None = None,
+    floor_mode: str | None = None,
+    favor_target: bool | None = None,
+    normalize: bool | None = None,
+    missing: str | None = None,
     *,
     preset: str | None = None,
     keep_target: Sequence[str] = (),
@@ -268,13 +283,15 @@ def fisher_merge(
         fishers: n dicts of diagonal Fishers (from `diagonal_fisher`), covering the same keys.
         coefficients: λ, n non-negative numbers with a positive sum (default 1/n each).
         floor, floor_mode: ``"max"``: max(F, floor) (the authors); ``"add"``: F + floor
-            (FusionBench).
-        favor_target: floor only the target's Fisher.
-        normalize: divide λ_i by the global L2 norm of Fisher i over all merged keys.
+            (FusionBench). Defaults 1e-6 and ``"max"``.
+        favor_target: floor only the target's Fisher (default False).
+        normalize: divide λ_i by the global L2 norm of Fisher i over all merged keys (default
+            False).
         missing: keys without a Fisher (buffers, frozen parameters) are λ-averaged
-            (``"average"``) or rejected (``"error"``).
-        preset: ``"authors"`` sets floor_mode="max", favor_target=True, normalize=True (the
-            explicitly passed floor still applies).
+            (``"average"``, the default) or rejected (``"error"``).
+        preset: ``"authors"`` sets floor=1e-6, floor_mode="max", favor_target=True,
+            normalize=True. An option passed explicitly (not None) overrides the preset's
+            value, e.g. ``preset="authors", normalize=False``; `merge_options` tells which.
         keep_target: keys, or prefixes such as ``"classifier"``, copied from the target unmerged:
             task-specific heads, which may differ in shape or be absent in other models.
 
@@ -289,10 +306,14 @@ def fisher_merge(
         raise ValueError(f"fishers has {len(fishers)} dicts but states has {len(states)}")
     if isinstance(keep_target, str):
         keep_target = (keep_target,)
-    if preset is None:
-        options = MergeOptions(floor, floor_mode, favor_target, normalize, missing)
-    else:
-        options = MergeOptions.from_preset(preset, floor=floor, missing=missing)
+    options = merge_options(
+        preset,
+        floor=floor,
+        floor_mode=floor_mode,
+        favor_target=favor_target,
+        normalize=normalize,
+        missing=missing,
+    )
     lambdas = validate_coefficients(coefficients, len(states))
     merged_keys = _shared_keys(states, keep_target)
     with_fisher = _fisher_keys(fishers, merged_keys, options, states[0])
