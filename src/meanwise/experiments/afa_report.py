@@ -110,7 +110,12 @@ def _speedup(results: list[JSON]) -> dict[int, list[JSON]]:
 
 
 def _predicted(results: list[JSON], method: str) -> list[float]:
-    return [r["predicted_bias"][method] for r in results if method in r.get("predicted_bias", {})]
+    # an excess objective is >= 0: a value a hair below is the L-BFGS tolerance of f*
+    return [
+        max(r["predicted_bias"][method], 0.0)
+        for r in results
+        if method in r.get("predicted_bias", {})
+    ]
 
 
 def _ratio(results: list[JSON], method: str) -> list[float]:
