@@ -18,7 +18,18 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["weighted_average", "average_state_dicts", "member_variance", "rescale_to_variance"]
+__all__ = [
+    "AverageOverflowError",
+    "weighted_average",
+    "average_state_dicts",
+    "member_variance",
+    "rescale_to_variance",
+]
+
+
+class AverageOverflowError(ValueError):
+    """The average of finite members lies outside the result dtype's range."""
+
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -147,7 +158,7 @@ def _scaled_average(x: Tensor, w: Tensor, d: Tensor | None, out: torch.dtype) ->
         result = numerator * ((w_scale / d) * x_scale)
     result = result.to(out)
     if not bool(torch.isfinite(result).all()):
-        raise ValueError(
+        raise AverageOverflowError(
             f"the weighted average of these finite members overflows {out} (largest member "
             f"magnitude {float(x_scale):.3g}); refuse or clip such updates before averaging"
         )

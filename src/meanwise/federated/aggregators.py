@@ -6,8 +6,12 @@ global vector ``x + server_lr · direction``. Working on flat vectors keeps the 
 methods (MIFA, FedVARP, AFA-CS: one stored vector per client) a single ``[N, P]`` tensor.
 
 Shared rules: a client whose update is not finite is dropped and counted as absent
-(``dropped_nonfinite``, with a warning), so the global model never becomes NaN; a round
-without (finite) participants leaves the model unchanged.
+(``dropped_nonfinite``, with a warning); an aggregate that would make the global model
+non-finite although every update is finite (huge finite updates overflow) is refused as a
+whole: the round is a no-op (memories restored), counted in ``refused_rounds`` with a warning
+naming the clients. ``max_update_norm`` (off by default) clips each update's L2 norm first, the
+defence against huge finite updates dragging the model far away. A round without (finite)
+participants leaves the model unchanged. So the global model never becomes NaN or inf.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanwise.average import weighted_average
+from meanwise.average import AverageOverflowError, weighted_average
 from meanwise.federated.participation import validate_probabilities
 
 __all__ = [
@@ -104,14 +108,23 @@ class Aggregator:
     #: whether ``step`` needs ``local_steps`` (the AFA rules normalize by them)
     needs_local_steps = False
 
-    def __init__(self, n_clients: int, server_lr: float = 1.0) -> None:
+    def __init__(
+        self, n_clients: int, server_lr: float = 1.0, *, max_update_norm: float | None = None
+    ) -> None:
         if int(n_clients) < 1:
             raise ValueError(f"n_clients must be positive; got {n_clients}")
         if not (server_lr > 0 and torch.isfinite(torch.tensor(float(server_lr)))):
             raise ValueError(f"server_lr must be positive and finite; got {server_lr}")
+        if max_update_norm is not None and not (0 < max_update_norm < float("inf")):
+            raise ValueError(
+                f"max_update_norm must be a positive finite number or None; got {max_update_norm}"
+            )
         self.n_clients = int(n_clients)
         self.server_lr = float(server_lr)
+        self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
         self.dropped_nonfinite = 0
+        self.refused_rounds = 0
+        self.clipped_updates = 0
         self.rounds = 0
 
     def step(
@@ -161,11 +174,51 @@ class Aggregator:
             )
             deltas, idx = deltas[finite], idx[finite]
             steps = None if steps is None else steps[finite]
+        if self.max_update_norm is not None and deltas.shape[0]:
+            deltas = self._clip(deltas)
         self.rounds += 1
-        direction = self._direction(deltas, idx, steps)
-        if direction is None:  # nobody (finite) took part: the model stays where it is
+        saved = self._save_memory(idx)
+        try:
+            direction = self._direction(deltas, idx, steps)
+        except AverageOverflowError:
+            direction, new = False, None
+        else:
+            if direction is None:  # nobody (finite) took part: the model stays where it is
+                return x.clone()
+            new = x + self.server_lr * direction.to(x.dtype)
+        if new is None or not bool(torch.isfinite(new).all()):
+            self._restore_memory(idx, saved)
+            self.refused_rounds += 1
+            warnings.warn(
+                f"{type(self).__name__}: refused round {self.rounds}: the aggregate of clients "
+                f"{idx.tolist()} is not finite in {x.dtype} although their updates are; the "
+                "model is unchanged (max_update_norm= bounds such updates)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return x.clone()
-        return x + self.server_lr * direction.to(x.dtype)
+        return new
+
+    def _clip(self, deltas: Tensor) -> Tensor:
+        """Scale each row to L2 norm <= max_update_norm (norms computed overflow-safe)."""
+        scale = deltas.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(deltas.dtype).tiny)
+        norms = (deltas / scale).norm(dim=1, keepdim=True).double() * scale.double()
+        factor = (self.max_update_norm / norms).clamp(max=1.0)
+        self.clipped_updates += int((factor < 1).sum())
+        return (deltas.double() * factor).to(deltas.dtype)
+
+    def _save_memory(self, clients: Tensor) -> Tensor | None:
+        """The rows a round may overwrite, to undo a refused round (memory aggregators)."""
+        memory = getattr(self, "memory", None)
+        return None if memory is None else memory[clients].clone()
+
+    def _restore_memory(self, clients: Tensor, saved: Tensor | None) -> None:
+        if not hasattr(self, "memory"):
+            return
+        if saved is None:
+            self.memory = None  # the refused round was the first: no memory yet
+        else:
+            self.memory[clients] = saved
 
     def _direction(self, deltas: Tensor, clients: Tensor, steps: Tensor | None) -> Tensor | None:
         raise NotImplementedError
@@ -180,6 +233,8 @@ class Aggregator:
             "kind": type(self).__name__,
             "n_clients": self.n_clients,
             "dropped_nonfinite": self.dropped_nonfinite,
+            "refused_rounds": self.refused_rounds,
+            "clipped_updates": self.clipped_updates,
             "rounds": self.rounds,
             **self._extra_state(),
         }
@@ -191,6 +246,8 @@ class Aggregator:
                 f"this is {type(self).__name__} with {self.n_clients}"
             )
         self.dropped_nonfinite = int(state["dropped_nonfinite"])
+        self.refused_rounds = int(state.get("refused_rounds", 0))  # absent before 0.1.1
+        self.clipped_updates = int(state.get("clipped_updates", 0))
         self.rounds = int(state["rounds"])
         self._load_extra_state(state)
 
@@ -204,8 +261,15 @@ class Aggregator:
 class FedAvg(Aggregator):
     """Plain averaging: ``over="participants"`` (1/|S| Σ_S Δ_n) or ``"all"`` (1/N Σ_S Δ_n)."""
 
-    def __init__(self, n_clients: int, over: str = "participants", server_lr: float = 1.0):
-        super().__init__(n_clients, server_lr)
+    def __init__(
+        self,
+        n_clients: int,
+        over: str = "participants",
+        server_lr: float = 1.0,
+        *,
+        max_update_norm: float | None = None,
+    ):
+        super().__init__(n_clients, server_lr, max_update_norm=max_update_norm)
         if over not in ("participants", "all"):
             raise ValueError(f"over must be 'participants' or 'all'; got {over!r}")
         self.over = over
@@ -221,9 +285,15 @@ class FedAvg(Aggregator):
 class KnownParticipation(Aggregator):
     """The oracle with known probabilities: 1/N Σ_S Δ_n / p_n (unbiased for the full average)."""
 
-    def __init__(self, probs: Tensor | Sequence[float], server_lr: float = 1.0):
+    def __init__(
+        self,
+        probs: Tensor | Sequence[float],
+        server_lr: float = 1.0,
+        *,
+        max_update_norm: float | None = None,
+    ):
         p = validate_probabilities(probs)
-        super().__init__(p.numel(), server_lr)
+        super().__init__(p.numel(), server_lr, max_update_norm=max_update_norm)
         self.probs = p
 
     def _direction(self, deltas, clients, steps):
@@ -235,8 +305,10 @@ class KnownParticipation(Aggregator):
 class _Memory(Aggregator):
     """Aggregators that keep one stored vector per client (allocated on first use)."""
 
-    def __init__(self, n_clients: int, server_lr: float = 1.0):
-        super().__init__(n_clients, server_lr)
+    def __init__(
+        self, n_clients: int, server_lr: float = 1.0, *, max_update_norm: float | None = None
+    ):
+        super().__init__(n_clients, server_lr, max_update_norm=max_update_norm)
         self.memory: Tensor | None = None
 
     def _ensure_memory(self, like: Tensor) -> Tensor:
@@ -290,8 +362,15 @@ class FedVARP(_Memory):
 class FedAU(Aggregator):
     """FedAU (Wang & Ji, NeurIPS 2023): 1/N Σ_S ω_n Δ_n, ω_n from participation intervals."""
 
-    def __init__(self, n_clients: int, cutoff: int | None = None, server_lr: float = 1.0):
-        super().__init__(n_clients, server_lr)
+    def __init__(
+        self,
+        n_clients: int,
+        cutoff: int | None = None,
+        server_lr: float = 1.0,
+        *,
+        max_update_norm: float | None = None,
+    ):
+        super().__init__(n_clients, server_lr, max_update_norm=max_update_norm)
         self.weights = ParticipationIntervalWeights(n_clients, cutoff)
 
     def _direction(self, deltas, clients, steps):
@@ -318,9 +397,15 @@ class AFA_CD(Aggregator):
     needs_local_steps = True
 
     def __init__(
-        self, n_clients: int, server_lr: float, local_lr: float, arrivals_per_round: int = 1
+        self,
+        n_clients: int,
+        server_lr: float,
+        local_lr: float,
+        arrivals_per_round: int = 1,
+        *,
+        max_update_norm: float | None = None,
     ):
-        super().__init__(n_clients, server_lr)
+        super().__init__(n_clients, server_lr, max_update_norm=max_update_norm)
         if not local_lr > 0:
             raise ValueError(f"local_lr must be positive; got {local_lr}")
         if not 1 <= int(arrivals_per_round) <= self.n_clients:
@@ -349,9 +434,17 @@ class AFA_CS(AFA_CD):
     """
 
     def __init__(
-        self, n_clients: int, server_lr: float, local_lr: float, arrivals_per_round: int = 1
+        self,
+        n_clients: int,
+        server_lr: float,
+        local_lr: float,
+        arrivals_per_round: int = 1,
+        *,
+        max_update_norm: float | None = None,
     ):
-        super().__init__(n_clients, server_lr, local_lr, arrivals_per_round)
+        super().__init__(
+            n_clients, server_lr, local_lr, arrivals_per_round, max_update_norm=max_update_norm
+        )
         self.memory: Tensor | None = None
 
     def _direction(self, deltas, clients, steps):
