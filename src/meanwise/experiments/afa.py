@@ -78,7 +78,7 @@ DIM = 60
 
 @dataclass(frozen=True)
 class AFAConfig:
-    """Settings; `quick()` runs 6 seeds in about 2.3 minutes on 2 quiet cores."""
+    """Settings; `quick()` runs 6 seeds in about 2.6 minutes on 2 quiet cores."""
 
     seeds: int = 8
     methods: tuple[str, ...] = METHODS
@@ -128,14 +128,14 @@ class AFAConfig:
 
     @classmethod
     def quick(cls) -> AFAConfig:
-        """6 seeds, 1500 rounds (rate halved at 500 and 1000), one rate: ~2.3 minutes of CPU
+        """6 seeds, 1500 rounds (rate halved at 500 and 1000), one rate: ~2.6 minutes of CPU
         on 2 cores (1000 rounds leave the last-phase noise at the size of the bias)."""
         return cls(seeds=6, rounds=1500, average_rounds=500, eval_every=25, final_window=4)
 
     @classmethod
     def full(cls) -> AFAConfig:
         """12 seeds, 3000 rounds (rate halved every 500), one rate (a per-arm grid would pick
-        each arm's rate on the metric the claims compare): ~15 minutes of CPU on 2 cores."""
+        each arm's rate on the metric the claims compare): ~8 minutes of CPU on 2 cores."""
         return cls(seeds=12, rounds=3000, average_rounds=500, eval_every=50)
 
 
