@@ -17,11 +17,11 @@ by K_i times its arrival frequency). Server rates: FedAvg's base is 1 and the AF
 is (K_max + 1)/2, the mean K, so that their expected steps match; every rate is halved every
 `lr_halving` rounds and the model measured is the average of the iterates of the last
 `average_rounds` rounds. Both remove most of the stochastic noise floor, so what stays is each
-rule's fixed-point bias (the CD-vs-CS difference the paper predicts is ~10× smaller than the
-noise floor of a fixed rate). The speedup part runs AFA-CD for every m in `speedup_arrivals`
-with the server rate scaled by sqrt(m / m_main) (the paper's corollary takes η ∝ sqrt(m·K)) and
-counts the rounds until the excess objective first falls below `speedup_target` times its
-initial value.
+rule's fixed-point bias (at a fixed rate the noise floor was ~10× the CD-vs-CS difference).
+A round that waited for a worker at the delay bound holds more than m arrivals. The speedup
+part runs AFA-CD for every m in `speedup_arrivals` with the server rate scaled by
+sqrt(m / m_main) (the paper's corollary takes η ∝ sqrt(m·K)) and counts the rounds until the
+excess objective first falls below `speedup_target` times its initial value.
 
 Predicted bias: each rule's expected direction vanishes where Σ_i w_i ∇f_i(x) (+ frozen
 memory) = 0, i.e. at the minimizer of Σ_i w_i f_i (+ a linear term). The weights: AFA-CD the
