@@ -460,7 +460,7 @@ def protocol(config: JSON) -> Table:
         ),
         ProtocolRow(
             "seeds",
-            "not stated as a number of repetitions here",
+            "repetitions not recorded in REFERENCES.md",
             f"{seeds} seed(s), each new data, arrivals, initialization and minibatches",
             "claims are paired by seed with a 95 % t interval",
         ),
