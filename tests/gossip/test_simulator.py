@@ -260,3 +260,20 @@ def test_errors_name_the_argument(tmp_path):
                 return x @ self.w
 
         GossipSimulator(Bare(), top, _data(6))
+
+
+def test_a_learning_rate_that_blows_up_stops_with_the_nodes_named():
+    """Issue 16: `gossip --lr 1e30` gave all-NaN node models without a word."""
+    from meanwise.functional.local_training import LocalTraining
+    from meanwise.gossip import GossipProtocol, GossipSimulator, MergeRule, random_regular
+    from meanwise.gossip.task import digits_model, digits_nodes
+
+    train, test = digits_nodes(6, "iid")
+    sim = GossipSimulator(
+        digits_model("mlp"), random_regular(6, 2), train, GossipProtocol(),
+        LocalTraining("sgd", lr=1e30, batch_size=8), merge=MergeRule(beta=0.5), test=test,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"nodes \[.*\] non-finite.*lr=1e\+30"):
+        sim.run(40)
+    with pytest.raises(ValueError, match="positive finite"):
+        LocalTraining("sgd", lr=float("inf"))

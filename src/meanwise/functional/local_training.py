@@ -19,6 +19,7 @@ the loss. Both paths consume the same random stream, so they see the same miniba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -79,8 +80,13 @@ class LocalTraining:
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}; got {self.rule!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive; got {self.lr}")
+        if not (isinstance(self.lr, int | float) and 0 < self.lr < math.inf):
+            raise ValueError(f"lr must be a positive finite number; got {self.lr!r}")
+        bad = {
+            k: v for k, v in self.options.items() if isinstance(v, float) and not math.isfinite(v)
+        }
+        if bad:
+            raise ValueError(f"options must be finite; got {bad}")
         if int(self.steps) < 1 or int(self.batch_size) < 1:
             raise ValueError(
                 f"steps and batch_size must be positive; got {self.steps}, {self.batch_size}"

@@ -235,6 +235,14 @@ class GossipSimulator:
                 self.layout.flatten(dict(zip(names, slot, strict=True)), batch_dims=1)
                 for slot in new
             ]
+        finite = torch.isfinite(flat).all(dim=1)
+        if not bool(finite.all()):
+            # a non-finite model would spread to every neighbour through the merges: stop
+            bad = nodes[~finite].tolist()
+            raise ValueError(
+                f"local training made the models of nodes {bad[:10]} non-finite at tick "
+                f"{self.tick} (lr={self.local.lr}); lower the learning rate"
+            )
         self.params.index_copy_(0, nodes, flat)
         for slot, rows in zip(self.opt_state, state, strict=True):
             slot.index_copy_(0, nodes, rows)
