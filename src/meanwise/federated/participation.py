@@ -355,12 +355,6 @@ class Anarchic:
         heapq.heapify(heap)
         return heap
 
-    def _due(self, arrived: list[int]) -> bool:
-        """Whether a worker still computing has reached the delay bound (the round waits)."""
-        due = (self.version - self.start_version) >= self.max_staleness
-        due[arrived] = False
-        return bool(due.any())
-
     def next_round(self) -> Arrivals:
         """Collect the next ``arrivals_per_round`` arrivals and close the round.
 
@@ -371,9 +365,13 @@ class Anarchic:
         arrived: list[int] = []
         rejected = 0
         waited = 0
-        while len(arrived) < self.arrivals_per_round or (
-            not self.discard_stale and self._due(arrived)
-        ):
+        # the workers whose delay reaches the bound in this round (start versions do not change
+        # while a round collects arrivals, so the set is fixed for the round)
+        due: set[int] = set()
+        if not self.discard_stale:
+            reached = (self.version - self.start_version) >= self.max_staleness
+            due = set(reached.nonzero().flatten().tolist())
+        while len(arrived) < self.arrivals_per_round or due:
             time, worker = heapq.heappop(self._heap)
             self.now = time
             if self.version - int(self.start_version[worker]) > self.max_staleness:
@@ -384,6 +382,7 @@ class Anarchic:
                 continue
             waited += len(arrived) >= self.arrivals_per_round
             arrived.append(worker)
+            due.discard(worker)
         workers = torch.tensor(arrived, dtype=torch.long)
         result = Arrivals(
             workers=workers,
