@@ -81,6 +81,15 @@ def test_same_seed_identical_other_seed_different(tiny_runs):
     assert _without_timing(a) != _without_timing(c)
 
 
+def test_sampled_draws_change_no_merge(tiny_runs):
+    """The sampled-Fisher check draws from its own generator: more draws change its errors only."""
+    a = dataclasses.asdict(tiny_runs[0])
+    b = dataclasses.asdict(run(dataclasses.replace(TINY, sampled_draws=8), 0))
+    for part in ("ensembling", "robust", "multitask"):
+        assert a[part] == b[part]
+    assert a["sampled_fisher"] != b["sampled_fisher"]
+
+
 def test_stacked_training_equals_separate_torch_loops():
     """Copy k of train_copies gets exactly the updates of its own nn.Module + torch.optim.Adam
     loop over the same batches (the loss is a sum of the copies' own mean losses)."""
