@@ -103,3 +103,44 @@ def test_python_dash_m_meanwise():
         [sys.executable, "-m", "meanwise", "list"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "optimizers" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["report", "--out", "{tmp}/typed"], "experiments['a'] is a int"),
+        (["report", "--out", "{tmp}/nothing"], "no results.json"),
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(argv, fragment, tmp_path, capsys):
+    (tmp_path / "typed").mkdir()
+    (tmp_path / "typed" / "results.json").write_text('{"experiments": {"a": 3}}')
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_them(monkeypatch, capsys):
+    def broken(args):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cli, "_list", lambda: broken(None))
+    assert cli.main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert "KeyError" in err and "--debug" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(KeyError):
+        cli.main(["--debug", "list"])
+
+
+def test_pickled_checkpoints_get_no_advice_to_unpickle(monkeypatch, capsys):
+    import pickle
+
+    def unpickle(args):
+        raise pickle.UnpicklingError("Weights only load failed ... weights_only=False ...")
+
+    monkeypatch.setattr(cli, "_list", lambda: unpickle(None))
+    assert cli.main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert "not a weights-only file" in err and "weights_only=False" not in err

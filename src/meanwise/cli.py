@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         "an HTML report.",
     )
     parser.add_argument("--version", action="version", version=f"meanwise {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the Python traceback of an error"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("list", help="list the experiments (name and title)")
 
@@ -132,7 +136,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `meanwise` command; returns the exit status (2: usage errors)."""
+    """Entry point of the `meanwise` command; returns the exit status (2: usage errors).
+
+    Every error is one line on stderr that names what was wrong; ``--debug`` shows the
+    traceback instead.
+    """
     args = build_parser().parse_args(argv)
     try:
         if args.command == "list":
@@ -142,12 +150,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         return args.handler(args)
-    except ValueError as error:
-        print(f"meanwise: {error}", file=sys.stderr)
-        return EXIT_FAILED
     except KeyboardInterrupt:
-        print("meanwise: interrupted; rerun the same command to resume", file=sys.stderr)
+        resumable = args.command == "reproduce"
+        hint = "; rerun the same command to resume" if resumable else ""
+        print(f"meanwise: interrupted{hint}", file=sys.stderr)
         return 130
+    except Exception as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"meanwise: {_one_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _one_line(error: BaseException) -> str:
+    """What the user needs of an exception, on one line (never torch's advice to unpickle)."""
+    if isinstance(error, pickle.UnpicklingError):
+        return (
+            "a checkpoint is not a weights-only file (it holds pickled Python objects, which "
+            "meanwise never executes); re-save it as safetensors or a plain state dict"
+        )
+    if isinstance(error, OSError) and error.filename is not None:
+        what = error.strerror or type(error).__name__
+        return f"{error.filename}: {what}"
+    if isinstance(error, ValueError | TypeError):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error} (rerun with --debug for the traceback)"
+    return " ".join(text.split()) or type(error).__name__
 
 
 if __name__ == "__main__":

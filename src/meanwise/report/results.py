@@ -98,6 +98,17 @@ def load_results(out_dir: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(document, dict) or not isinstance(document.get("experiments"), dict):
         raise ValueError(f"{path} has no 'experiments' object; move it away to start anew")
+    for name, entry in document["experiments"].items():
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"{path}: experiments[{name!r}] is a {type(entry).__name__}, expected an "
+                "object; move the file away to start anew"
+            )
+        for claim in entry.get("claims", []) or []:
+            try:
+                validate_claim(claim)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{path}: experiments[{name!r}]: {error}") from None
     return document
 
 
