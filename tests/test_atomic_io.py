@@ -71,3 +71,22 @@ def test_json_lines_append_then_rewrite(tmp_path):
         {"round": 1},
         {"round": 2},
     ]
+
+
+def test_json_lines_are_strict_json(tmp_path):
+    """A diverged metric is written as null, not Python's bare NaN (not JSON)."""
+    import json as stdlib_json
+
+    from meanwise.atomic_io import append_json_line, rewrite_json_lines
+
+    log = tmp_path / "m.jsonl"
+    append_json_line(log, {"round": 1, "loss": float("nan"), "acc": [0.5, float("inf")]})
+    line = log.read_text().strip()
+    assert "NaN" not in line and "Infinity" not in line
+    assert stdlib_json.loads(line, parse_constant=lambda c: 1 / 0) == {
+        "round": 1,
+        "loss": None,
+        "acc": [0.5, None],
+    }
+    rewrite_json_lines(log, [{"loss": float("-inf")}])
+    assert log.read_text() == '{"loss": null}\n'

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -70,15 +71,31 @@ def atomic_torch_save(obj: Any, path: Path | str) -> None:
         torch.save(obj, handle)
 
 
+def _json_line(record: Any) -> str:
+    """Strict JSON: a NaN or infinite metric (a diverged test loss) becomes null, since the bare
+    ``NaN`` Python writes is not JSON and breaks other readers of the log."""
+    return json.dumps(_finite_or_null(record), allow_nan=False) + "\n"
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def append_json_line(path: Path | str, record: Any) -> None:
     """Append one JSON line to a metrics log (a torn last line is the worst a crash leaves)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(_json_line(record))
 
 
 def rewrite_json_lines(path: Path | str, records: list[Any]) -> None:
     """Replace a metrics log with `records` atomically (after a resume, lines logged past the
     checkpoint would otherwise appear twice)."""
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(path, "".join(_json_line(r) for r in records))
