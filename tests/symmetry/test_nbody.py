@@ -6,6 +6,7 @@ import torch
 
 from meanwise.symmetry.nbody import (
     coulomb_forces,
+    egnn_initial_states,
     make_nbody_splits,
     simulate_charged_particles,
 )
@@ -146,6 +147,38 @@ def test_initial_state_is_reflected_once_at_the_walls_as_the_reference_does():
         2, steps=300, record_every=100, initial_state=(x_hand, v_hand, q)
     )
     assert torch.equal(inside.positions, by_hand.positions)  # inside the box: no change
+
+
+# Read from the published charges_{train,test}_charged5_initvel1small.npy (EGNN / Frame
+# Averaging repositories): the first systems' charges and the number of +1 charges
+PUBLISHED_TRAIN_FIRST_3 = [[-1, 1, -1, -1, -1], [1, -1, 1, 1, 1], [1, 1, -1, -1, 1]]
+PUBLISHED_TEST_FIRST_2 = [[1, 1, -1, -1, 1], [1, 1, -1, 1, -1]]
+PUBLISHED_POSITIVE = {"train[:20]": 42, "test[:20]": 52}
+
+
+def test_egnn_draw_replays_the_published_systems():
+    states = egnn_initial_states({"train": 20, "test": 20})
+    train_q, test_q = states["train"][2], states["test"][2]
+    assert train_q[:3].tolist() == PUBLISHED_TRAIN_FIRST_3
+    assert test_q[:2].tolist() == PUBLISHED_TEST_FIRST_2
+    assert int((train_q > 0).sum()) == PUBLISHED_POSITIVE["train[:20]"]
+    assert int((test_q > 0).sum()) == PUBLISHED_POSITIVE["test[:20]"]
+    x, v, _ = states["train"]
+    assert x.shape == v.shape == (20, 5, 3)
+    torch.testing.assert_close(v.norm(dim=-1), torch.full((20, 5), 0.5, dtype=torch.float64))
+    # a prefix is a prefix: fewer systems are the first ones of the same stream
+    assert torch.equal(egnn_initial_states({"train": 5})["train"][0], x[:5])
+    splits = make_nbody_splits(sizes={"train": 4}, draw="egnn")
+    sim = simulate_charged_particles(
+        4, frames=41, initial_state=tuple(t[:4] for t in states["train"])
+    )
+    assert torch.equal(splits["train"].target, sim.positions[:, 40].float())
+    with pytest.raises(ValueError, match="must be an int in"):
+        egnn_initial_states({"train": 10001})
+    with pytest.raises(ValueError, match="unknown split"):
+        egnn_initial_states({"holdout": 3})
+    with pytest.raises(ValueError, match="draw must be"):
+        make_nbody_splits(sizes={"train": 2}, draw="npy")
 
 
 def test_bad_arguments():
