@@ -135,7 +135,7 @@ class AFAConfig:
     @classmethod
     def full(cls) -> AFAConfig:
         """12 seeds, 3000 rounds (rate halved every 500), one rate (a per-arm grid would pick
-        each arm's rate on the metric the claims compare): ~8 minutes of CPU on 2 cores."""
+        each arm's rate on the metric the claims compare): ~11 minutes of CPU on 2 cores."""
         return cls(seeds=12, rounds=3000, average_rounds=500, eval_every=50)
 
 
