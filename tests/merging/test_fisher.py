@@ -236,7 +236,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"output must be \[N, C\]"):
         diagonal_fisher(nn.Sequential(nn.Linear(5, 3), nn.Flatten(0)), [x])
     with pytest.raises(TypeError, match="batch 0"):
-        diagonal_fisher(model, [{"x": x}])
+        diagonal_fisher(model, [3])
 
 
 def test_batchnorm_with_batch_statistics_is_refused():

@@ -33,12 +33,19 @@ complete. Example config:
 
 _FISHER_HELP = """\
 Computes the diagonal Fisher of a model on data and stores it as safetensors (parameter name ->
-Fisher). MODEL is 'package.module:factory', a callable returning the nn.Module (imported from
-the current folder or sys.path); --weights loads a checkpoint into it (safetensors or a torch
-state dict, never a pickle). DATA is a safetensors or torch file with tensors 'inputs' (and
-'targets' for --mode empirical), or 'package.module:callable' returning an iterable of
-(inputs, targets) batches.
+Fisher). The model is either --model 'package.module:factory', a callable returning the
+nn.Module (imported from the current folder or sys.path), with --weights loading a checkpoint
+into it (safetensors or a torch state dict, never a pickle); or --model-dir DIR, a Hugging Face
+model folder (safetensors weights only) loaded as --task sequence-classification or causal-lm.
+DATA is a safetensors or torch file with tensors 'inputs' (and 'targets' for --mode empirical),
+or with 'input_ids' (and 'attention_mask', 'token_type_ids', 'labels', ...: every tensor is a
+keyword argument of the model, 'labels' the targets), or 'package.module:callable' returning an
+iterable of batches. --params / --exclude take names, module prefixes or glob patterns, e.g.
+--exclude classifier to leave the head out (then keep_target: [classifier] in the merge).
+A causal LM's Fisher is over every non-padded token position; --class-chunk-size bounds memory.
 """
+
+HF_TASKS = {"sequence-classification": "classification", "causal-lm": "causal-lm"}
 
 
 def _import_callable(spec: str, what: str):
@@ -72,8 +79,12 @@ def _load_data(spec: str, batch_size: int) -> Iterable:
     if ":" in spec and not Path(spec).exists():
         return _import_callable(spec, "--data")()
     tensors = load_state_dict(spec)
-    if "inputs" not in tensors:
-        raise ValueError(f"--data {spec}: expected a tensor named 'inputs'; found {list(tensors)}")
+    if "inputs" not in tensors and "input_ids" not in tensors:
+        raise ValueError(
+            f"--data {spec}: expected a tensor named 'inputs' or 'input_ids'; found {list(tensors)}"
+        )
+    if "input_ids" in tensors:
+        return _dict_batches(spec, tensors, batch_size)
     inputs, targets = tensors["inputs"], tensors.get("targets")
     if targets is not None and targets.shape[0] != inputs.shape[0]:
         raise ValueError(
@@ -82,13 +93,85 @@ def _load_data(spec: str, batch_size: int) -> Iterable:
     return _tensor_batches(inputs, targets, batch_size)
 
 
+def _dict_batches(spec: str, tensors: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
+    rows = {key: t.shape[0] if t.dim() else 0 for key, t in tensors.items()}
+    if len(set(rows.values())) != 1:
+        raise ValueError(f"--data {spec}: the tensors must share their first dimension; got {rows}")
+    count = next(iter(rows.values()))
+    return [
+        {key: t[start : start + size] for key, t in tensors.items()}
+        for start in range(0, count, size)
+    ]
+
+
+def _load_hf_model(folder: str, task: str | None) -> nn.Module:
+    if task is None:
+        raise ValueError(f"--model-dir needs --task, one of {sorted(HF_TASKS)}")
+    if not Path(folder).is_dir():
+        raise ValueError(f"--model-dir {folder} is not a folder")
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            "--model-dir needs the transformers package (pip install transformers)"
+        ) from None
+    auto = (
+        transformers.AutoModelForSequenceClassification
+        if task == "sequence-classification"
+        else transformers.AutoModelForCausalLM
+    )
+    # the command's output stays one line: transformers' progress bars and load report are
+    # silenced while loading, then restored
+    hf_logging = transformers.utils.logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        # safetensors only: a pytorch_model.bin is a pickle, never loaded
+        model, info = auto.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--model-dir {folder}: cannot load it as {task}: {reason}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        # from_pretrained would initialise them at random: a Fisher of a model that is not
+        # the checkpoint's
+        raise ValueError(
+            f"--model-dir {folder} as --task {task} lacks weights {missing[:3]} (they would be "
+            "random); is --task right?"
+        )
+    return model
+
+
 def run_fisher(args: argparse.Namespace) -> int:
+    try:
+        return _run_fisher(args)
+    except TypeError as error:  # one line, like every other CLI error (meanwise.cli shows these)
+        raise ValueError(str(error)) from None
+
+
+def _run_fisher(args: argparse.Namespace) -> int:
     from meanwise.merging.checkpoints import load_state_dict, save_safetensors
     from meanwise.merging.fisher import diagonal_fisher
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    model = _import_callable(args.model, "--model")()
+    if (args.model is None) == (args.model_dir is None):
+        raise ValueError("give exactly one of --model MODULE:FACTORY and --model-dir DIR")
+    if args.class_chunk_size is not None and args.class_chunk_size < 1:
+        raise ValueError(f"--class-chunk-size must be >= 1; got {args.class_chunk_size}")
+    if args.model_dir is not None:
+        if args.weights:
+            raise ValueError("--weights goes with --model; --model-dir loads its own weights")
+        model = _load_hf_model(args.model_dir, args.task)
+        task = HF_TASKS[args.task]
+    else:
+        model = _import_callable(args.model, "--model")()
+        task = "auto" if args.task is None else HF_TASKS[args.task]
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {args.model} returned {type(model).__name__}, not an nn.Module")
     if args.weights:
@@ -106,8 +189,13 @@ def run_fisher(args: argparse.Namespace) -> int:
         max_examples=args.max_examples,
         likelihood=args.likelihood,
         generator=generator,
+        params=args.params,
+        exclude=args.exclude,
+        task=task,
+        class_chunk_size=args.class_chunk_size,
     )
-    metadata = {"mode": args.mode, "likelihood": args.likelihood, "model": args.model,
+    source = args.model if args.model is not None else str(args.model_dir)
+    metadata = {"mode": args.mode, "likelihood": args.likelihood, "model": source, "task": task,
                 "n_samples": str(args.n_samples), "created_by": "meanwise fisher"}  # fmt: skip
     save_safetensors({k: v.contiguous() for k, v in fisher.items()}, args.out, metadata)
     print(f"meanwise: wrote the {args.mode} Fisher of {len(fisher)} tensors to {args.out}",
@@ -116,6 +204,13 @@ def run_fisher(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    try:
+        return _run_merge(args)
+    except TypeError as error:  # one line, like every other CLI error
+        raise ValueError(str(error)) from None
+
+
+def _run_merge(args: argparse.Namespace) -> int:
     from meanwise.merging.config import load_merge_config
     from meanwise.merging.streaming import merge_checkpoints
 
@@ -150,7 +245,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description=_FISHER_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fisher.add_argument("--model", required=True, metavar="MODULE:FACTORY")
+    fisher.add_argument("--model", metavar="MODULE:FACTORY")
+    fisher.add_argument("--model-dir", metavar="DIR", help="a Hugging Face model folder")
+    fisher.add_argument("--task", choices=sorted(HF_TASKS), help="what --model-dir predicts")
+    fisher.add_argument("--params", nargs="+", metavar="PATTERN", help="parameters to include")
+    fisher.add_argument("--exclude", nargs="+", metavar="PATTERN", help="parameters to leave out")
+    fisher.add_argument("--class-chunk-size", type=int, default=None, metavar="K",
+                        help="output cotangents per backward pass (bounds memory)")  # fmt: skip
     fisher.add_argument("--weights", metavar="CHECKPOINT", help="weights to load into the model")
     fisher.add_argument("--data", required=True, metavar="FILE|MODULE:CALLABLE")
     fisher.add_argument("--out", required=True, metavar="FISHER.safetensors")
