@@ -172,7 +172,7 @@ def _one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename is not None:
         what = error.strerror or type(error).__name__
         return f"{error.filename}: {what}"
-    if isinstance(error, ValueError | TypeError):
+    if isinstance(error, ValueError | TypeError | TimeoutError):
         text = str(error)
     else:
         text = f"{type(error).__name__}: {error} (rerun with --debug for the traceback)"

@@ -47,6 +47,7 @@ def _config(args: argparse.Namespace):
         seed=args.seed,
         dtype="float64" if args.float64 else "float32",
         eval_every=args.eval_every,
+        timeout_s=args.timeout,
     )
 
 
@@ -89,8 +90,10 @@ def _run(args: argparse.Namespace) -> int:
         summary = {"mode": "simulated", "merges": sim.merges, "trainings": sim.trainings}
         params = sim.params
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        from meanwise.gossip.distributed import init_group
+
         torch.set_num_threads(args.threads)
-        dist.init_process_group("gloo", init_method="env://")
+        init_group(None, None, config.timeout_s)
         try:
             result = gather_and_save(config, dist.get_rank(), dist.get_world_size(), args.out)
         finally:
@@ -132,6 +135,20 @@ def _positive(value: str) -> int:
     return number
 
 
+def _port(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in [1, 65535]; got {number}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds; got {value}")
+    return number
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `gossip run` to the `meanwise` command."""
     from meanwise.gossip.distributed import TOPOLOGIES
@@ -162,7 +179,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--float64", action="store_true")
     run.add_argument("--eval-every", type=_positive, default=50)
     run.add_argument("--out", default=None, metavar="FILE", help="save the final models here")
-    run.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
+    run.add_argument("--port", type=_port, default=None, help="loopback port (default: a free one)")
+    run.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        help="seconds to wait for a neighbour before failing with its rank named (default 60)",
+    )
     run.add_argument("--threads", type=_positive, default=1, help="torch threads per process")
     run.add_argument("--simulate", action="store_true", help="run the vectorized simulator")
     run.set_defaults(handler=_run)

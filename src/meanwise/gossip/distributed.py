@@ -14,11 +14,14 @@ same models as :class:`~meanwise.gossip.simulator.GossipSimulator` with the same
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,10 @@ class GossipRunConfig:
     seed: int = 0
     dtype: str = "float32"
     eval_every: int = 50
+    # Longest wait for a neighbour's message (and for the process group to form): a frozen
+    # peer otherwise blocks its neighbours forever. Exchanges take milliseconds and a node's
+    # training between two of its messages well under a second here.
+    timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.nodes, int) or self.nodes < 2:
@@ -98,6 +105,8 @@ class GossipRunConfig:
             raise ValueError(f"ticks must be an int >= 1; got {self.ticks!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 1:
             raise ValueError(f"eval_every must be an int >= 1; got {self.eval_every!r}")
+        if not (isinstance(self.timeout_s, int | float) and 0 < self.timeout_s < float("inf")):
+            raise ValueError(f"timeout_s must be a positive number; got {self.timeout_s!r}")
 
     def build_topology(self) -> Topology:
         if self.topology == "regular":
@@ -229,10 +238,13 @@ def run_node(
         x, y = b.test
         out = functional_call(b.model, {**layout.unflatten(params[0]), **buffers}, (x,))
         total = torch.tensor([float((out.argmax(-1) == y).double().mean())], dtype=torch.float64)
-        dist.all_reduce(total)
+        with progress.naming_laggards(f"the evaluation at tick {schedule.tick}"):
+            dist.all_reduce(total, async_op=True).wait(timedelta(seconds=config.timeout_s))
         return float(total) / world_size
 
+    progress = _Progress(rank, world_size, config.timeout_s)
     while schedule.tick < config.ticks:
+        progress.mark(schedule.tick)
         plan = schedule.next_tick()
         for number, phase in enumerate(plan.phases):
             senders = phase.senders.tolist()
@@ -242,10 +254,10 @@ def run_node(
                 train(phase.index[:, pos : pos + 1], phase.valid[:, pos : pos + 1])
             tag = 2 * plan.tick + number  # one message per (sender, receiver) per phase
             begin = time.perf_counter()
-            requests = []
+            requests = []  # (request, peer)
             sent = params[0].clone()
             if sending:
-                requests += [dist.isend(sent, dst=nb, tag=tag) for nb in neighbours]
+                requests += [(dist.isend(sent, dst=nb, tag=tag), nb) for nb in neighbours]
                 stats.messages_sent += len(neighbours)
             inbox = []  # (wave, slot, tensor)
             for w, wave in enumerate(phase.waves):
@@ -253,10 +265,9 @@ def run_node(
                 for j in mine:
                     source = senders[int(wave.sender_pos[j])]
                     tensor = torch.empty_like(sent)
-                    requests.append(dist.irecv(tensor, src=source, tag=tag))
+                    requests.append((dist.irecv(tensor, src=source, tag=tag), source))
                     inbox.append((w, int(wave.slots[j]), tensor))
-            for request in requests:
-                request.wait()
+            _wait_all(requests, rank, plan.tick, config.timeout_s)
             stats.exchange_seconds += time.perf_counter() - begin
             stats.messages_received += len(inbox)
             for w, wave in enumerate(phase.waves):
@@ -276,6 +287,88 @@ def run_node(
     return params[0], stats
 
 
+def _wait_all(requests: list, rank: int, tick: int, timeout_s: float) -> None:
+    """Wait for each point-to-point request, naming the peer that stays silent too long."""
+    limit = timedelta(seconds=timeout_s)
+    for request, peer in requests:
+        try:
+            finished = request.wait(limit)
+        except RuntimeError as error:
+            raise PeerTimeoutError(
+                f"rank {rank}: no exchange with rank {peer} within {timeout_s:g} s at tick "
+                f"{tick} (stopped, hung or gone?): {str(error).splitlines()[0]}"
+            ) from None
+        if finished is False:
+            raise PeerTimeoutError(
+                f"rank {rank}: no exchange with rank {peer} within {timeout_s:g} s at tick {tick}"
+                " (stopped, hung or gone?)"
+            )
+
+
+class PeerTimeoutError(TimeoutError):
+    """A neighbour did not send or receive within the run's timeout."""
+
+
+class _Progress:
+    """Each rank's current tick in the process group's key-value store, so that a rank whose
+    collective timed out can name the ranks furthest behind (the silent ones)."""
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        try:  # the store env:// or init_process_group made; private, so optional
+            self.store = dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - without a store the message names no rank
+            self.store = None
+
+    def _key(self, rank: int) -> str:
+        return f"meanwise-gossip-progress-{rank}"
+
+    def mark(self, tick: int) -> None:
+        if self.store is not None:
+            self.store.set(self._key(self.rank), str(tick))
+
+    def laggards(self) -> list[int]:
+        if self.store is None:
+            return []
+        ticks = {}
+        for r in range(self.world_size):
+            try:
+                if self.store.check([self._key(r)]):
+                    ticks[r] = int(self.store.get(self._key(r)))
+                else:
+                    ticks[r] = -1
+            except Exception:  # noqa: BLE001 - the store itself may be gone with rank 0
+                return []
+        lowest = min(ticks.values())
+        return [r for r, t in ticks.items() if t == lowest and r != self.rank]
+
+    @contextlib.contextmanager
+    def naming_laggards(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except RuntimeError as error:
+            behind = self.laggards()
+            if not behind:
+                named = "no rank could be named"
+            elif len(behind) == 1:
+                named = f"rank {behind[0]} is furthest behind"
+            else:
+                named = f"ranks {behind} are furthest behind"
+            raise PeerTimeoutError(
+                f"rank {self.rank}: {what} did not complete within {self.timeout_s:g} s; "
+                f"{named} (stopped, hung or gone?): {str(error).splitlines()[0][:200]}"
+            ) from None
+
+
+def init_group(rank: int | None, world_size: int | None, timeout_s: float) -> None:
+    """gloo process group with the run's timeout (env:// when rank/world_size are None)."""
+    timeout = timedelta(seconds=timeout_s)
+    if rank is None:
+        dist.init_process_group("gloo", init_method="env://", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (bind to port 0 and read what the OS gave)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -286,7 +379,7 @@ def free_port() -> int:
 def _worker(rank: int, config: GossipRunConfig, world_size: int, port: int, out: str) -> None:
     torch.set_num_threads(1)  # one process per node: more threads per process only contend
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    init_group(rank, world_size, config.timeout_s)
     try:
         gather_and_save(config, rank, world_size, out)
     finally:
@@ -300,12 +393,16 @@ def gather_and_save(
     returns ``{"params": [n, P], "stats": [...], "config": {...}}`` (saved to ``out`` with
     ``torch.save`` if given); the other ranks return None."""
     params, stats = run_node(config, rank, world_size, log=log)
+    progress = _Progress(rank, world_size, config.timeout_s)
+    progress.mark(config.ticks + 1)  # finished: never among the laggards
+    limit = timedelta(seconds=config.timeout_s)
     gathered = [torch.empty_like(params) for _ in range(world_size)] if rank == 0 else None
-    dist.gather(params, gathered, dst=0)
     names = list(asdict(stats))
     counters = torch.tensor([float(v) for v in asdict(stats).values()], dtype=torch.float64)
     all_counters = [torch.empty_like(counters) for _ in range(world_size)] if rank == 0 else None
-    dist.gather(counters, all_counters, dst=0)
+    with progress.naming_laggards("gathering the final models"):
+        dist.gather(params, gathered, dst=0, async_op=True).wait(limit)
+        dist.gather(counters, all_counters, dst=0, async_op=True).wait(limit)
     if rank != 0:
         return None
     result = {
@@ -338,17 +435,33 @@ def launch_local(
             f"start_method must be 'spawn', 'fork' or 'forkserver'; got {start_method!r}"
         )
 
-    port = free_port() if port is None else int(port)
+    port = free_port() if port is None else _valid_port(port)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "result.pt") if out is None else str(out)
-        mp.start_processes(
-            _worker,
-            args=(config, config.nodes, port, path),
-            nprocs=config.nodes,
-            join=True,
-            start_method=start_method,
-        )
+        try:
+            mp.start_processes(
+                _worker,
+                args=(config, config.nodes, port, path),
+                nprocs=config.nodes,
+                join=True,
+                start_method=start_method,
+            )
+        except mp.ProcessExitedException as error:
+            signal_name = getattr(error, "signal_name", None)
+            how = f"was killed by {signal_name}" if signal_name else f"exited ({error.exit_code})"
+            raise RuntimeError(f"gossip node (rank) {error.error_index} {how}") from None
+        except mp.ProcessRaisedException as error:
+            last = [line for line in str(error).strip().splitlines() if line.strip()]
+            raise RuntimeError(
+                f"gossip node (rank) {error.error_index} failed: {last[-1] if last else error}"
+            ) from None
         return torch.load(path, weights_only=True)
+
+
+def _valid_port(port: int) -> int:
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"port must be an integer in [1, 65535]; got {port!r}")
+    return port
 
 
 def _exchange_worker(
