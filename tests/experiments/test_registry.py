@@ -66,6 +66,19 @@ def test_every_experiment_has_quick_and_full_presets(name):
     json.dumps(dataclasses.asdict(quick))  # configs are JSON-friendly
 
 
+@pytest.mark.parametrize("name", names())
+def test_every_experiment_states_claims_and_its_protocol(name):
+    """The contract: claims as data (checked on real runs in each experiment's tests) and a
+    paper-vs-ours protocol table for both presets, every row saying why it differs."""
+    experiment = get(name)
+    for quick in (True, False):
+        config = json.loads(json.dumps(dataclasses.asdict(experiment.config(quick))))
+        table = experiment.protocol(config)
+        assert isinstance(table, Table) and len(table.rows) >= 5
+        assert table.columns[:3] == ["aspect", "paper", "ours"]
+        assert all(all(str(cell).strip() for cell in row) for row in table.rows)
+
+
 def test_optimizers_presets():
     quick, full = OptimizersConfig.quick(), OptimizersConfig.full()
     assert quick.seeds == full.seeds == 3
@@ -151,3 +164,27 @@ def test_torch_threads_restores():
     with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "content", ["[1, 2]", '{"config": {}, "seed": 0}', "{not json", '{"experiment": "toy"}']
+)
+def test_a_damaged_seed_cache_is_set_aside_and_recomputed(tmp_path, content, capsys):
+    experiment = _toy_experiment()
+    config = experiment.config(quick=False)
+    first = run_experiment(experiment, config, [0], cache_dir=tmp_path)
+    (path,) = (tmp_path / "toy").glob("*-seed0.json")
+    path.write_text(content)
+    again = run_experiment(experiment, config, [0], cache_dir=tmp_path)
+    assert again.results == first.results and not again.seeds[0].cached
+    if content in ("[1, 2]", "{not json"):  # a stale record (other config) is recomputed
+        assert path.with_name(path.name + ".corrupt").exists()
+        assert "damaged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '{"runs": [1', ""])
+def test_a_damaged_stage_file_is_set_aside_and_recomputed(tmp_path, content):
+    (tmp_path / "a.json").write_text(content)
+    with runner_context(show_progress=False, stage_dir=tmp_path):
+        assert cached_stage("a", lambda: {"runs": [1]}) == {"runs": [1]}
+    assert (tmp_path / "a.json.corrupt").exists()

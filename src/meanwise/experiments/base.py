@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,10 +183,31 @@ def cached_stage(key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, A
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     path = stage_dir / f"{safe}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            value = json.loads(path.read_text())
+            if not isinstance(value, dict) or not value:
+                raise ValueError("not a non-empty object")
+            return value
+        except (OSError, ValueError) as error:
+            set_aside(path, error)
     value = compute()
     atomic_write_text(path, json.dumps(value))
     return value
+
+
+def set_aside(path: Path, error: BaseException) -> None:
+    """Move a damaged cache file to ``<name>.corrupt`` (kept for inspection) and say so; the
+    caller recomputes what it held."""
+    target = path.with_name(path.name + ".corrupt")
+    try:
+        path.replace(target)
+    except OSError:
+        return
+    print(
+        f"meanwise: cache file {path} is damaged ({str(error).splitlines()[0][:120]}); moved "
+        f"to {target.name} and recomputing",
+        file=sys.stderr,
+    )
 
 
 @contextlib.contextmanager

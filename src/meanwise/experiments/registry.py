@@ -49,6 +49,12 @@ def register_reproduction(
     """Register an experiment whose report side is a module with the standard names:
     ``PAPER``, ``CLAIM``, ``PUBLISHED``, ``summarize``, ``metrics``, ``figures``, ``claims``,
     ``protocol``."""
+    for needed in ("claims", "protocol"):
+        if not callable(getattr(report, needed, None)):
+            raise TypeError(
+                f"report module {report.__name__} has no function {needed!r} (the claims "
+                "contract: see meanwise.experiments.claims)"
+            )
     return register(
         Experiment(
             name=name,
@@ -61,8 +67,8 @@ def register_reproduction(
             summarize=report.summarize,
             metrics=report.metrics,
             figures=report.figures,
-            claims=getattr(report, "claims", lambda results: []),
-            protocol=getattr(report, "protocol", lambda config: None),
+            claims=report.claims,
+            protocol=report.protocol,
         )
     )
 

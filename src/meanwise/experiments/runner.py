@@ -29,6 +29,7 @@ from meanwise.experiments.base import (
     current_show_progress,
     progress,
     runner_context,
+    set_aside,
 )
 
 __all__ = ["SeedRun", "ExperimentRun", "config_to_dict", "config_hash", "run_experiment"]
@@ -83,13 +84,18 @@ def config_hash(name: str, config: Any) -> str:
 
 
 def _load_cached(path: Path, config: dict[str, Any], seed: int) -> SeedRun | None:
+    if not path.exists():
+        return None
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # absent or unreadable: recompute
-    if record.get("config") != config or record.get("seed") != seed:
-        return None  # a hash collision or a hand-edited file
-    return SeedRun(seed, record["result"], float(record["runtime_s"]), cached=True)
+        if not isinstance(record, dict):
+            raise ValueError(f"a {type(record).__name__}, not an object")
+        if record.get("config") != config or record.get("seed") != seed:
+            return None  # a hash collision or a hand-edited file: recompute and overwrite
+        return SeedRun(seed, record["result"], float(record["runtime_s"]), cached=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        set_aside(path, error)
+        return None
 
 
 def run_experiment(
