@@ -90,3 +90,22 @@ def test_json_lines_are_strict_json(tmp_path):
     }
     rewrite_json_lines(log, [{"loss": float("-inf")}])
     assert log.read_text() == '{"loss": null}\n'
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from meanwise.atomic_io import atomic_write_text
+
+    target = tmp_path / "ckpt.pt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    leftover = tmp_path / f".ckpt.pt.{dead.stdout.strip()}.abc123.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    live = tmp_path / f".ckpt.pt.{os.getppid()}.def456.tmp"  # a live process: kept
+    live.write_bytes(b"being written")
+    atomic_write_text(target, "done")
+    assert target.read_text() == "done"
+    assert not leftover.exists() and live.exists()

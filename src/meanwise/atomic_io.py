@@ -27,6 +27,7 @@ __all__ = [
     "atomic_torch_save",
     "append_json_line",
     "rewrite_json_lines",
+    "remove_stale_temporaries",
 ]
 
 
@@ -35,7 +36,10 @@ def atomic_writer(path: Path | str) -> Iterator[IO[bytes]]:
     """A binary file handle whose contents replace `path` only when the block ends cleanly."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the writer's pid in the name tells a killed writer's leftover from a live one's
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         # mkstemp creates 0600; results are meant to be read (and served) like any other file
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
@@ -48,6 +52,38 @@ def atomic_writer(path: Path | str) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    remove_stale_temporaries(path)
+
+
+def remove_stale_temporaries(path: Path | str) -> list[Path]:
+    """Delete temporaries of ``path`` left by writers that were killed (their pid is gone);
+    returns what was removed. Temporaries of live writers are left alone."""
+    path = Path(path)
+    removed = []
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid_text = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+            removed.append(leftover)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
