@@ -91,6 +91,9 @@ class Checkpoint:
     """A read-only map from tensor names to tensors, read one tensor at a time."""
 
     path: Path
+    # True when `get` returns a fresh buffer the caller may overwrite (a file read), so a merge
+    # can accumulate in it instead of copying; False for tensors held in memory.
+    owns_buffers: bool = False
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -119,6 +122,8 @@ class Checkpoint:
 
 class SafetensorsFile(Checkpoint):
     """One safetensors file; the header is validated on open, tensors are read on `get`."""
+
+    owns_buffers = True  # every `get` reads into a new buffer
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -245,6 +250,7 @@ class ShardedCheckpoint(Checkpoint):
             if key not in reader:
                 raise ValueError(f"{index_path}: tensor {key!r} is not in its shard {shard!r}")
             self._owner[key] = reader
+        self.owns_buffers = all(shard.owns_buffers for shard in self._shards.values())
 
     def keys(self) -> list[str]:
         return list(self._owner)

@@ -4,10 +4,11 @@ The rule, per parameter element j (Matena & Raffel, 2022):
 
     θ*_j = Σ_i λ_i F̃_ij θ_ij / Σ_i λ_i F̃_ij,   F̃_i = floor(F_i)   (F ≡ 1: plain averaging)
 
-The arithmetic is `meanwise.average`'s: each key is one `average_state_dicts` call with scalar
-weights λ and elementwise weights F̃, so the dtype policy (half precision accumulated in float32)
-and the validation are shared with every other average in meanwise. This module only decides
-the elementwise weights:
+The arithmetic follows `meanwise.average`'s weighted average Σ w x / Σ w with its dtype policy
+(half precision accumulated in float32), but accumulates in place one model at a time
+(`accumulate_merge`) instead of stacking the n members and n weights, so merging a tensor holds
+two accumulators plus the member being added, whatever n is (tested equal to the kernel). This
+module decides the elementwise weights:
 
 - floor: ``max(F, floor)`` (the authors) or ``F + floor`` (FusionBench); with ``favor_target``
   only the target (model 0) is floored, so a donor's zero Fisher defers to the target;
@@ -29,14 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from meanwise.average import average_state_dicts
-
 __all__ = [
     "MergeOptions",
     "merge_options",
     "fisher_merge",
     "average_merge",
     "merge_tensor",
+    "accumulate_merge",
     "fisher_norm",
     "validate_coefficients",
     "CoefficientSearch",
@@ -141,33 +141,90 @@ def fisher_norm(squared_sum: float, index: int) -> float:
     return norm
 
 
-def _elementwise_weights(
+def _accumulation_dtype(member: torch.dtype, fisher: torch.dtype | None) -> torch.dtype:
+    """float32 for half-precision members (and Fishers), else the promoted dtype: the policy
+    of `meanwise.average`, so that many half-precision models do not lose the sum."""
+    dtype = member if fisher is None else torch.promote_types(member, fisher)
+    return torch.promote_types(dtype, torch.float32)
+
+
+def accumulate_merge(
     key: str,
-    shape: torch.Size,
-    fishers: Sequence[Tensor],
+    count: int,
+    member: Callable[[int], Tensor],
+    fisher: Callable[[int], Tensor] | None,
     coefficients: Sequence[float],
-    options: MergeOptions,
-    norms: Sequence[float] | None,
-) -> list[Tensor]:
-    """E_i with member weight λ_i E_i: floored (and normalized) Fishers, ones where Σ λ F̃ = 0."""
-    weights = []
-    for i, fisher in enumerate(fishers):
-        f = _check_fisher(fisher, key, i, shape)
-        f = f.to(torch.promote_types(f.dtype, torch.float32))
-        if options.floor > 0 and (not options.favor_target or i == 0):
-            f = f.clamp_min(options.floor) if options.floor_mode == "max" else f + options.floor
-        if norms is not None:
-            f = f / norms[i]
-        weights.append(f)
-    total = torch.zeros_like(weights[0])
-    for lam, f in zip(coefficients, weights, strict=True):
-        if lam:
-            total.add_(f, alpha=lam)
-    dead = total == 0
+    options: MergeOptions = MergeOptions(),  # noqa: B008 - frozen, never mutated
+    norms: Sequence[float] | None = None,
+    owned: bool = False,
+) -> Tensor:
+    """One key's merge, reading member i (and its Fisher) only when it is added.
+
+    Memory: one numerator and one denominator buffer in the accumulation dtype plus the member
+    and Fisher being added, whatever the number of models (`meanwise.average` would stack all
+    n members and n weights first). Each product is formed in the read buffer and then added,
+    in model order, without fused multiply-adds, which is what ``(w * x).sum(0) / w.sum(0)`` of
+    the stacked form computes. `owned`: the tensors `member`/`fisher` return are fresh buffers
+    (read from a file) that may be overwritten; otherwise they are copied first.
+
+    Elements where Σ_i λ_i F̃_i = 0 take the λ-weighted plain average (a second pass over the
+    members, for those elements only).
+    """
+    first = member(0)
+    if not first.is_floating_point():
+        return first if owned else first.clone()  # step counters: the target's, never averaged
+    out_dtype, shape = first.dtype, first.shape
+    active = [i for i in range(count) if coefficients[i]]
+    if 0 not in active:
+        first = None  # not merged (λ_0 = 0): do not hold it
+    numerator = denominator = None
+    fisher_dtype = None
+    for i in active:
+        x, first = (first, None) if i == 0 else (member(i), first)
+        if fisher is None:
+            acc = _accumulation_dtype(out_dtype, None)
+            x = x.to(acc, copy=not owned)
+            x.mul_(coefficients[i])
+        else:
+            f = _check_fisher(fisher(i), key, i, shape)
+            fisher_dtype = f.dtype
+            acc = _accumulation_dtype(out_dtype, f.dtype)
+            f = f.to(acc, copy=not owned)
+            if options.floor > 0 and (not options.favor_target or i == 0):
+                if options.floor_mode == "max":
+                    f.clamp_min_(options.floor)
+                else:
+                    f.add_(options.floor)
+            if norms is not None:
+                f.div_(norms[i])
+            f.mul_(coefficients[i])  # the member's weight λ_i F̃_i
+            x = x.to(acc, copy=not owned)
+            x.mul_(f)
+            if denominator is None:
+                denominator = f
+            else:
+                denominator.add_(f)
+                del f
+        if numerator is None:
+            numerator = x
+        else:
+            numerator.add_(x)
+        del x
+    if fisher is None:
+        total = torch.tensor(
+            [coefficients[i] for i in active], dtype=_accumulation_dtype(out_dtype, None)
+        ).sum()
+        return numerator.div_(total).to(out_dtype)
+    dead = denominator == 0
     if dead.any():
         # 0/0 here: those elements take the λ-weighted plain average instead of NaN
-        weights = [torch.where(dead, torch.ones_like(f), f) for f in weights]
-    return weights
+        acc = _accumulation_dtype(out_dtype, fisher_dtype)
+        plain = torch.zeros(int(dead.sum()), dtype=acc)
+        for i in active:
+            plain.add_(member(i)[dead].to(acc) * coefficients[i])
+        numerator[dead] = plain
+        denominator[dead] = sum(coefficients[i] for i in active)
+    return numerator.div_(denominator).to(out_dtype)
 
 
 def merge_tensor(
@@ -178,21 +235,21 @@ def merge_tensor(
     options: MergeOptions = MergeOptions(),  # noqa: B008 - frozen, never mutated
     norms: Sequence[float] | None = None,
 ) -> Tensor:
-    """One key's merge through `average_state_dicts` (fishers None: the λ-weighted average).
+    """One key's merge of in-memory tensors (fishers None: the λ-weighted average).
 
-    The streaming checkpoint merge and `fisher_merge` both call this, so a checkpoint merged
-    tensor by tensor is bit-identical to the same merge done in memory.
+    The streaming checkpoint merge and `fisher_merge` both go through `accumulate_merge`, so a
+    checkpoint merged tensor by tensor is bit-identical to the same merge done in memory.
     """
-    states = [{key: t} for t in members]
-    elementwise = None
-    if fishers is not None and members[0].is_floating_point():
-        weights = _elementwise_weights(key, members[0].shape, fishers, coefficients, options, norms)
-        elementwise = [{key: w} for w in weights]
-    # λ in float32 unless the members are float64: float64 weights would promote a float32
-    # merge (and its memory) to float64
-    wide = members[0].dtype == torch.float64
-    weights = torch.tensor(coefficients, dtype=torch.float64 if wide else torch.float32)
-    return average_state_dicts(states, weights=weights, elementwise=elementwise)[key]
+    return accumulate_merge(
+        key,
+        len(members),
+        members.__getitem__,
+        None if fishers is None else fishers.__getitem__,
+        coefficients,
+        options,
+        norms,
+        owned=False,
+    )
 
 
 def _is_kept(key: str, keep_target: Sequence[str]) -> bool:

@@ -1,8 +1,12 @@
-"""Merge checkpoints tensor by tensor: peak memory is about one tensor times (models + Fishers).
+"""Merge checkpoints tensor by tensor, in bounded memory.
 
-Every key is read from each model (and its Fisher), merged with `merge.merge_tensor` -- the same
-function `fisher_merge` uses in memory, so the results are bit-identical -- cast to the output
-dtype, appended to the current output shard and dropped. ``normalize`` needs the global norm of
+Every key is merged by `merge.accumulate_merge` -- the function `fisher_merge` uses in memory, so
+the results are bit-identical: model i (and its Fisher) is read into a fresh buffer only when it
+is added, multiplied in place and added to one numerator (and one denominator), so the peak is
+about four buffers of the largest tensor in the accumulation dtype (numerator, denominator, the
+member and the Fisher being added) for a Fisher merge and two for an average, whatever the
+number of models; the result is cast to the output dtype, appended to the current output shard
+and dropped. ``normalize`` needs the global norm of
 every Fisher before the first merged tensor, so it costs one extra pass over the Fisher files
 (one tensor at a time as well).
 """
@@ -28,8 +32,8 @@ from meanwise.merging.checkpoints import (
 )
 from meanwise.merging.merge import (
     MergeOptions,
+    accumulate_merge,
     fisher_norm,
-    merge_tensor,
     validate_coefficients,
 )
 
@@ -233,21 +237,28 @@ def merge_opened(
         "merged_by": "meanwise",
         "method": "fisher" if fishers else "average",
     }
+    owned = all(c.owns_buffers for c in [*models, *(fishers or [])])
     with atomic_directory(out, overwrite) as folder:
         weight_map = {}
         for name, shard in zip(names, shards, strict=True):
             with SafetensorsWriter(folder / name, {k: specs[k] for k in shard}, metadata) as w:
                 for key in shard:
                     if key in merged_set:
-                        members = [m.get(key) for m in models]
-                        key_fishers = [f.get(key) for f in fishers] if key in covered else None
+                        # one model (and its Fisher) read at a time, added in place
+                        use_fishers = fishers is not None and key in covered
                         try:
-                            tensor = merge_tensor(
-                                key, members, key_fishers, lambdas, options, norms
+                            tensor = accumulate_merge(
+                                key,
+                                len(models),
+                                lambda i, k=key: models[i].get(k),
+                                (lambda i, k=key: fishers[i].get(k)) if use_fishers else None,
+                                lambdas,
+                                options,
+                                norms,
+                                owned=owned,
                             )
                         except ValueError as error:
                             raise ValueError(f"tensor {key!r}: {error}") from None
-                        del members, key_fishers
                     else:
                         tensor = models[0].get(key)
                     w.write(key, tensor.to(specs[key].dtype))
