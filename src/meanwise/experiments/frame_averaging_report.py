@@ -202,8 +202,9 @@ GNN_BUDGET_FINDING_WHY = (
     "there, .0849 on EGNN's systems); the test draw alone moves the GNN's MSE by ±5 % (six "
     "2,000-system test draws: .0152-.0171). The rest (.0135 vs .0107) is not explained by "
     "any setting: our GNN overfits 3,000 systems from epoch ~80 on, and the paper's number "
-    "is one unseeded run after 10,000 epochs (not run here: ~8 CPU-hours at ~3 s an epoch); a late second "
-    "descent, or that run's luck, cannot be excluded. Listed, not fixed"
+    "is one unseeded run after 10,000 epochs (not run here: ~8 CPU-hours at ~3 s an "
+    "epoch); a late second descent, or that run's luck, cannot be excluded. Listed, not "
+    "fixed"
 )
 
 
