@@ -395,8 +395,13 @@ def protocol(config: JSON) -> Table:
             "data size",
             "3,000 training systems (the first 3,000 of 10,000 generated with NumPy seed 43), "
             "2,000 validation, 2,000 test",
-            f"{c['train_size']:,} / {c['val_size']:,} / {c['test_size']:,} (data_seed "
-            f"{c['data_seed']}, the same for every seed)",
+            f"{c['train_size']:,} / {c['val_size']:,} / {c['test_size']:,} ("
+            + (
+                "the first of EGNN's systems"
+                if c.get("data_draw", "egnn") == "egnn"
+                else f"data_seed {c['data_seed']}"
+            )
+            + ", the same for every seed)",
             "same as the paper"
             if (c["train_size"], c["val_size"], c["test_size"]) == (3000, 2000, 2000)
             else "quick preset: CPU time on 2 shared cores; fewer systems raise every "
