@@ -122,3 +122,24 @@ def test_duplicate_annotation_and_bad_arguments_raise(tmp_path):
         split_dir(tmp_path, "eth", "test")
     with pytest.raises(ValueError, match="data_dir"):
         split_dir(tmp_path / "missing", "eth", "test")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"", "give no scene"),
+        (b"\n  \n", "give no scene"),
+        (b"1 1 0.0 0.0\n2 1 0.1 0.0\n", "give no scene"),  # one pedestrian, two frames
+        (b"\x89PNG\r\n\x1a\n\xff\xfe", "not a text annotation file"),
+    ],
+)
+def test_unusable_data_files_are_named(tmp_path, content, fragment):
+    """Issue 16: these gave "scenes is empty" with no file named, or a bare decode error."""
+    from meanwise.trajectory.data import load_split
+
+    folder = tmp_path / "eth" / "test"
+    folder.mkdir(parents=True)
+    (folder / "biwi_eth.txt").write_bytes(content)
+    with pytest.raises(ValueError, match=fragment) as info:
+        load_split("eth", "test", data_dir=tmp_path)
+    assert "biwi_eth.txt" in str(info.value) or str(folder) in str(info.value)

@@ -55,6 +55,13 @@ def _positive(value: str) -> int:
     return number
 
 
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {number}")
+    return number
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `trajectory evaluate` to the `meanwise` command."""
     from meanwise.trajectory.data import SPLITS
@@ -91,6 +98,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="samples for the distribution metrics (default: --samples; the paper uses 1000)",
     )
     evaluate.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1; 0 keeps torch's)"
+        "--threads",
+        type=_non_negative,
+        default=1,
+        help="torch threads (default 1; 0 keeps torch's)",
     )
     evaluate.set_defaults(handler=_run_evaluate)

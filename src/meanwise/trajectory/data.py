@@ -94,25 +94,30 @@ def read_annotations(path: str | os.PathLike[str]) -> np.ndarray:
     """
     path = Path(path)
     rows: list[tuple[float, float, float, float]] = []
-    with path.open("r", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4:
-                raise ValueError(
-                    f"{path}:{line_number}: expected 4 fields (frame_id ped_id x y); "
-                    f"got {len(fields)}: {line.rstrip()!r}"
-                )
-            try:
-                values = tuple(float(f) for f in fields)
-            except ValueError:
-                raise ValueError(
-                    f"{path}:{line_number}: fields must be numbers; got {line.rstrip()!r}"
-                ) from None
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError(f"{path}:{line_number}: non-finite value in {line.rstrip()!r}")
-            rows.append(values)  # type: ignore[arg-type]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not a text annotation file (byte {error.start} is not UTF-8)"
+        ) from None
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 4:
+            raise ValueError(
+                f"{path}:{line_number}: expected 4 fields (frame_id ped_id x y); "
+                f"got {len(fields)}: {line.rstrip()!r}"
+            )
+        try:
+            values = tuple(float(f) for f in fields)
+        except ValueError:
+            raise ValueError(
+                f"{path}:{line_number}: fields must be numbers; got {line.rstrip()!r}"
+            ) from None
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{path}:{line_number}: non-finite value in {line.rstrip()!r}")
+        rows.append(values)  # type: ignore[arg-type]
     if not rows:
         return np.zeros((0, 4), dtype=np.float64)
     return np.asarray(rows, dtype=np.float64)
@@ -246,4 +251,11 @@ def load_split(
     paths = sorted(p for p in folder.iterdir() if p.suffix == ".txt")
     if not paths:
         raise ValueError(f"{folder} holds no .txt files")
-    return load_scenes(paths)
+    scenes = load_scenes(paths)
+    if not scenes:
+        raise ValueError(
+            f"{folder}: its files ({', '.join(p.name for p in paths[:5])}) give no scene of "
+            f"{OBS_LEN + PRED_LEN} frames with at least 2 pedestrians (empty, too short or "
+            "single-pedestrian files?)"
+        )
+    return scenes
