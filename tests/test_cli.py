@@ -79,11 +79,11 @@ def test_reproduce_writes_report_merges_and_reuses_cache(tiny_optimizers, tmp_pa
     entry = document["experiments"]["optimizers"]
     assert entry["seeds"] == [0] and len(entry["results"]) == 1
     assert entry["config"]["epochs"] == 1 and entry["preset"] == "quick"
-    assert "diffGrad reaches F1" in entry["verdict"]
+    assert "On F1, diffGrad ends closer" in entry["verdict"]
     assert {"tables", "metrics"} <= set(entry["summary"])
     assert document["meanwise_version"] and document["created"]
     page = (out / "index.html").read_text()
-    assert "FedAU earlier" in page and "95.44" in page and "diffGrad reaches F1" in page
+    assert "FedAU earlier" in page and "95.44" in page and "On F1, diffGrad ends closer" in page
     for figure in entry["figures"]:
         assert (out / figure["file"]).read_bytes().startswith(b"\x89PNG")
     assert list((out / ".cache" / "optimizers").glob("*-seed0.json"))

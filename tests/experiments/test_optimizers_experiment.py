@@ -254,7 +254,7 @@ def test_claims_follow_the_paired_interval():
     assert hessian.effect == 0.0 and hessian.status == "unresolved"  # identical arms
     table = summarize(results)[1]
     row = {r[0]: r for r in table.rows}
-    assert row["SGD"][4] == "1" and row["Adam"][3] == ""
+    assert row["SGD"][5] == "1" and row["Adam"][4] == "" and row["SGD"][3] == "0.100"
 
 
 def test_claims_need_both_arms():
