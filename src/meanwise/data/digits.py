@@ -9,6 +9,7 @@ the test set leaks into training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -63,6 +64,23 @@ def _stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def standardizer(
+    images: np.ndarray, train_idx: np.ndarray
+) -> tuple[Callable[[np.ndarray], Tensor], float]:
+    """``to_images(idx)`` -> float32 [n, 1, 8, 8] tensors of the images divided by 16 and
+    standardised by the *training* images' scalar mean and std, and the standardised value of a
+    blank pixel. Both digits tasks standardise this way, so no test statistics leak in."""
+    scaled = images / 16.0
+    mean = float(scaled[train_idx].mean())
+    std = float(scaled[train_idx].std())
+    normalised = (scaled - mean) / std
+
+    def to_images(idx: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(normalised[idx])).unsqueeze(1)
+
+    return to_images, (0.0 - mean) / std
+
+
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> DigitsSplit:
     """The digits images split into train/test by `seed` (stratified by class).
 
@@ -73,14 +91,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> DigitsSplit:
         raise ValueError(f"test_fraction must be in (0, 1); got {test_fraction}")
     images, labels = _raw_digits()
     train_idx, test_idx = _stratified_split(labels, test_fraction, seed)
-    scaled = images / 16.0
-    mean = float(scaled[train_idx].mean())
-    std = float(scaled[train_idx].std())
-    normalised = (scaled - mean) / std
-
-    def to_images(idx: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(normalised[idx])).unsqueeze(1)
-
+    to_images, _ = standardizer(images, train_idx)
     return DigitsSplit(
         train_images=to_images(train_idx),
         train_labels=torch.from_numpy(labels[train_idx].copy()),

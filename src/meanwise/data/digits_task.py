@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from meanwise.data.digits import NUM_CLASSES, _raw_digits
+from meanwise.data.digits import NUM_CLASSES, _raw_digits, standardizer
 
 __all__ = ["FewShotDigits", "few_shot_digits", "random_shift"]
 
@@ -77,14 +77,7 @@ def few_shot_digits(per_class: int, seed: int, label_noise: float = 0.0) -> FewS
     flip = rng.random(len(noisy)) < label_noise
     # adding 1..9 modulo 10 gives each of the other classes with equal probability
     noisy[flip] = (noisy[flip] + rng.integers(1, NUM_CLASSES, int(flip.sum()))) % NUM_CLASSES
-    scaled = images / 16.0
-    mean = float(scaled[train_idx].mean())
-    std = float(scaled[train_idx].std())
-    normalised = (scaled - mean) / std
-
-    def to_images(idx: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(normalised[idx])).unsqueeze(1)
-
+    to_images, background = standardizer(images, train_idx)
     return FewShotDigits(
         train_images=to_images(train_idx),
         train_labels=torch.from_numpy(noisy),
@@ -93,7 +86,7 @@ def few_shot_digits(per_class: int, seed: int, label_noise: float = 0.0) -> FewS
         test_labels=torch.from_numpy(labels[test_idx].copy()),
         train_indices=torch.from_numpy(train_idx),
         test_indices=torch.from_numpy(test_idx),
-        background=(0.0 - mean) / std,
+        background=background,
     )
 
 
