@@ -3,15 +3,13 @@ input shifts against exact pixel moves, invariants of the numbers (the WiSE-FT p
 two models, plain merges are the hand-averaged weights), and the claims / protocol contract."""
 
 import dataclasses
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from meanwise.experiments import claims as claims_module
 from meanwise.experiments import get
-from meanwise.experiments.claims import minimum_detectable_effect, validate_claim
+from meanwise.experiments.claims import validate_claim
 from meanwise.experiments.fisher_merging import (
     FisherMergingConfig,
     relative_error,
@@ -37,31 +35,6 @@ TINY = FisherMergingConfig(
     grid_points=3, dirichlet_samples=2, fisher_examples=64, sampled_draws=4, lambdas=3,
     multitask_tasks=((0, 1, 2), (3, 4)),
 )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _fast_seeds_to_resolve(monkeypatch):
-    """claims.seeds_to_resolve scans n = 2, 3, ... up to 10,000 (seconds per unresolved claim);
-    the minimum detectable effect falls monotonically in n, so a bisection over n returns the
-    same number. Only the speed differs."""
-
-    def bisected(effect, sd, power=0.80, max_n=10_000):
-        if not math.isfinite(sd) or effect == 0.0:
-            return max_n
-        if sd == 0.0:
-            return 2
-        if minimum_detectable_effect(sd, max_n, power) > abs(effect):
-            return max_n
-        lo, hi = 2, max_n  # MDE(hi) <= |effect|
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if minimum_detectable_effect(sd, mid, power) <= abs(effect):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    monkeypatch.setattr(claims_module, "seeds_to_resolve", bisected)
 
 
 def _without_timing(result) -> dict:
