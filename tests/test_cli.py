@@ -61,7 +61,9 @@ def test_help_and_bad_seeds(capsys):
         cli.main(["reproduce", "--help"])
     assert exit_info.value.code == 0
     assert ".cache" in capsys.readouterr().out  # the resume behaviour is documented
-    assert cli.main(["reproduce", "optimizers", "--seeds", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["reproduce", "optimizers", "--seeds", "0"])
+    assert exit_info.value.code == 2
 
 
 def test_reproduce_writes_report_merges_and_reuses_cache(tiny_optimizers, tmp_path):

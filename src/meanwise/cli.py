@@ -10,10 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meanwise import __version__
+from meanwise.cli_args import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OneLineParser,
+    UsageError,
+    output_dir,
+    positive_int,
+)
 
 __all__ = ["main", "build_parser"]
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Method areas add their own commands (e.g. `meanwise merge`): each module listed here has
 # `add_commands(subparsers)`, which adds parsers that set a `handler(args) -> int` default.
@@ -41,7 +48,7 @@ where it stopped and a finished one only rebuilds the report. The hash covers th
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed so the docs and tests can inspect it)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="meanwise",
         description="Reproduce the headline comparisons of nine averaging methods and write "
         "an HTML report.",
@@ -65,13 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument(
         "--seeds",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="run seeds 0..N-1 (default: the experiment's own number, 3 for optimizers)",
     )
     reproduce.add_argument(
-        "--out", default="reports", metavar="DIR", help="output folder (default: reports)"
+        "--out",
+        type=output_dir,
+        default="reports",
+        metavar="DIR",
+        help="output folder (default: reports)",
     )
     reproduce.add_argument("--fresh", action="store_true", help="ignore and overwrite the cache")
     reproduce.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -108,10 +119,6 @@ def _reproduce(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if args.seeds is not None and args.seeds < 1:
-        print(f"meanwise: --seeds must be >= 1; got {args.seeds}", file=sys.stderr)
-        return EXIT_USAGE
-
     from meanwise.report import INDEX_FILE, reproduce
 
     reproduce(
@@ -136,10 +143,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `meanwise` command; returns the exit status (2: usage errors).
+    """Entry point of the `meanwise` command; returns the exit status.
 
-    Every error is one line on stderr that names what was wrong; ``--debug`` shows the
-    traceback instead.
+    0: done; 1: the work failed; 2: a usage error (a bad argument, found while parsing or
+    raised as `UsageError`); 130: interrupted. Every error is one line on stderr that names
+    what was wrong; ``--debug`` shows the traceback instead.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -150,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         return args.handler(args)
+    except UsageError as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"meanwise: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         resumable = args.command == "reproduce"
         hint = "; rerun the same command to resume" if resumable else ""

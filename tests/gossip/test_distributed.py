@@ -38,3 +38,15 @@ def test_config_errors_name_the_argument():
         GossipRunConfig(nodes=1)
     with pytest.raises(ValueError, match="square"):
         GossipRunConfig(nodes=8, topology="torus").build_topology()
+
+
+def test_a_finite_but_huge_learning_rate_stops_the_run_naming_the_node():
+    """--lr 1e30 is finite, yet one local step makes the models non-finite: the runner must
+    stop with the node named (as the simulator does) instead of gossiping NaN to everyone."""
+    config = GossipRunConfig(
+        nodes=3, topology="ring", ticks=4, synchronous=True, lr=1e30, hidden=4, timeout_s=20
+    )
+    with pytest.raises(ValueError, match="non-finite"):
+        simulate(config)
+    with pytest.raises(RuntimeError, match=r"rank\) \d failed: .*node \d's model non-finite"):
+        launch_local(config, port=free_port(), start_method="fork")

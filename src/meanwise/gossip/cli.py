@@ -10,6 +10,8 @@ import json
 import os
 import time
 
+from meanwise.cli_args import output_file, port, positive_float, positive_int, positive_seconds
+
 __all__ = ["add_commands"]
 
 _RUN_HELP = """\
@@ -128,27 +130,6 @@ def _summary(result: dict, mode: str) -> dict:
     }
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {number}")
-    return number
-
-
-def _port(value: str) -> int:
-    number = int(value)
-    if not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port in [1, 65535]; got {number}")
-    return number
-
-
-def _seconds(value: str) -> float:
-    number = float(value)
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds; got {value}")
-    return number
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `gossip run` to the `meanwise` command."""
     from meanwise.gossip.distributed import TOPOLOGIES
@@ -162,30 +143,32 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description=_RUN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--nodes", type=_positive, default=8, help="number of nodes (processes)")
+    run.add_argument("--nodes", type=positive_int, default=8, help="number of nodes (processes)")
     run.add_argument("--topology", choices=TOPOLOGIES, default="regular")
-    run.add_argument("--degree", type=_positive, default=4, help="degree of 'regular'")
+    run.add_argument("--degree", type=positive_int, default=4, help="degree of 'regular'")
     run.add_argument("--edge-probability", type=float, default=0.5, help="p of 'erdos-renyi'")
-    run.add_argument("--ticks", type=_positive, default=200)
+    run.add_argument("--ticks", type=positive_int, default=200)
     run.add_argument("--sync", action="store_true", help="synchronous rounds (train+merge each)")
     run.add_argument("--merge", choices=("plain", "corrected"), default="corrected")
     run.add_argument("--beta", type=float, default=0.5, help="the own model's merge weight")
     run.add_argument("--model", choices=MODELS, default="mlp")
     run.add_argument("--split", choices=SPLITS, default="iid")
-    run.add_argument("--lr", type=float, default=0.05)
-    run.add_argument("--batch-size", type=_positive, default=16)
+    run.add_argument("--lr", type=positive_float, default=0.05)
+    run.add_argument("--batch-size", type=positive_int, default=16)
     run.add_argument("--shared-init", action="store_true", help="all nodes start from one model")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--float64", action="store_true")
-    run.add_argument("--eval-every", type=_positive, default=50)
-    run.add_argument("--out", default=None, metavar="FILE", help="save the final models here")
-    run.add_argument("--port", type=_port, default=None, help="loopback port (default: a free one)")
+    run.add_argument("--eval-every", type=positive_int, default=50)
+    run.add_argument(
+        "--out", type=output_file, default=None, metavar="FILE", help="save the final models here"
+    )
+    run.add_argument("--port", type=port, default=None, help="loopback port (default: a free one)")
     run.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=60.0,
         help="seconds to wait for a neighbour before failing with its rank named (default 60)",
     )
-    run.add_argument("--threads", type=_positive, default=1, help="torch threads per process")
+    run.add_argument("--threads", type=positive_int, default=1, help="torch threads per process")
     run.add_argument("--simulate", action="store_true", help="run the vectorized simulator")
     run.set_defaults(handler=_run)

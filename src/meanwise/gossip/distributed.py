@@ -228,6 +228,12 @@ def run_node(
             first_step=2,
         )
         params = layout.flatten(trained, batch_dims=1)
+        if not bool(torch.isfinite(params).all()):
+            # sent on, a non-finite model would poison every neighbour through the merges
+            raise ValueError(
+                f"local training made node {rank}'s model non-finite at tick {schedule.tick} "
+                f"(lr={b.local.lr}); lower the learning rate"
+            )
         opt_state = [
             layout.flatten(dict(zip(layout.names, s, strict=True)), batch_dims=1) for s in state
         ]
