@@ -214,7 +214,7 @@ def test_fedau_strategy_rejects_bad_arguments(server_identity):
     with pytest.raises(TypeError, match="ArrayRecord"):
         ArrayCodec({"w": torch.zeros(2)})
     grid = ScriptedGrid([1], lambda n, m: (None, 0))
-    with pytest.raises(RuntimeError, match="n_nodes=2"):
+    with pytest.raises(RuntimeError, match="only 1 nodes connected.*min_nodes=2"):
         FedAUStrategy(2, wait_for_nodes_s=0.1).configure_train(
             1, _arrays(torch.zeros(6)), ConfigRecord(), grid
         )
@@ -248,7 +248,8 @@ def test_run_anarchic_follows_the_equations_with_stale_updates(server_identity):
     result = run_anarchic(
         ScriptedGrid(ids, handler), _arrays(x0), aggregator, 8, max_staleness=2, pull_interval=0
     )
-    assert len(result.rounds) == 8 and result.node_ids == ids
+    # replies report no partition-id: nodes are bound by node id, in order of arrival
+    assert len(result.rounds) == 8 and sorted(result.node_ids) == ids
     stale = [s for r in result.rounds for s in r.staleness]
     assert max(stale) >= 1 and max(stale) <= 2  # stale updates happen, within the bound
     assert sum(r.failed for r in result.rounds) == 1
