@@ -16,7 +16,7 @@ $(VENV)/.base: pyproject.toml
 
 # dev tools, test oracles and Flower (its simulation extra: Ray), after torch as above
 $(VENV)/.dev: $(VENV)/.base
-	$(PY) -m pip install -q -e '.[dev,flower]'
+	$(PY) -m pip install -q -e '.[dev,flower-sim]'
 	touch $@
 
 demo: $(VENV)/.dev

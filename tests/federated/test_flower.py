@@ -1,6 +1,6 @@
 """Flower integration: FedAUStrategy and run_anarchic against hand-written equations (on an
-in-process grid, fast), and end to end in Flower's Ray simulation against the meanwise
-simulator on the same client updates."""
+in-process grid, fast), and end to end in Flower's Ray simulation (extra flower-sim) against
+the meanwise simulator on the same client updates."""
 
 from __future__ import annotations
 
@@ -359,6 +359,7 @@ class _ReplayArrivals(Anarchic):
 
 @pytest.fixture(scope="module")
 def flower_run():
+    pytest.importorskip("ray", reason="Flower's simulation needs the flower-sim extra (Ray)")
     from flwr.clientapp import ClientApp  # noqa: F401 - the extra is installed
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
