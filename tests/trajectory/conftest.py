@@ -20,7 +20,9 @@ def data_root() -> Path:
     root = _data_root()
     if root is None:
         pytest.skip(
-            "ETH/UCY data not found: set MEANWISE_DATA_DIR or place ../shared/data beside the repo"
+            "ETH/UCY data not found (no eth_ucy/ in $MEANWISE_DATA_DIR, in ../shared/data beside "
+            "the repository, or in ~/.cache/meanwise/data): run `meanwise trajectory fetch-data "
+            "--checkpoints` or set MEANWISE_DATA_DIR to a folder holding eth_ucy/"
         )
     return root
 
@@ -29,7 +31,10 @@ def data_root() -> Path:
 def checkpoints_root(data_root: Path) -> Path:
     folder = data_root / "social_implicit_checkpoints"
     if not folder.is_dir():
-        pytest.skip(f"released Social-Implicit weights not found under {folder}")
+        pytest.skip(
+            f"released Social-Implicit weights not found under {folder}: run "
+            f"`meanwise trajectory fetch-data --checkpoints --dest {data_root}`"
+        )
     return folder
 
 

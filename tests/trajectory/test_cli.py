@@ -37,3 +37,13 @@ def test_evaluate_usage_errors(tmp_path, capsys):
     missing = ["trajectory", "evaluate", "--official-checkpoint", str(tmp_path), "--split", "eth"]
     assert cli.main(missing) == 1  # a ValueError, reported on stderr
     assert "no checkpoint file" in capsys.readouterr().err
+
+
+def test_distribution_samples_needs_distribution_metrics(tmp_path, capsys):
+    argv = ["trajectory", "evaluate", "--official-checkpoint", str(tmp_path), "--split", "eth"]
+    assert cli.main([*argv, "--distribution-samples", "1000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "meanwise: --distribution-samples needs --distribution-metrics "
+        "(it sets K for AMD/AMV/KDE-NLL)"
+    )

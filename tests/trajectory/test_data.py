@@ -33,8 +33,11 @@ def test_test_window_counts_match_the_published_ones(data_root, split):
     assert (len(scenes), sum(s.num_pedestrians for s in scenes)) == EXPECTED_COUNTS[split]
 
 
-def _social_gan_windows(data: np.ndarray, seq_len: int = 20, min_ped: int = 1):
-    """The protocol of the data README as a plain per-window loop over pedestrians."""
+def _social_gan_windows(
+    data: np.ndarray, seq_len: int = 20, min_ped: int = 1, rounded: bool = True
+):
+    """The protocol of the data README as a plain per-window loop over pedestrians; `rounded`:
+    Social-GAN's np.around(..., decimals=4) of each track (Social-Implicit comments it out)."""
     frames = np.unique(data[:, 0]).tolist()
     frame_data = [data[frame == data[:, 0], :] for frame in frames]
     num_sequences = int(math.ceil((len(frames) - seq_len + 1) / 1))
@@ -44,7 +47,9 @@ def _social_gan_windows(data: np.ndarray, seq_len: int = 20, min_ped: int = 1):
         peds = np.unique(curr[:, 1])
         tracks = []
         for ped_id in peds:
-            seq = np.around(curr[curr[:, 1] == ped_id, :], decimals=4)
+            seq = curr[curr[:, 1] == ped_id, :]
+            if rounded:
+                seq = np.around(seq, decimals=4)
             pad_front = frames.index(seq[0, 0]) - idx
             pad_end = frames.index(seq[-1, 0]) - idx + 1
             if pad_end - pad_front != seq_len:
@@ -55,17 +60,29 @@ def _social_gan_windows(data: np.ndarray, seq_len: int = 20, min_ped: int = 1):
     return out
 
 
-def test_windows_equal_social_gans_loader_on_zara1(data_root):
+@pytest.mark.parametrize("decimals", [None, 4])
+def test_windows_equal_the_reference_loaders_on_zara1(data_root, decimals):
+    """decimals=None: Social-Implicit's loader (no rounding); 4: Social-GAN's."""
     path = split_dir(data_root, "zara1", "test") / "crowds_zara01.txt"
     data = read_annotations(path)
-    ours = windows_from_annotations(data)
-    reference = _social_gan_windows(data)
+    ours = windows_from_annotations(data, decimals=decimals)
+    reference = _social_gan_windows(data, rounded=decimals == 4)
     assert len(ours) == len(reference)
     for scene, (first_frame, tracks) in zip(ours, reference, strict=True):
         assert scene.frame_ids[0].item() == first_frame
         assert scene.pedestrian_ids.tolist() == [t[0] for t in tracks]
         expected = torch.tensor(np.stack([t[1] for t in tracks], axis=1))  # [20, N, 2]
         assert torch.equal(torch.cat([scene.observed, scene.future]), expected)
+
+
+def test_rounding_moves_positions_by_at_most_half_a_decimal(data_root):
+    path = split_dir(data_root, "zara1", "test") / "crowds_zara01.txt"
+    data = read_annotations(path)
+    raw, rounded = windows_from_annotations(data), windows_from_annotations(data, decimals=4)
+    diff = max(
+        float((a.observed - b.observed).abs().max()) for a, b in zip(raw, rounded, strict=True)
+    )
+    assert 0 < diff <= 5e-5  # the files hold more than 4 decimals, so the choice is visible
 
 
 def test_hand_made_windowing_gaps_and_order(tmp_path):
@@ -88,7 +105,9 @@ def test_hand_made_windowing_gaps_and_order(tmp_path):
     assert len(scenes) == 1
     assert scenes[0].pedestrian_ids.tolist() == [5, 9]  # ascending id, ped 7/3 excluded
     assert scenes[0].frame_ids.tolist() == frame_ids[1:]
-    assert scenes[0].observed[0, 0].tolist() == [1.0, 1.1235]  # rounded to 4 decimals
+    assert scenes[0].observed[0, 0].tolist() == [1.0, 1.123456]  # as in the file
+    rounded = windows_from_annotations(np.asarray(rows), decimals=4)
+    assert rounded[0].observed[0, 0].tolist() == [1.0, 1.1235]  # Social-GAN's 4 decimals
     rel = scenes[0].observed_displacements()
     assert torch.equal(rel[0], torch.zeros(2, 2)) and torch.allclose(
         rel[1:], scenes[0].observed[1:] - scenes[0].observed[:-1]

@@ -1,10 +1,13 @@
-"""`meanwise trajectory evaluate`: the released Social-Implicit weights on an ETH/UCY split."""
+"""`meanwise trajectory evaluate` (the released Social-Implicit weights on an ETH/UCY split) and
+`meanwise trajectory fetch-data` (download the split files and weights, checksummed)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
+
+from meanwise.cli_args import UsageError, output_dir, positive_seconds
 
 __all__ = ["add_commands"]
 
@@ -15,9 +18,54 @@ the protocol of the paper's tables) to --json, plus AMD, AMV and KDE-NLL (averag
 scenes) with --distribution-metrics. The released weights run in float64 in compatibility mode
 (every pedestrian in zone 0, as in the authors' code).
 
-Data: --data-dir, else $MEANWISE_DATA_DIR, else ../shared/data beside the repository; the
-folder holds eth_ucy/<split>/test/*.txt (or is the eth_ucy folder itself).
+Data: --data-dir, else $MEANWISE_DATA_DIR, else ../shared/data beside the repository, else
+where `meanwise trajectory fetch-data` puts it by default; the folder holds
+eth_ucy/<split>/test/*.txt (or is the eth_ucy folder itself).
 """
+
+_FETCH_HELP = """\
+Downloads the ETH/UCY leave-one-out split files (eth, hotel, univ, zara1, zara2, raw; as
+distributed in Social-STGCNN's datasets/ folder) and the SDD split files (Social-Implicit's),
+and with --checkpoints the released Social-Implicit weights, from raw GitHub URLs at pinned
+commits. Every file is checked against the SHA-256 table shipped with meanwise and written
+atomically: a file that does not match is refused and deleted, a verified one already present
+is kept, so a rerun resumes. --mirror URL fetches the same files from a base URL that serves the
+data folder's layout (URL/eth_ucy/eth/test/biwi_eth.txt, ...).
+
+Destination: --dest, else $MEANWISE_DATA_DIR, else ~/.cache/meanwise/data ($XDG_CACHE_HOME),
+which `meanwise trajectory evaluate`, `meanwise reproduce social-implicit` and the tests find
+without --data-dir.
+"""
+
+
+def _run_fetch(args: argparse.Namespace) -> int:
+    import sys
+
+    from meanwise.trajectory.fetch import fetch_data
+
+    summary = fetch_data(
+        args.dest,
+        mirror=args.mirror,
+        checkpoints=args.checkpoints,
+        timeout=args.timeout,
+        log=(lambda line: print(line, file=sys.stderr)) if args.verbose else None,
+    )
+    where = summary.destination.expanduser().absolute()
+    print(
+        f"meanwise: {summary.downloaded} file(s) downloaded and {summary.present} already "
+        f"present, all SHA-256 verified, in {where}"
+    )
+    print(f"use it with --data-dir {where} (or export MEANWISE_DATA_DIR={where})")
+    return 0
+
+
+def _mirror_url(value: str) -> str:
+    from meanwise.trajectory.fetch import check_mirror
+
+    try:
+        return check_mirror(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -28,6 +76,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from meanwise.trajectory.evaluate import evaluate_scenes
     from meanwise.trajectory.social_implicit import SocialImplicit
 
+    if args.distribution_samples is not None and not args.distribution_metrics:
+        raise UsageError(
+            "--distribution-samples needs --distribution-metrics (it sets K for AMD/AMV/KDE-NLL)"
+        )
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model = SocialImplicit.from_official_checkpoint(args.official_checkpoint)
@@ -63,11 +115,12 @@ def _non_negative(value: str) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `trajectory evaluate` to the `meanwise` command."""
+    """Add `trajectory evaluate` and `trajectory fetch-data` to the `meanwise` command."""
     from meanwise.trajectory.data import SPLITS
 
     trajectory = subparsers.add_parser(
-        "trajectory", help="trajectory prediction: evaluate Social-Implicit weights"
+        "trajectory",
+        help="trajectory prediction: evaluate Social-Implicit weights, fetch ETH/UCY data",
     )
     commands = trajectory.add_subparsers(dest="trajectory_command", required=True)
     evaluate = commands.add_parser(
@@ -104,3 +157,37 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="torch threads (default 1; 0 keeps torch's)",
     )
     evaluate.set_defaults(handler=_run_evaluate)
+    fetch = commands.add_parser(
+        "fetch-data",
+        help="download the ETH/UCY split files (and released weights), SHA-256 checked",
+        description=_FETCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fetch.add_argument(
+        "--dest",
+        type=output_dir,
+        default=None,
+        metavar="DIR",
+        help="where to write (default: $MEANWISE_DATA_DIR, else ~/.cache/meanwise/data)",
+    )
+    fetch.add_argument(
+        "--mirror",
+        type=_mirror_url,
+        default=None,
+        metavar="URL",
+        help="base URL serving the data folder's layout, instead of the upstream GitHub URLs",
+    )
+    fetch.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="also the released Social-Implicit weights (social_implicit_checkpoints/)",
+    )
+    fetch.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=60.0,
+        metavar="S",
+        help="seconds per connection (default 60)",
+    )
+    fetch.add_argument("--verbose", action="store_true", help="one line per downloaded file")
+    fetch.set_defaults(handler=_run_fetch)
