@@ -141,6 +141,26 @@ class SocialCell(nn.Module):
         out = torch.einsum("kcxnij,ocij->koxn", _patches(a), w2)
         return out + b2[:, None, None]  # [K, pred, x/y, N]
 
+    def forward_packed(self, x: Tensor, mask: Tensor, noise: Tensor, noise_factor: float) -> Tensor:
+        """Many scenes side by side: x [1, 2, obs_len, W], mask [W] (1 on a pedestrian's
+        column, 0 on the empty column kept between two scenes), noise [K, 2, W] (each column
+        its scene's draw, 0 on the gaps) -> [K, pred_len, 2, W] (garbage on the gaps).
+
+        Every 3x3 kernel reaches one column either side, so with one empty column between
+        scenes each scene sees exactly the zero padding it sees alone, provided the gaps are
+        zero at both stages' inputs: x and the noise are zero there by construction, and the
+        stage-1 output (bias, ReLU) is masked before stage 2. Here the K noisy inputs are wide
+        images, and torch's convolution (one call for the K images, forward and backward) is
+        several times faster than unfold + matmul, whose backward scatters the patches back.
+        """
+        w1, b1, w2, b2 = self._weights()
+        k, t, w = noise.shape[0], x.shape[-2], x.shape[-1]
+        v = x + (self.noise_w * noise_factor) * noise[:, :, None, :]  # [K, 2, obs, W]
+        h = F.conv2d(v, w1, b1, padding=1)
+        a = (torch.relu(h[:, :4]) + h[:, 4:]) * mask  # [K, (stream, x/y), obs, W], gaps zero
+        a = a.view(k, 2, 2, t, w).transpose(2, 3).reshape(k, 2 * t, 2, w)
+        return F.conv2d(a, w2, b2, padding=1)
+
     def _weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`fused_weights`, cached while no parameter changes and no gradient is recorded
         (building them is a dozen small ops, a sizeable part of a one-scene forward)."""
@@ -235,7 +255,8 @@ class SocialImplicit(nn.Module):
         dtype = self.implicit_cells[0].feat.weight.dtype
         x = displacements.to(dtype).permute(2, 0, 1).unsqueeze(0)  # [1, 2, obs_len, N]
         if noise is None:
-            noise = torch.randn(num_samples, 2, generator=generator, dtype=dtype)
+            # drawn in float64 whatever the dtype: float32 and float64 models sample alike
+            noise = torch.randn(num_samples, 2, generator=generator, dtype=torch.float64)
         elif noise.shape != (num_samples, 2):
             raise ValueError(f"noise must be [{num_samples}, 2]; got {tuple(noise.shape)}")
         noise = noise.to(dtype).view(num_samples, 2, 1, 1)
@@ -251,6 +272,58 @@ class SocialImplicit(nn.Module):
                 out[..., select] = self.implicit_cells[i](
                     x[..., select], noise, self.noise_factors[i]
                 )
+        return out.permute(0, 1, 3, 2)
+
+    def forward_scenes(self, displacements: Tensor, sizes: Sequence[int], noise: Tensor) -> Tensor:
+        """K samples for many scenes in one forward: the same as calling `forward(scene,
+        noise=noise[s])` for each scene s and concatenating along the pedestrian axis.
+
+        Args:
+            displacements: [obs_len, sum(sizes), 2], the scenes' pedestrians one scene after
+                the other.
+            sizes: the scenes' pedestrian counts, each >= 1.
+            noise: [S, K, 2], each scene's noise draw.
+
+        Returns:
+            [K, pred_len, sum(sizes), 2].
+
+        Each zone's cell runs once on all scenes: its pedestrians (per scene in their order,
+        as `forward` gathers them) are laid out scene after scene with one empty column
+        between scenes (`SocialCell.forward_packed`).
+        """
+        self._check(displacements)
+        sizes = [int(n) for n in sizes]
+        if not sizes or min(sizes) < 1 or sum(sizes) != displacements.shape[1]:
+            raise ValueError(
+                f"sizes must be positive pedestrian counts summing to {displacements.shape[1]}; "
+                f"got {sizes[:8]}{'...' if len(sizes) > 8 else ''}"
+            )
+        if noise.dim() != 3 or noise.shape[0] != len(sizes) or noise.shape[2] != 2:
+            raise ValueError(f"noise must be [{len(sizes)}, K, 2]; got {tuple(noise.shape)}")
+        dtype = self.implicit_cells[0].feat.weight.dtype
+        k, total = noise.shape[1], displacements.shape[1]
+        x = displacements.to(dtype).permute(2, 0, 1)  # [2, obs_len, M]
+        noise = noise.to(dtype)
+        scene = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        zone = self.zones(displacements)
+        out = x.new_zeros(k, self.pred_len, 2, total)
+        for i in torch.unique(zone).tolist():
+            columns = torch.nonzero(zone == i).squeeze(1)
+            owner = scene[columns]
+            # one empty column before every change of scene
+            position = torch.arange(len(columns)) + torch.cat(
+                [owner.new_zeros(1), (owner[1:] != owner[:-1]).cumsum(0)]
+            )
+            width = int(position[-1]) + 1
+            packed = x.new_zeros(2, self.obs_len, width)
+            packed[:, :, position] = x[:, :, columns]
+            mask = x.new_zeros(width)
+            mask[position] = 1.0
+            column_noise = x.new_zeros(k, 2, width)
+            column_noise[:, :, position] = noise[owner].permute(1, 2, 0)
+            cell = self.implicit_cells[i]
+            result = cell.forward_packed(packed[None], mask, column_noise, self.noise_factors[i])
+            out[..., columns] = result[..., position]
         return out.permute(0, 1, 3, 2)
 
     def predict(

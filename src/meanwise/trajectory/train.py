@@ -1,14 +1,27 @@
 """IMLE training of Social-Implicit, with the authors' seven augmentations and exact resume.
 
-The recipe of the paper and its released code: one scene per forward, K = 20 samples; the sample
-nearest the ground truth over the whole scene is pulled toward it (`imle_loss`); gradients are
-accumulated over 128 scenes before each SGD step (lr 1.0, StepLR(45, 0.1), 50 epochs). Each
-training scene first gets one of seven augmentations, each with probability 1/7 (the authors'
-`TrajectoryAugmenter`): none; a uniform jitter in +-0.1 m per time step shared by all
-pedestrians; swap x/y plus time reversal; time reversal; merging 1-3 other training scenes;
-rotation about the origin by k * 15 degrees, k = 1..23; a linear ramp t * inc / 20 added to
-both coordinates, inc ~ U(-1, 1). Augmentations act on absolute positions and the model's input
-and target displacements are recomputed from them, as in the reference.
+The recipe of the paper and its released code: K = 20 samples per scene; the sample nearest the
+ground truth over the whole scene is pulled toward it (`imle_loss`); the loss is averaged over
+128 scenes for each SGD step (lr 1.0, StepLR(45, 0.1), 50 epochs). Each training scene first
+gets one of seven augmentations, each with probability 1/7 (the authors' `TrajectoryAugmenter`):
+none; a uniform jitter in +-0.1 m per time step shared by all pedestrians; swap x/y plus time
+reversal; time reversal; merging 1-3 other training scenes; rotation about the origin by
+k * 15 degrees, k = 1..23; a linear ramp t * inc / 20 added to both coordinates,
+inc ~ U(-1, 1). Augmentations act on absolute positions (in float64) and the model's input and
+target displacements are recomputed from them, as in the reference.
+
+Batched steps. The released loop runs one scene per forward. Here (`batched=True`, the
+default) all scenes of an SGD step go through one forward and one backward: the scenes are
+packed side by side along the pedestrian axis (`SocialImplicit.forward_scenes`, an empty
+column between scenes keeps each scene's convolutions to itself) and `imle_losses` ranks the
+samples, picks the nearest and computes every loss term per scene. Its gradient is the
+per-scene accumulated gradient (a test checks 1e-10 in float64); `batched=False` keeps the
+per-scene path. Steps with more than `_MAX_PACKED_PEDESTRIANS` pedestrians are split into a few
+packed chunks (memory), each with its own backward into the same gradient.
+
+Every draw of a step (the augmentations, then each scene's [K, 2] noise, in scene order) is
+made before its forward, in float64 whatever the model's dtype, so the batched and per-scene
+paths, and float32 and float64 runs, see the same draws.
 
 Two deliberate differences from the released loop, both about bookkeeping, not the method: the
 reference steps first after 129 scenes and drops the scenes after the last full group of 128;
@@ -41,7 +54,7 @@ from torch import Tensor
 from meanwise.atomic_io import atomic_torch_save
 from meanwise.trajectory.data import OBS_LEN, Scene, observed_displacements
 from meanwise.trajectory.evaluate import evaluate_scenes
-from meanwise.trajectory.imle import imle_loss
+from meanwise.trajectory.imle import imle_loss, imle_losses
 from meanwise.trajectory.social_implicit import NOISE_FACTORS, ZONE_BINS, SocialImplicit
 
 __all__ = [
@@ -59,6 +72,8 @@ __all__ = [
     "rotate",
     "speed_ramp",
     "augment",
+    "draw_step",
+    "accumulate_gradients",
     "train_social_implicit",
     "load_checkpoint",
     "LAST_CHECKPOINT",
@@ -86,6 +101,9 @@ SPLIT_LOSS_WEIGHTS: dict[str, tuple[float, float]] = {
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 _CHECKPOINT_FORMAT = 1
+# pedestrians per packed forward: a step of 128 ZARA1 scenes (~1,800 with merges) is one
+# forward; larger ones are split so that the [K, 16, 2, W, 3, 3] patches stay ~100 MB in float64
+_MAX_PACKED_PEDESTRIANS = 2048
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -215,10 +233,10 @@ class TrainConfig:
     bins: tuple[float, ...] = ZONE_BINS
     val_samples: int = 20
     val_seed: int = 0
-    # float64 as the reference: in float32 the angle term's clamp to 1 - 1e-8 rounds to 1, the
-    # derivative of acos there is infinite and the first step turns the weights into NaN
+    # float64 as the reference; float32 trains too (the angle term avoids acos, see imle.py)
     dtype: str = "float64"
     max_train_scenes: int = 0  # 0: every training scene every epoch
+    batched: bool = True  # one forward/backward per SGD step; False: one per scene
 
     def __post_init__(self) -> None:
         for name in ("epochs", "samples", "lr_step_epochs", "accumulate", "val_samples"):
@@ -304,6 +322,85 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
+# --- one SGD step's gradient ------------------------------------------------------------------
+
+
+def draw_step(
+    pool: Sequence[Tensor],
+    indices: Sequence[int],
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> tuple[list[Tensor], Tensor, list[str]]:
+    """The draws of one SGD step, scene by scene: (trajectories [20, N_s, 2] after their
+    augmentation, noise [S, K, 2] float64, the augmentations' names). `pool` holds the
+    training trajectories (float64) the scenes are taken from and merged with."""
+    trajectories, noise, names = [], [], []
+    for index in indices:
+        traj, name = pool[index], "none"
+        if config.augment:
+            traj, name = augment(traj, pool, generator)
+        trajectories.append(traj)
+        names.append(name)
+        noise.append(torch.randn(config.samples, 2, generator=generator, dtype=torch.float64))
+    return trajectories, torch.stack(noise), names
+
+
+def accumulate_gradients(
+    model: SocialImplicit,
+    trajectories: Sequence[Tensor],
+    noise: Tensor,
+    config: TrainConfig,
+    divisor: float,
+) -> float:
+    """Add the gradient of sum over scenes of loss_s / divisor to the parameters' `.grad`;
+    return the sum of the losses.
+
+    Args:
+        trajectories: the step's scenes, absolute positions [20, N_s, 2].
+        noise: [S, K, 2], each scene's noise draw.
+        config: the loss weights, the dtype and `batched` (one packed forward per chunk of
+            scenes, or one forward per scene).
+        divisor: the step's scene count (the reference averages the loss over the step).
+    """
+    if len(trajectories) != noise.shape[0]:
+        raise ValueError(
+            f"noise must have one draw per trajectory ({len(trajectories)}); got {noise.shape[0]}"
+        )
+    dtype = _DTYPES[config.dtype]
+    weights = {
+        "distance_weight": config.distance_weight,
+        "angle_weight": config.angle_weight,
+        "triplet_weight": config.triplet_weight,
+    }
+    pairs = [split_trajectory(traj.to(torch.float64)) for traj in trajectories]
+    total = 0.0
+    if not config.batched:
+        for (observed, target), draw in zip(pairs, noise, strict=True):
+            pred = model(observed.to(dtype), noise.shape[1], noise=draw)
+            loss, _ = imle_loss(pred, target.to(dtype), **weights)
+            # backward per scene: memory stays one scene's graph
+            (loss / divisor).backward()
+            total += float(loss.detach())
+        return total
+    chunks, current, width = [], [], 0
+    for s, (observed, _) in enumerate(pairs):
+        if current and width + observed.shape[1] > _MAX_PACKED_PEDESTRIANS:
+            chunks.append(current)
+            current, width = [], 0
+        current.append(s)
+        width += observed.shape[1]
+    chunks.append(current)
+    for chunk in chunks:
+        sizes = [pairs[s][0].shape[1] for s in chunk]
+        observed = torch.cat([pairs[s][0] for s in chunk], dim=1).to(dtype)
+        target = torch.cat([pairs[s][1] for s in chunk], dim=1).to(dtype)
+        pred = model.forward_scenes(observed, sizes, noise[chunk])
+        losses, _ = imle_losses(pred, target, sizes, **weights)
+        (losses.sum() / divisor).backward()
+        total += float(losses.detach().sum())
+    return total
+
+
 # --- the training loop ---------------------------------------------------------------------------
 
 
@@ -347,7 +444,6 @@ def train_social_implicit(
         raise ValueError("train_scenes is empty")
     if not val_scenes:
         raise ValueError("val_scenes is empty")
-    dtype = _DTYPES[config.dtype]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights, without touching the caller's generator
         model = config.build_model()
@@ -377,7 +473,8 @@ def train_social_implicit(
         best_state = state["best_model"]
         history = TrainHistory(**json.loads(state["history"]))
 
-    pool = [full_trajectory(s).to(dtype) for s in train_scenes]
+    # augmentations in float64 whatever the model's dtype (see the module docstring)
+    pool = [full_trajectory(s).to(torch.float64) for s in train_scenes]
     started = time.perf_counter()
     seconds_before = history.seconds
     model.train()
@@ -387,30 +484,16 @@ def train_social_implicit(
             order = order[: config.max_train_scenes]
         history.lr.append(optimizer.param_groups[0]["lr"])
         total, count = 0.0, len(order)
-        optimizer.zero_grad(set_to_none=True)
-        for position, index in enumerate(order.tolist()):
-            traj = pool[index]
-            if config.augment:
-                traj, name = augment(traj, pool, generator)
+        for start in range(0, count, config.accumulate):
+            group = order[start : start + config.accumulate].tolist()
+            trajectories, noise, names = draw_step(pool, group, config, generator)
+            for name in names if config.augment else ():
                 history.augmentations[name] += 1
-            observed, target = split_trajectory(traj)
-            pred = model(observed, config.samples, generator=generator)
-            loss, _ = imle_loss(
-                pred,
-                target,
-                distance_weight=config.distance_weight,
-                angle_weight=config.angle_weight,
-                triplet_weight=config.triplet_weight,
-            )
-            group_start = position - position % config.accumulate
-            group_size = min(config.accumulate, count - group_start)
-            # backward per scene (memory stays one scene's graph); the sum over the group of
-            # loss / group_size is the reference's averaged accumulated loss
-            (loss / group_size).backward()
-            total += float(loss.detach())
-            if position - group_start == group_size - 1:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
+            # the sum over the group of loss / group size: the reference's averaged loss
+            total += accumulate_gradients(model, trajectories, noise, config, len(group))
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         history.train_loss.append(total / count)
         val = _validate(model, val_scenes, config)
