@@ -75,6 +75,7 @@ def run_anarchic(
     *,
     node_ids: Sequence[int] | None = None,
     slot_key: str | None = "partition-id",
+    slots: NodeSlots | None = None,
     min_nodes: int | None = None,
     max_staleness: int = 4,
     discard_stale: bool = False,
@@ -106,7 +107,8 @@ def run_anarchic(
     messages already τ versions old are given up (their workers get the model again).
 
     ``aggregator.n_clients`` is the number of worker slots M. Workers are bound to slots by
-    ``slot_key`` (see :class:`NodeSlots`) or by ``node_ids`` given in advance; before the first
+    ``slot_key`` (see :class:`NodeSlots`) or by ``node_ids`` given in advance, or continue the
+    binding of an earlier phase (``slots=``, e.g. a FedAUStrategy's ``slots``); before the first
     round the loop waits for ``min_nodes`` connected nodes (default M, 0 with ``node_ids``) for
     up to ``wait_for_nodes_s`` seconds (None: for ever), then fails with a clear error.
     """
@@ -121,7 +123,12 @@ def run_anarchic(
     if not round_timeout > 0:
         raise ValueError(f"round_timeout must be positive; got {round_timeout}")
     n = aggregator.n_clients
-    slots = NodeSlots(n, slot_key, node_ids)
+    if slots is None:
+        slots = NodeSlots(n, slot_key, node_ids)
+    elif not isinstance(slots, NodeSlots) or slots.n_slots != n or node_ids is not None:
+        raise ValueError(
+            f"slots must be a NodeSlots for the aggregator's {n} workers, without node_ids"
+        )
     if min_nodes is None:
         min_nodes = 0 if node_ids is not None else n
     if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 0:

@@ -42,8 +42,12 @@ def first_metrics(reply: Message) -> dict[str, Any]:
     return dict(records[0]) if records else {}
 
 
-def weighted_metrics(replies: Iterable[Message], weight_key: str) -> MetricRecord:
-    """Per metric, the mean over ``replies`` that have it, weighted by ``weight_key``."""
+def weighted_metrics(
+    replies: Iterable[Message], weight_key: str, skip: Iterable[str | None] = ()
+) -> MetricRecord:
+    """Per metric, the mean over ``replies`` that have it, weighted by ``weight_key``
+    (``skip``: entries that are labels, not measurements, e.g. the slot key)."""
+    skip = {weight_key, *skip}
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
     for reply in replies:
@@ -52,7 +56,7 @@ def weighted_metrics(replies: Iterable[Message], weight_key: str) -> MetricRecor
         for record in reply.content.metric_records.values():
             w = float(record.get(weight_key, 1.0))
             for k, v in record.items():
-                if k != weight_key and isinstance(v, int | float) and math.isfinite(v):
+                if k not in skip and isinstance(v, int | float) and math.isfinite(v):
                     totals[k] = totals.get(k, 0.0) + w * float(v)
                     weights[k] = weights.get(k, 0.0) + w
     return MetricRecord({k: totals[k] / weights[k] for k in totals if weights[k] > 0})
@@ -244,7 +248,7 @@ class FedAUStrategy(Strategy):
         )
         # training metrics of the replies that were used (not of dropped or refused ones)
         metrics = weighted_metrics(
-            [] if refused else [kept[s][2] for s in used], self.weighted_by_key
+            [] if refused else [kept[s][2] for s in used], self.weighted_by_key, [slots.key]
         )
         metrics["participants"] = 0 if refused else len(used)
         metrics["dropped-nonfinite"] = dropped
@@ -264,7 +268,7 @@ class FedAUStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        metrics = weighted_metrics(replies, self.weighted_by_key)
+        metrics = weighted_metrics(replies, self.weighted_by_key, [self.slots.key])
         return metrics if len(metrics) else None
 
     def summary(self) -> None:

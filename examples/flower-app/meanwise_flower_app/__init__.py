@@ -1,0 +1,1 @@
+"""A Flower App running meanwise's FedAU and AFA-CS (see ../README.md)."""
