@@ -62,6 +62,46 @@ def _free_ports(k: int) -> list[int]:
             s.close()
 
 
+def _env(home: Path) -> dict[str, str]:
+    """Every process gets its own Flower home (apps, state, the connection file) in tmp."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _connection_file(home: Path, link: str) -> None:
+    """The connection file `flwr run` / `flwr ls` read: $FLWR_HOME/config.toml."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{link}"\n'
+        "insecure = true\n"
+    )
+
+
+def _run_status(home: Path) -> dict:
+    """The last run's entry of `flwr ls local --format json` (status, status-details)."""
+    out = subprocess.run(
+        [str(BIN / "flwr"), "ls", "local", "--format", "json"],
+        env=_env(home), capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    return json.loads(out[out.index("{") :])["runs"][-1]
+
+
+def _start_superlink(procs: Processes, tmp: Path, port: int) -> str:
+    procs.start(
+        "superlink",
+        [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+         "--port", str(port), "--disable-runtime-dependency-installation"],
+        tmp / "home-superlink",
+    )  # fmt: skip
+    procs.wait_for("superlink", r"Uvicorn running on", 60)
+    return f"127.0.0.1:{port}"
+
+
 class Processes:
     """The deployment's processes, each in its own session so that it and its children (the
     SuperExec, the flwr-clientapp processes) are stopped together by its pid."""
@@ -71,16 +111,9 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, args: list[str], home: Path) -> subprocess.Popen:
-        home.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "FLWR_HOME": str(home),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "OMP_NUM_THREADS": "1",
-        }
         with open(self.folder / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                args, stdout=log, stderr=subprocess.STDOUT, env=_env(home), start_new_session=True
             )
         self.procs[name] = proc
         return proc
@@ -141,14 +174,7 @@ class _ReplayArrivals(Anarchic):
 
 def _deploy_and_run(tmp: Path, procs: Processes) -> dict:
     link_port, *node_ports = _free_ports(1 + N + 1)
-    link = f"127.0.0.1:{link_port}"
-    procs.start(
-        "superlink",
-        [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-         "--port", str(link_port), "--disable-runtime-dependency-installation"],
-        tmp / "home-superlink",
-    )  # fmt: skip
-    procs.wait_for("superlink", r"Uvicorn running on", 60)
+    link = _start_superlink(procs, tmp, link_port)
 
     def supernode(name: str, partition: int, port: int) -> int:
         procs.start(
@@ -161,13 +187,8 @@ def _deploy_and_run(tmp: Path, procs: Processes) -> dict:
         return int(procs.wait_for(name, r"SuperNode ID: (\d+)", 60).group(1))
 
     node_ids = {p: supernode(f"supernode-{p}", p, node_ports[p]) for p in range(N)}
-    # the connection file `flwr run` reads: $FLWR_HOME/config.toml
     cli_home = tmp / "home-cli"
-    cli_home.mkdir()
-    (cli_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{link}"\n'
-        "insecure = true\n"
-    )
+    _connection_file(cli_home, link)
     out = tmp / "out"
     overrides = {**OVERRIDES, "out-dir": str(out)}
     config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
@@ -188,6 +209,8 @@ def _deploy_and_run(tmp: Path, procs: Processes) -> dict:
     procs.kill(f"supernode-{KILLED}")
     restarted = supernode("supernode-restarted", KILLED, node_ports[N])
     assert run.wait(timeout=600) == 0, procs.log("flwr-run")
+    status = _run_status(cli_home)
+    assert status["status"] == "finished:completed", status
     return {
         "result": json.loads((out / "result.json").read_text()),
         "fedau": load_file(str(out / "fedau.safetensors")),
@@ -270,3 +293,26 @@ def test_example_app_on_a_deployment_with_a_restarted_node(tmp_path, monkeypatch
     afa_sim.run(1)
     afa = flatten({k: got["afa"][k] for k in names})
     torch.testing.assert_close(afa, afa_sim.x, rtol=1e-4, atol=1e-5)
+
+
+def test_too_few_supernodes_fail_the_run_visibly(tmp_path):
+    # no SuperNode at all, min-nodes 3 within 2 s: the ServerApp logs an ERROR naming the count
+    # and fails; `flwr run` itself exits 0 (Flower's CLI), the run's status says failed
+    procs = Processes(tmp_path)
+    try:
+        link = _start_superlink(procs, tmp_path, _free_ports(1)[0])
+        cli_home = tmp_path / "home-cli"
+        _connection_file(cli_home, link)
+        run = procs.start(
+            "flwr-run",
+            [str(BIN / "flwr"), "run", str(APP), "local", "--stream",
+             "--run-config", "min-nodes=3 wait-for-nodes-s=2.0"],
+            cli_home,
+        )  # fmt: skip
+        run.wait(timeout=300)
+        status = _run_status(cli_home)
+    finally:
+        procs.stop_all()
+    message = "only 0 nodes connected within 2.0 s; min_nodes=3 needed"
+    assert re.search(r"ERROR.*" + re.escape(message), procs.log("flwr-run"))
+    assert status["status"] == "finished:failed" and message in status["status-details"]
