@@ -409,3 +409,36 @@ def test_run_anarchic_keeps_the_model_finite_on_huge_finite_updates(server_ident
         out = run_anarchic(grid, _arrays(x), aggregator, 1, pull_interval=0)
     assert torch.equal(_flat(out.arrays), x) and out.rounds[0].refused
     assert "AFA round 1: refused the aggregate of node 1" in flwr_log.text
+
+
+def test_fedau_state_restores_the_binding_and_afa_continues_it(server_identity):
+    def federation():
+        return FakeSuperLink({1: (0, trains(0)), 2: (1, trains(1)), 3: (2, trains(2))})
+
+    def rejoin(g):
+        g.online.discard(2)
+        g.nodes[9] = (1, trains(1))
+        g.online.add(9)
+
+    x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    grid = federation()
+    strategy = FedAUStrategy(3, evaluate=False)
+    arrays = _run_rounds(strategy, grid, x0, [lambda g: None, rejoin])
+    # a restarted server: the same binding and intervals, so round 3 is the same
+    twin = FedAUStrategy(3, evaluate=False)
+    twin.load_state_dict(strategy.state_dict())
+    assert twin.node_ids == strategy.node_ids == [1, 9, 3]
+    outs = []
+    for s in (strategy, twin):
+        replies = grid.send_and_receive(s.configure_train(3, arrays, ConfigRecord(), grid))
+        outs.append(_flat(s.aggregate_train(3, replies)[0]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    # AFA continues FedAU's binding: node 2 (replaced) is sent nothing, node 9 keeps slot 1
+    grid.online.add(2)  # even if the SuperLink still lists it
+    before = dict(grid.received)
+    aggregator = AFA_CS(3, 1.0, 0.1, arrivals_per_round=3)
+    out = run_anarchic(grid, arrays, aggregator, 1, slots=strategy.slots, pull_interval=0)
+    assert grid.received.get(2, 0) == before.get(2, 0)
+    assert sorted(out.rounds[0].clients) == [0, 1, 2] and out.node_ids == [1, 9, 3]
+    with pytest.raises(ValueError, match="slots must be a NodeSlots"):
+        run_anarchic(grid, arrays, AFA_CS(2, 1.0, 0.1), 1, slots=strategy.slots)
