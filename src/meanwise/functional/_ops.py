@@ -19,6 +19,18 @@ Updating ops (first argument is updated in the in-place flavours): ``lerp``, ``m
 ``add_scalar``, ``addcmul``, ``addcdiv``, ``add``, ``mul``, ``maximum``, ``abs``, ``sqrt``,
 ``sigmoid``, ``pow_scalar``, ``assign``. Allocating ops: ``new_sub``, ``new_add``,
 ``new_sqrt``, ``new_pow``.
+
+Scalars: a rule computes its step's numbers (bias corrections, step size, decay factors) on the
+host and writes the tensor math without branches on them, e.g. ``mul_scalar(params, shrink)``
+with ``shrink = 1`` when there is no decay. The eager flavours skip an op whose Python scalar
+leaves its tensors unchanged (multiply by 1, add 0), so that costs no pass; the fused flavour
+(:mod:`meanwise.functional.fused`) receives the numbers as 0-dim tensors, so one compiled graph
+serves every step. An allocating op skipped this way returns its first argument, which is why
+a rule never updates what an allocating op returned from the caller's tensors.
+
+``apply(update, tensors, coefficients, **options)`` runs a rule's tensor part
+``update(*tensors, coefficients, ops=..., **options)``: the eager flavours call it; the fused
+flavour calls a ``torch.compile``d copy of it.
 """
 
 from __future__ import annotations
@@ -31,7 +43,19 @@ from torch import Tensor
 TensorList = list[Tensor]
 
 
-class ForeachInPlace:
+def _is(scalar: object, value: float) -> bool:
+    """Whether ``scalar`` is a Python number equal to ``value`` (never true of a tensor)."""
+    return isinstance(scalar, int | float) and scalar == value
+
+
+class _Eager:
+    """What the eager flavours share: running a rule's tensor part directly."""
+
+    def apply(self, update, tensors, coefficients, **options):
+        return update(*tensors, coefficients, ops=self, **options)
+
+
+class ForeachInPlace(_Eager):
     """In place over lists, with PyTorch's multi-tensor (foreach) kernels."""
 
     name = "foreach"
@@ -44,12 +68,14 @@ class ForeachInPlace:
 
     @staticmethod
     def mul_scalar(xs: TensorList, scalar: float) -> TensorList:
-        torch._foreach_mul_(xs, scalar)
+        if not _is(scalar, 1.0):
+            torch._foreach_mul_(xs, scalar)
         return xs
 
     @staticmethod
     def add_scalar(xs: TensorList, scalar: float) -> TensorList:
-        torch._foreach_add_(xs, scalar)
+        if not _is(scalar, 0.0):
+            torch._foreach_add_(xs, scalar)
         return xs
 
     @staticmethod
@@ -59,12 +85,14 @@ class ForeachInPlace:
 
     @staticmethod
     def addcdiv(xs: TensorList, a: Sequence[Tensor], b: Sequence[Tensor], value: float):
-        torch._foreach_addcdiv_(xs, a, b, value=value)
+        if not _is(value, 0.0):
+            torch._foreach_addcdiv_(xs, a, b, value=value)
         return xs
 
     @staticmethod
     def add(xs: TensorList, ys: Sequence[Tensor], alpha: float = 1.0) -> TensorList:
-        torch._foreach_add_(xs, ys, alpha=alpha)
+        if not _is(alpha, 0.0):
+            torch._foreach_add_(xs, ys, alpha=alpha)
         return xs
 
     @staticmethod
@@ -108,6 +136,8 @@ class ForeachInPlace:
 
     @staticmethod
     def new_add(xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0) -> TensorList:
+        if _is(alpha, 0.0):
+            return list(xs)
         return list(torch._foreach_add(xs, ys, alpha=alpha))
 
     @staticmethod
@@ -119,7 +149,7 @@ class ForeachInPlace:
         return list(torch._foreach_pow(xs, exponent))
 
 
-class LoopInPlace:
+class LoopInPlace(_Eager):
     """In place, one tensor at a time (for lists of very differently sized tensors)."""
 
     name = "loop"
@@ -133,12 +163,16 @@ class LoopInPlace:
 
     @staticmethod
     def mul_scalar(xs, scalar):
+        if _is(scalar, 1.0):
+            return xs
         for x in xs:
             x.mul_(scalar)
         return xs
 
     @staticmethod
     def add_scalar(xs, scalar):
+        if _is(scalar, 0.0):
+            return xs
         for x in xs:
             x.add_(scalar)
         return xs
@@ -151,12 +185,16 @@ class LoopInPlace:
 
     @staticmethod
     def addcdiv(xs, a, b, value):
+        if _is(value, 0.0):
+            return xs
         for x, u, v in zip(xs, a, b, strict=True):
             x.addcdiv_(u, v, value=value)
         return xs
 
     @staticmethod
     def add(xs, ys, alpha=1.0):
+        if _is(alpha, 0.0):
+            return xs
         for x, y in zip(xs, ys, strict=True):
             x.add_(y, alpha=alpha)
         return xs
@@ -209,6 +247,8 @@ class LoopInPlace:
 
     @staticmethod
     def new_add(xs, ys, alpha=1.0):
+        if _is(alpha, 0.0):
+            return list(xs)
         return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
 
     @staticmethod
@@ -220,7 +260,7 @@ class LoopInPlace:
         return [x.pow(exponent) for x in xs]
 
 
-class Functional:
+class Functional(_Eager):
     """Out of place, one tensor at a time: pure, so it composes with torch.func transforms."""
 
     name = "functional"
@@ -232,10 +272,14 @@ class Functional:
 
     @staticmethod
     def mul_scalar(xs, scalar):
+        if _is(scalar, 1.0):
+            return list(xs)
         return [x * scalar for x in xs]
 
     @staticmethod
     def add_scalar(xs, scalar):
+        if _is(scalar, 0.0):
+            return list(xs)
         return [x + scalar for x in xs]
 
     @staticmethod
@@ -244,10 +288,14 @@ class Functional:
 
     @staticmethod
     def addcdiv(xs, a, b, value):
+        if _is(value, 0.0):
+            return list(xs)
         return [torch.addcdiv(x, u, v, value=value) for x, u, v in zip(xs, a, b, strict=True)]
 
     @staticmethod
     def add(xs, ys, alpha=1.0):
+        if _is(alpha, 0.0):
+            return list(xs)
         return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
 
     new_add = add
@@ -296,10 +344,12 @@ Ops = ForeachInPlace | LoopInPlace | Functional
 
 
 def resolve_ops(ops: str | Ops) -> Ops:
-    """Accept an ops object or its name ("foreach", "loop", "functional")."""
+    """Accept an ops object or its name ("foreach", "loop", "functional", "fused")."""
     if isinstance(ops, ForeachInPlace | LoopInPlace | Functional):
         return ops
-    table = {"foreach": FOREACH, "loop": LOOP, "functional": FUNCTIONAL}
+    from meanwise.functional.fused import FUSED  # it builds on this module
+
+    table = {"foreach": FOREACH, "loop": LOOP, "functional": FUNCTIONAL, "fused": FUSED}
     if ops not in table:
         raise ValueError(f"ops must be one of {sorted(table)} or an ops object; got {ops!r}")
     return table[ops]

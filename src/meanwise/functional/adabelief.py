@@ -46,6 +46,81 @@ def rectification(step: int, beta1: float, beta2: float) -> tuple[float, float]:
     return rho_t, 1.0 / bias_correction1
 
 
+class AdaBeliefCoefficients(NamedTuple):
+    """The numbers of one AdaBelief step, computed on the host (the fused flavour receives
+    them as 0-dim tensors, so its compiled graph serves every step)."""
+
+    shrink: float  # decoupled decay: weights *= shrink (1: none)
+    l2: float  # L2 decay: g += l2 * weights (0: none)
+    ema1: float  # 1 - beta1, the first moment's EMA weight
+    beta2: float
+    ema2: float  # 1 - beta2
+    eps: float  # added to the belief inside its EMA
+    adaptive: float  # 1 on adaptive steps, 0 on RAdam's SGD steps (then the denominator is 1)
+    denom_eps: float  # added to (adaptive * sqrt(second moment))
+    step_size: float  # weights -= step_size * m / denominator
+
+
+def adabelief_coefficients(
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-16,
+    weight_decay: float = 0.0,
+    weight_decouple: bool = True,
+    fixed_decay: bool = False,
+    rectify: bool = True,
+    degenerated_to_sgd: bool = True,
+) -> AdaBeliefCoefficients:
+    """The numbers of step ``step`` (1-based): every branch on the step count is taken here,
+    so the tensor part (:func:`adabelief_update`) has none."""
+    if weight_decouple:
+        shrink, l2 = 1.0 - (weight_decay if fixed_decay else lr * weight_decay), 0.0
+    else:
+        shrink, l2 = 1.0, weight_decay
+    ema = (shrink, l2, 1.0 - beta1, beta2, 1.0 - beta2, eps)
+    if rectify:
+        rho_t, multiplier = rectification(step, beta1, beta2)
+        if rho_t >= 5:
+            return AdaBeliefCoefficients(*ema, 1.0, eps, lr * multiplier)
+        # SGD with momentum: the denominator 0 * sqrt(s) + 1 is exactly 1.
+        return AdaBeliefCoefficients(*ema, 0.0, 1.0, lr * multiplier if degenerated_to_sgd else 0.0)
+    # sqrt(s)/sqrt(bc2) + eps == (sqrt(s) + eps*sqrt(bc2)) / sqrt(bc2): fold the bias correction
+    # into the step size and save one pass over the denominator.
+    sqrt_bc2 = math.sqrt(1.0 - beta2**step)
+    return AdaBeliefCoefficients(*ema, 1.0, eps * sqrt_bc2, lr * sqrt_bc2 / (1.0 - beta1**step))
+
+
+def adabelief_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg: Sequence[Tensor],
+    exp_avg_var: Sequence[Tensor],
+    max_exp_avg_var: Sequence[Tensor] | None,
+    c: AdaBeliefCoefficients,
+    *,
+    amsgrad: bool,
+    rectify: bool,
+    ops: Ops,
+) -> AdaBeliefResult:
+    """AdaBelief's tensor part: the step's numbers ``c`` from :func:`adabelief_coefficients`."""
+    params = ops.mul_scalar(list(params), c.shrink)
+    grads = ops.new_add(grads, params, alpha=c.l2)
+    exp_avg = ops.lerp(list(exp_avg), grads, c.ema1)
+    residual = ops.new_sub(grads, exp_avg)
+    exp_avg_var = ops.mul_scalar(list(exp_avg_var), c.beta2)
+    exp_avg_var = ops.addcmul(exp_avg_var, residual, residual, c.ema2)
+    exp_avg_var = ops.add_scalar(exp_avg_var, c.eps)
+    if amsgrad:
+        max_exp_avg_var = ops.maximum(list(max_exp_avg_var), exp_avg_var)
+    # The rectified rule reads exp_avg_var even under amsgrad (the authors' quirk).
+    second = max_exp_avg_var if amsgrad and not rectify else exp_avg_var
+    denom = ops.add_scalar(ops.mul_scalar(ops.new_sqrt(second), c.adaptive), c.denom_eps)
+    params = ops.addcdiv(params, exp_avg, denom, -c.step_size)
+    return AdaBeliefResult(params, exp_avg, exp_avg_var, max_exp_avg_var)
+
+
 def adabelief(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -69,42 +144,14 @@ def adabelief(
     """One AdaBelief step on lists of tensors; ``step`` is the 1-based count after this step.
 
     With ``ops=FUNCTIONAL`` (default) nothing is mutated and new lists are returned, so the rule
-    runs under ``torch.func.vmap``. With ``FOREACH`` or ``LOOP`` the parameter and state lists
-    are updated in place and returned. ``grads`` are never modified.
+    runs under ``torch.func.vmap``. With ``FOREACH``, ``LOOP`` or ``FUSED`` the parameter and
+    state lists are updated in place and returned. ``grads`` are never modified.
     """
-    params, exp_avg, exp_avg_var = list(params), list(exp_avg), list(exp_avg_var)
-    if weight_decouple:
-        shrink = 1.0 - (weight_decay if fixed_decay else lr * weight_decay)
-        if shrink != 1.0:
-            params = ops.mul_scalar(params, shrink)
-    elif weight_decay != 0:
-        grads = ops.new_add(grads, params, alpha=weight_decay)
-
-    exp_avg = ops.lerp(exp_avg, grads, 1.0 - beta1)
-    residual = ops.new_sub(grads, exp_avg)
-    exp_avg_var = ops.mul_scalar(exp_avg_var, beta2)
-    exp_avg_var = ops.addcmul(exp_avg_var, residual, residual, 1.0 - beta2)
-    exp_avg_var = ops.add_scalar(exp_avg_var, eps)
-    if amsgrad:
-        if max_exp_avg_var is None:
-            raise ValueError("max_exp_avg_var is required when amsgrad=True")
-        max_exp_avg_var = ops.maximum(list(max_exp_avg_var), exp_avg_var)
-
-    if rectify:
-        rho_t, multiplier = rectification(step, beta1, beta2)
-        if rho_t >= 5:
-            # The rectified branch reads exp_avg_var even under amsgrad (the authors' quirk).
-            denom = ops.add_scalar(ops.new_sqrt(exp_avg_var), eps)
-            params = ops.addcdiv(params, exp_avg, denom, -lr * multiplier)
-        elif degenerated_to_sgd:
-            params = ops.add(params, exp_avg, alpha=-lr * multiplier)
-        return AdaBeliefResult(params, exp_avg, exp_avg_var, max_exp_avg_var)
-
-    # sqrt(s)/sqrt(bc2) + eps == (sqrt(s) + eps*sqrt(bc2)) / sqrt(bc2): fold the bias correction
-    # into the step size and save one pass over the denominator.
-    bias_correction1 = 1.0 - beta1**step
-    sqrt_bc2 = math.sqrt(1.0 - beta2**step)
-    second = max_exp_avg_var if amsgrad else exp_avg_var
-    denom = ops.add_scalar(ops.new_sqrt(second), eps * sqrt_bc2)
-    params = ops.addcdiv(params, exp_avg, denom, -lr * sqrt_bc2 / bias_correction1)
-    return AdaBeliefResult(params, exp_avg, exp_avg_var, max_exp_avg_var)
+    if amsgrad and max_exp_avg_var is None:
+        raise ValueError("max_exp_avg_var is required when amsgrad=True")
+    c = adabelief_coefficients(
+        step, lr, beta1, beta2, eps, weight_decay, weight_decouple, fixed_decay, rectify,
+        degenerated_to_sgd,
+    )  # fmt: skip
+    tensors = (params, grads, exp_avg, exp_avg_var, max_exp_avg_var)
+    return ops.apply(adabelief_update, tensors, c, amsgrad=amsgrad, rectify=rectify)

@@ -26,6 +26,57 @@ class DiffGradResult(NamedTuple):
     previous_grad: list[Tensor]
 
 
+class DiffGradCoefficients(NamedTuple):
+    """The numbers of one diffGrad step, computed on the host (0-dim tensors when fused)."""
+
+    l2: float  # L2 decay: g += l2 * weights (0: none)
+    ema1: float  # 1 - beta1
+    beta2: float
+    ema2: float  # 1 - beta2
+    eps: float  # added to sqrt(v)
+    step_size: float  # lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+
+
+def diffgrad_coefficients(
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> DiffGradCoefficients:
+    """The numbers of step ``step`` (1-based)."""
+    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    return DiffGradCoefficients(weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size)
+
+
+def diffgrad_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg: Sequence[Tensor],
+    exp_avg_sq: Sequence[Tensor],
+    previous_grad: Sequence[Tensor],
+    c: DiffGradCoefficients,
+    *,
+    ops: Ops,
+) -> DiffGradResult:
+    """diffGrad's tensor part: the step's numbers ``c`` from :func:`diffgrad_coefficients`."""
+    params = list(params)
+    grads = ops.new_add(grads, params, alpha=c.l2)
+    exp_avg = ops.lerp(list(exp_avg), grads, c.ema1)
+    exp_avg_sq = ops.mul_scalar(list(exp_avg_sq), c.beta2)
+    exp_avg_sq = ops.addcmul(exp_avg_sq, grads, grads, c.ema2)
+
+    # The friction is computed in the previous-gradient buffer, which is dead until it is
+    # overwritten with this gradient at the end: no temporary for it in the in-place flavours.
+    friction = ops.sigmoid(ops.abs(ops.add(list(previous_grad), grads, alpha=-1.0)))
+    damped = ops.mul(friction, exp_avg)
+    denom = ops.add_scalar(ops.new_sqrt(exp_avg_sq), c.eps)
+    params = ops.addcdiv(params, damped, denom, -c.step_size)
+    previous_grad = ops.assign(damped, grads)
+    return DiffGradResult(params, exp_avg, exp_avg_sq, previous_grad)
+
+
 def diffgrad(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -46,19 +97,6 @@ def diffgrad(
     ``previous_grad`` holds the last (decayed) gradient; the in-place flavours overwrite that one
     buffer instead of cloning a new gradient every step. ``grads`` are never modified.
     """
-    params = list(params)
-    if weight_decay != 0:
-        grads = ops.new_add(grads, params, alpha=weight_decay)
-    exp_avg = ops.lerp(list(exp_avg), grads, 1.0 - beta1)
-    exp_avg_sq = ops.mul_scalar(list(exp_avg_sq), beta2)
-    exp_avg_sq = ops.addcmul(exp_avg_sq, grads, grads, 1.0 - beta2)
-
-    # The friction is computed in the previous-gradient buffer, which is dead until it is
-    # overwritten with this gradient at the end: no temporary for it in the in-place flavours.
-    friction = ops.sigmoid(ops.abs(ops.add(list(previous_grad), grads, alpha=-1.0)))
-    damped = ops.mul(friction, exp_avg)
-    denom = ops.add_scalar(ops.new_sqrt(exp_avg_sq), eps)
-    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-    params = ops.addcdiv(params, damped, denom, -step_size)
-    previous_grad = ops.assign(damped, grads)
-    return DiffGradResult(params, exp_avg, exp_avg_sq, previous_grad)
+    c = diffgrad_coefficients(step, lr, beta1, beta2, eps, weight_decay)
+    tensors = (params, grads, exp_avg, exp_avg_sq, previous_grad)
+    return ops.apply(diffgrad_update, tensors, c)

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from meanwise.functional import FOREACH, LOOP
+from meanwise.functional.fused import FUSED
 
 Closure = Callable[[], Any] | None
 
@@ -64,6 +65,19 @@ def as_learning_rate(lr: Any) -> float:
             raise ValueError(f"lr as a tensor must have one element; got shape {list(lr.shape)}")
         return float(lr)
     return lr
+
+
+def check_fused(fused: bool | None, foreach: bool | None, differentiable: bool) -> None:
+    """torch.optim's refusals for ``fused=True`` (same messages), and ``differentiable``,
+    which these optimizers do not offer (their step runs under ``torch.no_grad``)."""
+    if differentiable:
+        if fused:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        raise RuntimeError(
+            "differentiable=True is not supported (the step runs under torch.no_grad)"
+        )
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
 def check_hyperparameters(
@@ -127,8 +141,13 @@ class FunctionalOptimizer(Optimizer):
 
     @staticmethod
     def _ops_for(group: dict, params: list[Tensor]):
-        """foreach=None picks the multi-tensor kernels unless the list mixes devices/dtypes,
-        which those kernels would split anyway (benchmarks/optim_step.py measures both)."""
+        """fused=True: the compiled rule (the foreach kernels, with a warning, where nothing
+        can be compiled). foreach=None picks the multi-tensor kernels unless the list mixes
+        devices/dtypes, which those kernels would split anyway (benchmarks/optim_step.py
+        measures both)."""
+        if group.get("fused"):
+            devices = {p.device for p in params}
+            return FUSED if all(FUSED.usable(d) for d in devices) else FOREACH
         foreach = group.get("foreach")
         if foreach is None:
             first = params[0]

@@ -11,6 +11,7 @@ from meanwise.optim._base import (
     Closure,
     FunctionalOptimizer,
     as_learning_rate,
+    check_fused,
     check_hyperparameters,
 )
 
@@ -40,6 +41,12 @@ class AdaBelief(FunctionalOptimizer):
         degenerated_to_sgd: take those SGD steps (else no step) while not rectified.
         print_change_log: accepted for compatibility and ignored.
         foreach: multi-tensor kernels (None: yes, unless the group mixes devices or dtypes).
+        fused: run the rule compiled with ``torch.compile`` into one loop per parameter (as
+            torch.optim's ``fused=True``): compiled once per device, dtype and structural
+            option set, equal to the eager rule to float rounding. Where nothing can be
+            compiled it warns and runs the foreach path. Not with ``foreach=True``.
+        differentiable: only False (the step runs under ``torch.no_grad``), as a keyword so
+            code written for torch.optim gets a clear error instead of a TypeError.
         maximize: maximize the objective (step along the gradient), as in torch.optim.
         check_finite: raise ValueError naming the parameter if a gradient is nan/inf.
         state_in_float32: for float16/bfloat16 parameters, keep the state in float32 (the
@@ -64,11 +71,14 @@ class AdaBelief(FunctionalOptimizer):
         print_change_log: bool = True,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
         maximize: bool = False,
         check_finite: bool = False,
         state_in_float32: bool = True,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
+        check_fused(fused, foreach, differentiable)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -80,6 +90,7 @@ class AdaBelief(FunctionalOptimizer):
             rectify=rectify,
             degenerated_to_sgd=degenerated_to_sgd,
             foreach=foreach,
+            fused=fused,
             maximize=maximize,
             check_finite=check_finite,
             state_in_float32=state_in_float32,

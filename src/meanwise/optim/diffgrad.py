@@ -11,6 +11,7 @@ from meanwise.optim._base import (
     Closure,
     FunctionalOptimizer,
     as_learning_rate,
+    check_fused,
     check_hyperparameters,
 )
 
@@ -29,6 +30,12 @@ class DiffGrad(FunctionalOptimizer):
             the step size).
         weight_decay: L2, added to the gradient before the friction is computed.
         foreach: multi-tensor kernels (None: yes, unless the group mixes devices or dtypes).
+        fused: run the rule compiled with ``torch.compile`` into one loop per parameter (as
+            torch.optim's ``fused=True``): compiled once per device, dtype and structural
+            option set, equal to the eager rule to float rounding. Where nothing can be
+            compiled it warns and runs the foreach path. Not with ``foreach=True``.
+        differentiable: only False (the step runs under ``torch.no_grad``), as a keyword so
+            code written for torch.optim gets a clear error instead of a TypeError.
         maximize: maximize the objective (step along the gradient), as in torch.optim.
         check_finite: raise ValueError naming the parameter if a gradient is nan/inf.
         state_in_float32: for float16/bfloat16 parameters, keep the state in float32 (the
@@ -47,17 +54,21 @@ class DiffGrad(FunctionalOptimizer):
         weight_decay: float = 0,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
         maximize: bool = False,
         check_finite: bool = False,
         state_in_float32: bool = True,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
+        check_fused(fused, foreach, differentiable)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
             foreach=foreach,
+            fused=fused,
             maximize=maximize,
             check_finite=check_finite,
             state_in_float32=state_in_float32,
