@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from _trajectory_train import bench_train, train_main  # training speed (issue 11)
 from meanwise.atomic_io import atomic_write_json
 from meanwise.trajectory.data import load_split, resolve_data_dir
 from meanwise.trajectory.metrics import DistributionMetrics
@@ -266,9 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, metavar="DIR")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
-        "--only", choices=("amd_amv", "inference"), default=None, help="run one measurement"
+        "--only",
+        choices=("amd_amv", "inference", "train"),
+        default=None,
+        help="run one measurement",
     )
     args = parser.parse_args(argv)
+    if args.only == "train":  # needs no released weights
+        return train_main(args)
     torch.set_num_threads(args.threads)
     root = resolve_data_dir(args.data_dir)
     if root is None or not (root / "social_implicit_checkpoints").is_dir():
@@ -291,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         results["amd_amv"] = bench_amd_amv(
             checkpoints, root, args.quick, peer_cells=20 if args.quick else 100
         )
+    if args.only is None:
+        results["train"] = bench_train(root, args.quick)
     if args.json:
         atomic_write_json(args.json, results)
         print(f"\nwrote {args.json}")

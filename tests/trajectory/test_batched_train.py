@@ -248,3 +248,28 @@ def test_float32_training_follows_float64_and_stays_finite(tiny_train):
         assert torch.allclose(low.double(), value, rtol=1e-4, atol=1e-5), name
     assert single.history.train_loss == pytest.approx(double.history.train_loss, rel=1e-4)
     assert single.history.val_ade == pytest.approx(double.history.val_ade, rel=1e-4)
+
+
+@pytest.mark.parametrize("block", [1 << 18, 300])  # one block; many blocks of the triangle
+def test_blocked_geometry_terms_equal_autograd_through_the_pair_matrices(monkeypatch, block):
+    from meanwise.trajectory import imle
+
+    monkeypatch.setattr(imle, "_PAIR_BLOCK", block)
+    generator = torch.Generator().manual_seed(0)
+    mine = torch.randn(3, 60, 2, generator=generator, dtype=torch.float64)
+    truth = torch.randn(3, 60, 2, generator=generator, dtype=torch.float64)
+    mine[0, 7] = 0.0  # standing still, predicted and true
+    truth[1, 3] = 0.0
+    mine[2, 5] = mine[2, 9]  # two equal vectors: distance 0, angle clamped
+    truth[2, 11] = 3.0 * truth[2, 12]  # parallel truth vectors
+    mine.requires_grad_(True)
+    gap = imle._GeometryGap.apply(mine, truth, 0.3, 0.7, EPS)
+    distances = (imle.pairwise_distances(mine) - imle.pairwise_distances(truth)).abs()
+    angles = (pairwise_angles(mine) - pairwise_angles(truth)).abs()
+    expected = 0.3 * distances.mean(dim=(1, 2)) + 0.7 * angles.mean(dim=(1, 2))
+    assert torch.allclose(gap, expected, rtol=1e-12, atol=0)
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    (ours,) = torch.autograd.grad((gap * weights).sum(), mine)
+    (reference,) = torch.autograd.grad((expected * weights).sum(), mine)
+    assert torch.isfinite(ours).all()
+    assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-14)

@@ -51,10 +51,131 @@ def pairwise_angles(vectors: Tensor, eps: float = _EPS) -> Tensor:
     return torch.where(degenerate, torch.full_like(angles, math.pi / 2), angles)
 
 
-def pairwise_distances(vectors: Tensor) -> Tensor:
-    """[..., M, 2] -> [..., M, M] Euclidean distances, from the differences (not the
+def pairwise_distances(vectors: Tensor, others: Tensor | None = None) -> Tensor:
+    """[..., M, 2] (and [..., P, 2]) -> [..., M, P] Euclidean distances between the vectors
+    (and `others`, default the vectors themselves), from the differences (not the
     |a|^2 + |b|^2 - 2ab expansion, whose cancellation is large in float32)."""
-    return torch.cdist(vectors, vectors, compute_mode="donot_use_mm_for_euclid_dist")
+    others = vectors if others is None else others
+    return torch.cdist(vectors, others, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+# pairs in one [G, rows, cols] block: ~2 MB in float64, small enough that the allocator reuses
+# it from block to block (fresh ~60 MB pair matrices cost more in page faults than in
+# arithmetic) and that it stays in cache across the block's in-place passes
+_PAIR_BLOCK = 1 << 18
+
+
+def _folded_angles(alpha_rows: Tensor, alpha: Tensor, smallest: float) -> tuple[Tensor, Tensor]:
+    """(angles [G, R, M] clamped to [smallest, pi - smallest], d angle / d alpha_i with 0 where
+    clamped). In 2-D the angle between two vectors is their directions' difference
+    u = alpha_i - alpha_j folded into [0, pi], pi - |pi - |u||: atan2(|cross|, dot)."""
+    u = alpha_rows[:, :, None] - alpha[:, None, :]
+    slope = u.sign()
+    folded = u.abs_().sub_(math.pi)  # |u| - pi
+    slope.mul_(folded.sign()).neg_()  # sign(u) sign(pi - |u|)
+    raw = folded.abs_().neg_().add_(math.pi)
+    angles = raw.clamp(smallest, math.pi - smallest)
+    slope.mul_(angles == raw)
+    return angles, slope
+
+
+def _row_blocks(g: int, m: int) -> list[tuple[int, int]]:
+    """Row blocks [r0, r1) of the upper triangle: block r0 pairs its rows with columns r0..M-1.
+    One block for a small set (each block costs a few dozen small ops); else at least 8 (the
+    triangle then saves ~45 % of the pairs) of at most `_PAIR_BLOCK` pairs each."""
+    if g * m * m <= 2 * _PAIR_BLOCK:
+        return [(0, m)]
+    rows = max(1, min(_PAIR_BLOCK // (g * m), max(32, -(-m // 8))))
+    return [(r, min(r + rows, m)) for r in range(0, m, rows)]
+
+
+class _GeometryGap(torch.autograd.Function):
+    """wd * mean_ij |d(mine)_ij - d(truth)_ij| + wa * mean_ij |angle(mine)_ij - angle(truth)_ij|
+    per set: mine, truth [G, M, 2] -> [G], with the gradient w.r.t. mine written out.
+
+    The same values and gradients as autograd through `pairwise_distances` and
+    `pairwise_angles` (a test checks it), over the upper triangle only (both terms are
+    symmetric) in blocks of rows, so that no [M, M] float matrix is ever formed. Block
+    [r0, r1) covers columns r0..M-1: its square [r0, r1)^2 holds both orders of its pairs, the
+    rest each pair once, counted twice. The forward keeps, per pair, only the sign of the
+    distance gap and the angle term's derivative w.r.t. direction i (int8, in {-1, 0, 1})."""
+
+    @staticmethod
+    def forward(ctx, mine, truth, distance_weight, angle_weight, eps):  # noqa: D102
+        g, m = mine.shape[0], mine.shape[1]
+        smallest = math.acos(1.0 - eps)
+        alpha_p, alpha_t = (torch.atan2(v[..., 1], v[..., 0]) for v in (mine, truth))
+        short_p, short_t = (v.norm(dim=-1) < eps for v in (mine, truth))
+        any_short_p, any_short_t = bool(short_p.any()), bool(short_t.any())
+        total = mine.new_zeros(g)
+        blocks = _row_blocks(g, m)
+        distance_signs, angle_slopes = [], []
+        for r0, r1 in blocks:
+            rows, cols = slice(r0, r1), slice(r0, m)
+            # pairs in the block's square once, the others twice
+            weight = mine.new_ones(m - r0)
+            weight[r1 - r0 :] = 2.0
+            if distance_weight:
+                gap = pairwise_distances(mine[:, rows], mine[:, cols])
+                gap.sub_(pairwise_distances(truth[:, rows], truth[:, cols]))
+                distance_signs.append(gap.sign().to(torch.int8))
+                total.add_(gap.abs_().sum(dim=1) @ weight, alpha=distance_weight)
+            if angle_weight:
+                angles, slope = _folded_angles(alpha_p[:, rows], alpha_p[:, cols], smallest)
+                if any_short_p:  # pi/2 from everything, constant
+                    degenerate = short_p[:, rows, None] | short_p[:, None, cols]
+                    angles.masked_fill_(degenerate, math.pi / 2)
+                    slope.masked_fill_(degenerate, 0.0)
+                other, _ = _folded_angles(alpha_t[:, rows], alpha_t[:, cols], smallest)
+                if any_short_t:
+                    degenerate = short_t[:, rows, None] | short_t[:, None, cols]
+                    other.masked_fill_(degenerate, math.pi / 2)
+                gap = angles.sub_(other)
+                angle_slopes.append(slope.mul_(gap.sign()).to(torch.int8))
+                total.add_(gap.abs_().sum(dim=1) @ weight, alpha=angle_weight)
+        ctx.save_for_backward(mine, short_p, *distance_signs, *angle_slopes)
+        ctx.weights = (distance_weight, angle_weight)
+        ctx.blocks = blocks
+        return total / (m * m)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        mine, short_p, *saved = ctx.saved_tensors
+        distance_weight, angle_weight = ctx.weights
+        blocks = ctx.blocks
+        distance_signs = saved[: len(blocks)] if distance_weight else []
+        angle_slopes = saved[len(distance_signs) :]
+        g, m = mine.shape[0], mine.shape[1]
+        scale = 2.0 * grad_out / (m * m)  # [G]; 2: the full sum counts each pair twice
+        grad = torch.zeros_like(mine)
+        tiny = torch.finfo(mine.dtype).tiny
+        grad_alpha = mine.new_zeros(g, m)
+        for b, (r0, r1) in enumerate(blocks):
+            rows, cols, rest = slice(r0, r1), slice(r0, m), slice(r1 - r0, None)
+            if distance_weight:
+                # d|d_ij - t_ij| / d m_i = sign(d_ij - t_ij) (m_i - m_j) / d_ij, and the same
+                # pair gives m_j the opposite; 0 at d_ij = 0, as autograd's cdist gives
+                distance = pairwise_distances(mine[:, rows], mine[:, cols])
+                c = distance_signs[b].to(mine.dtype).div_(distance)
+                c.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                c.mul_((distance_weight * scale)[:, None, None])
+                grad[:, rows] += mine[:, rows] * c.sum(dim=-1, keepdim=True) - c @ mine[:, cols]
+                # the columns past the square: their pairs with these rows, seen from j
+                off = c[:, :, rest]
+                grad[:, r1:] += (
+                    mine[:, r1:] * off.sum(dim=1)[..., None] - off.transpose(1, 2) @ mine[:, rows]
+                )
+            if angle_weight:
+                slope = angle_slopes[b]
+                grad_alpha[:, rows] += slope.sum(dim=-1, dtype=mine.dtype)
+                grad_alpha[:, r1:] -= slope[:, :, rest].sum(dim=1, dtype=mine.dtype)
+        if angle_weight:
+            grad_alpha.mul_((angle_weight * scale)[:, None])
+            # alpha = atan2(y, x): d alpha = (-y dx + x dy) / (x^2 + y^2); 0 for short vectors
+            r2 = mine.square().sum(-1).clamp(min=tiny)
+            turn = torch.stack([-mine[..., 1], mine[..., 0]], dim=-1) / r2[..., None]
+            grad += (grad_alpha * ~short_p)[..., None] * turn
+        return grad, None, None, None, None
 
 
 def imle_losses(
@@ -118,14 +239,9 @@ def imle_losses(
             index = (starts[group][:, None] + torch.arange(n)).reshape(-1)
             mine = chosen[:, index].view(steps, len(group), n, 2).transpose(0, 1)
             truth = target[:, index].view(steps, len(group), n, 2).transpose(0, 1)
-            mine, truth = mine.reshape(len(group), -1, 2), truth.reshape(len(group), -1, 2)
-            term = mine.new_zeros(len(group))
-            if distance_weight:
-                gap = pairwise_distances(mine) - pairwise_distances(truth)
-                term = term + distance_weight * gap.abs().mean(dim=(1, 2))
-            if angle_weight:
-                gap = pairwise_angles(mine) - pairwise_angles(truth)
-                term = term + angle_weight * gap.abs().mean(dim=(1, 2))
+            mine = mine.reshape(len(group), -1, 2)
+            truth = truth.reshape(len(group), -1, 2).detach()
+            term = _GeometryGap.apply(mine, truth, distance_weight, angle_weight, _EPS)
             geometry = geometry.index_add(0, torch.tensor(group), term)
         losses = losses + geometry
     return losses, order[0]
