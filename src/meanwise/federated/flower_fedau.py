@@ -173,7 +173,11 @@ class FedAUStrategy(Strategy):
             )
         _, sent_record, x = self.sent
         # the grid sets each message's id when it pushes it
-        sent = {str(m.metadata.message_id): int(m.metadata.dst_node_id) for m in self.outbox}
+        sent = {
+            str(m.metadata.message_id): int(m.metadata.dst_node_id)
+            for m in self.outbox
+            if m.metadata.message_id  # a grid that sets no ids: replies name their src
+        }
         paired, silent = attribute_replies(sent, replies)
         slots = self.slots
 
