@@ -55,8 +55,9 @@ def _gd_by_hand(x, y, lr, steps):
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def _train(app, run_config, config):
-    context = Context(1, 5, {"partition-id": 2}, RecordDict(), run_config)
+def _train(app, run_config, config, node_config=None):
+    node_config = {"partition-id": 2} if node_config is None else node_config
+    context = Context(1, 5, node_config, RecordDict(), run_config)
     content = RecordDict(
         {"arrays": ArrayRecord(_model().state_dict()), "config": ConfigRecord(config)}
     )
@@ -99,3 +100,20 @@ def test_bad_recipe_values_name_the_key_and_where_they_came_from(server_identity
         recipe(LocalTraining(), ("run config", {"lr": -1}))
     with pytest.raises(TypeError, match="LocalTraining"):
         local_training_client_app(_model, _data, {"lr": 0.1})
+
+
+def test_replies_report_the_slot_key_a_server_can_bind_by(server_identity):
+    from meanwise.federated.flower import NodeSlots
+    from meanwise.federated.flower_nodes import reported_key
+
+    numeric = local_training_client_app(_model, _data, LocalTraining("sgd", lr=0.5, steps=1))
+    reply, _ = _train(numeric, {}, {})
+    assert reported_key(reply, "partition-id") == 2
+    # a text key (a host name, say) travels in a ConfigRecord and binds all the same
+    app = local_training_client_app(
+        _model, _data, LocalTraining("sgd", lr=0.5, steps=1), slot_key="host"
+    )
+    reply, _ = _train(app, {}, {}, {"partition-id": 2, "host": "edge-7"})
+    assert reported_key(reply, "host") == "edge-7"
+    slots = NodeSlots(2, "host")
+    assert slots.bind(5, reported_key(reply, "host")) == (0, "node 5 bound to slot 0 (host=edge-7)")

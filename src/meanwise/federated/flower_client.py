@@ -88,8 +88,9 @@ def local_training_client_app(
         local_steps: ``local_steps(context, model_version)``, the K an anarchic worker
             chooses; it wins over the run config, a ``"local-steps"`` in the round's config
             wins over it.
-        slot_key: the node-config entry every reply reports (as a metric), by which the
-            server binds a restarted node to its old slot.
+        slot_key: the node-config entry every reply reports (a number as a metric, text in
+            a ConfigRecord ``"slot"``), by which the server binds a restarted node to its old
+            slot.
 
     Replies carry the trained arrays and metrics ``num-examples``, ``local-steps``,
     ``train-loss`` (before training) and the ``slot_key`` entry (when the node config has it).
@@ -117,6 +118,13 @@ def local_training_client_app(
             metrics[slot_key] = value  # MetricRecord holds numbers only
         return metrics
 
+    def reply(msg: Message, context: Context, records: dict[str, Any]) -> Message:
+        # a text key (e.g. a host name) cannot be a metric: it travels in a ConfigRecord
+        value = context.node_config.get(slot_key)
+        if isinstance(value, str):
+            records = {**records, "slot": ConfigRecord({slot_key: value})}
+        return Message(RecordDict(records), reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         config = msg.content.config_records.get(configrecord_key, ConfigRecord())
@@ -124,7 +132,7 @@ def local_training_client_app(
         server_round = int(config.get("server-round", config.get("model-version", 0)))
         if participate is not None and not participate(context, server_round):
             metrics = {**base_metrics(context, 0), "declined": 1}
-            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+            return reply(msg, context, {"metrics": MetricRecord(metrics)})
         model, x, y, config = setup(msg, context)
         sources = [("run config", context.run_config)]
         if local_steps is not None and steps_key not in config:
@@ -154,10 +162,8 @@ def local_training_client_app(
             state[k] = v[0]
         state.update(client_buffers[0])
         metrics = {**base_metrics(context, len(y)), steps_key: steps, "train-loss": before}
-        content = RecordDict(
-            {arrayrecord_key: ArrayRecord(state), "metrics": MetricRecord(metrics)}
-        )
-        return Message(content, reply_to=msg)
+        content = {arrayrecord_key: ArrayRecord(state), "metrics": MetricRecord(metrics)}
+        return reply(msg, context, content)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -168,6 +174,6 @@ def local_training_client_app(
             loss = float(loss_fn(out, y))
             accuracy = float((out.argmax(-1) == y).double().mean())
         metrics = {**base_metrics(context, len(y)), "loss": loss, "accuracy": accuracy}
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return reply(msg, context, {"metrics": MetricRecord(metrics)})
 
     return app
