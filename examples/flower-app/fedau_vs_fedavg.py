@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from meanwise_flower_app.task import federated_digits, model_fn
 
-from meanwise.federated import Bernoulli, FedAU, FederatedSimulator
-from meanwise.functional.local_training import LocalTraining
+from meanwise.federated import Bernoulli, FedAU, FederatedSimulator, LocalTraining
 
 
 def main() -> None:

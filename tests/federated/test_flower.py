@@ -26,7 +26,13 @@ from flwr.app import (  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
 from meanwise.data.federated_split import FederatedDataset  # noqa: E402
-from meanwise.federated import AFA_CD, AFA_CS, FedAU, FederatedSimulator  # noqa: E402
+from meanwise.federated import (  # noqa: E402
+    AFA_CD,
+    AFA_CS,
+    FedAU,
+    FederatedSimulator,
+    LocalTraining,
+)
 from meanwise.federated.flower import (  # noqa: E402
     ArrayCodec,
     FedAUStrategy,
@@ -34,7 +40,6 @@ from meanwise.federated.flower import (  # noqa: E402
     run_anarchic,
 )
 from meanwise.federated.participation import Anarchic, Arrivals, ParticipationProcess  # noqa: E402
-from meanwise.functional.local_training import LocalTraining  # noqa: E402
 
 # --- an in-process Grid: each node is a Python function -------------------------------------
 

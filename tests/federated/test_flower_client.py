@@ -20,8 +20,8 @@ from flwr.app import (  # noqa: E402
     RecordDict,
 )
 
+from meanwise.federated import LocalTraining  # noqa: E402
 from meanwise.federated.flower import local_training_client_app, recipe  # noqa: E402
-from meanwise.functional.local_training import LocalTraining  # noqa: E402
 
 
 @pytest.fixture

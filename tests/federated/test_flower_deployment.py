@@ -26,10 +26,8 @@ pytest.importorskip("flwr", reason="install the flower extra: pip install '.[flo
 from safetensors.torch import load_file  # noqa: E402
 
 from meanwise.data.federated_split import FederatedDataset  # noqa: E402
-from meanwise.federated import AFA_CS, FedAU, FederatedSimulator  # noqa: E402
+from meanwise.federated import AFA_CS, FedAU, FederatedSimulator, LocalTraining  # noqa: E402
 from meanwise.federated.participation import Anarchic, Arrivals, ParticipationProcess  # noqa: E402
-from meanwise.federated.simulator import flatten  # noqa: E402
-from meanwise.functional.local_training import LocalTraining  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -147,6 +145,11 @@ class Processes:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM)
+
+
+def flatten(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The aggregators' flat layout: parameters concatenated in order."""
+    return torch.cat([p.detach().reshape(-1) for p in params.values()])
 
 
 class _Replay(ParticipationProcess):

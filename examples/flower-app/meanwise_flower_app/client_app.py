@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from flwr.app import Context
 
+from meanwise.federated import LocalTraining
 from meanwise.federated.flower import local_training_client_app
-from meanwise.functional.local_training import LocalTraining
 from meanwise_flower_app.task import load_partition, model_fn
 
 
