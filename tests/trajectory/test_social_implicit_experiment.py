@@ -272,3 +272,25 @@ def test_protocol_names_the_data_and_budget_that_ran(tmp_path):
     full = {r[0]: r for r in report.protocol(dataclasses.asdict(SocialImplicitConfig.full())).rows}
     assert full["training budget"][3] == "same as the paper"
     assert full["metrics"][3] == "same as the paper"
+
+
+def test_missing_data_is_said_in_the_terminal_and_the_report(tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("MEANWISE_DATA_DIR", str(empty))
+    auto = dataclasses.replace(TINY, data="auto")
+    result = run(auto, 0)
+    err = capsys.readouterr().err
+    assert "no ETH/UCY data found" in err and "meanwise trajectory fetch-data" in err
+    (split,) = result.splits
+    assert split.data == "synthetic" and split.data_missing
+    tables = summarize([dataclasses.asdict(result)])
+    assert "meanwise trajectory fetch-data" in tables[0].rows[0][0]
+    assert "fetch-data" in tables[1].caption
+    row = next(r for r in report.protocol(dataclasses.asdict(auto)).rows if r[0] == "data")
+    assert "fetch-data" in row[2]
+    # asked for the synthetic crowd: labelled as such, no missing-data notice
+    result = run(TINY, 0)
+    assert "no ETH/UCY data found" not in capsys.readouterr().err
+    assert not result.splits[0].data_missing
+    assert "fetch-data" not in " ".join(t.caption for t in summarize([dataclasses.asdict(result)]))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,13 @@ __all__ = [
 
 ETH_UCY_SPLITS: tuple[str, ...] = ("eth", "hotel", "univ", "zara1", "zara2")
 DATA_CHOICES: tuple[str, ...] = ("auto", "eth_ucy", "synthetic")
+FETCH_COMMAND = "meanwise trajectory fetch-data"
+MISSING_DATA = (
+    "no ETH/UCY data found (looked at --data-dir / $MEANWISE_DATA_DIR, ../shared/data beside "
+    "the repository and the fetch-data folder): this run trains and evaluates on the synthetic "
+    f"social-force crowd instead, and no published number applies to it. `{FETCH_COMMAND}` "
+    "downloads the ETH/UCY splits (and the released weights); then run again"
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class SocialImplicitConfig:
     # shift probe): their claims' intervals are over these, training needs no repeat for them
     probe_seeds: int = 3
     released: bool = True  # also evaluate the authors' weights (ETH/UCY only)
+    dtype: str = "float64"  # training dtype (the authors': float64; float32 ~2x faster)
     num_threads: int = 1  # tiny convolutions: extra threads only oversubscribe a busy CPU
 
     def __post_init__(self) -> None:
@@ -101,6 +110,8 @@ class SocialImplicitConfig:
             raise ValueError(f"shift_offsets must be non-empty and >= 0; got {self.shift_offsets}")
         if self.shift_offsets[0] != 0.0:
             raise ValueError("shift_offsets must start at 0.0 (the unshifted reference)")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64'; got {self.dtype!r}")
         if self.shift_scenes < 0 or self.max_train_scenes < 0:
             raise ValueError("shift_scenes and max_train_scenes must be >= 0")
 
@@ -176,6 +187,12 @@ class SplitResult:
     shift: list[list[ShiftPoint]] = field(default_factory=list)
     shift_model: str = "trained"  # "released" (the authors' weights) or "trained" (ours)
     shift_scenes: int = 0
+    # the released weights' validation ADE/FDE, as each epoch of ours is validated
+    released_val_ade: float | None = None
+    released_val_fde: float | None = None
+    # data="auto" found no ETH/UCY folder: the synthetic crowd stood in (said in the report)
+    data_missing: bool = False
+    dtype: str = "float64"
 
 
 @dataclass
@@ -266,6 +283,7 @@ def run_split(config: SocialImplicitConfig, split: str, seed: int) -> SplitResul
         epochs=config.epochs,
         max_train_scenes=config.max_train_scenes,
         accumulate=config.accumulate,
+        dtype=config.dtype,
     )
     bar = iter(progress(range(config.epochs), desc=f"seed {seed} {name} epochs"))
     next(bar, None)
@@ -296,10 +314,20 @@ def run_split(config: SocialImplicitConfig, split: str, seed: int) -> SplitResul
         train_seconds=history.seconds,
         trained=_metrics(_sampler(model), test, config, seed),
         constant_velocity=_metrics(constant_velocity, test, config, seed),
+        data_missing=data == "synthetic" and config.data == "auto",
+        dtype=config.dtype,
     )
     released = _released_model(config, split) if data == "eth_ucy" and config.released else None
     probe_seeds = sampling_seeds(config, seed)
     if released is not None:
+        # validated exactly as each of our epochs is (the training curves' reference line)
+        val = evaluate_scenes(
+            _sampler(released),
+            scenes["val"],
+            samples=train_config.val_samples,
+            seed=train_config.val_seed,
+        )
+        result.released_val_ade, result.released_val_fde = val["ade"], val["fde"]
         result.released = _metrics(_sampler(released), test, config, seed)
         for sampling_seed in probe_seeds:
             m = evaluate_scenes(
@@ -342,10 +370,15 @@ def run(config: SocialImplicitConfig, seed: int) -> SocialImplicitResult:
         samples=config.samples,
         distribution_samples=config.distribution_samples,
     )
+    found = config.data != "synthetic" and _eth_ucy_root(config) is not None
+    if config.data == "auto" and not found:
+        print(f"meanwise: social-implicit: {MISSING_DATA}.", file=sys.stderr)
     with torch_threads(config.num_threads):
         for split in config.splits:
+            # the data in the key: a stage cached without the data is not reused once it is found
             stage = cached_stage(
-                f"split-{split}", lambda s=split: dataclasses.asdict(run_split(config, s, seed))
+                f"split-{split}-{'eth_ucy' if found else 'synthetic'}",
+                lambda s=split: dataclasses.asdict(run_split(config, s, seed)),
             )
             stage["shift"] = [[ShiftPoint(**p) for p in points] for points in stage["shift"]]
             result.splits.append(SplitResult(**stage))
