@@ -442,3 +442,15 @@ def test_fedau_state_restores_the_binding_and_afa_continues_it(server_identity):
     assert sorted(out.rounds[0].clients) == [0, 1, 2] and out.node_ids == [1, 9, 3]
     with pytest.raises(ValueError, match="slots must be a NodeSlots"):
         run_anarchic(grid, arrays, AFA_CS(2, 1.0, 0.1), 1, slots=strategy.slots)
+
+
+def test_a_bound_node_that_left_is_named(server_identity):
+    grid = FakeSuperLink({1: (0, trains(0)), 2: (1, trains(1))})
+    strategy = FedAUStrategy(2, evaluate=False)
+
+    def leave(g):
+        g.online.discard(2)  # its heartbeat expired: the SuperLink no longer lists it
+
+    _run_rounds(strategy, grid, torch.zeros(6), [lambda g: None, leave])
+    assert strategy.history[1]["reasons"] == ["node 2 (slot 1, partition-id=1) is not connected"]
+    assert strategy.history[1]["slots"] == [0]

@@ -209,12 +209,10 @@ class FedAUStrategy(Strategy):
             reasons.append(f"{slots.describe(node)} timed out: no reply within the round")
         answered = {slots.slot(n) for n, _ in paired} | {slots.slot(n) for n in silent}
         for slot in self.unreachable:
-            if slot not in answered and slot not in kept:
-                last = slots.node_of_slot[slot]
-                reasons.append(
-                    f"slot {slot} has no connected node"
-                    + ("" if last is None else f" (last node {last})")
-                )
+            last = slots.node_of_slot[slot]
+            # a slot no node has claimed yet is simply absent; a lost one is worth a line
+            if last is not None and slot not in answered and slot not in kept:
+                reasons.append(f"{slots.describe(last)} is not connected")
         for reason in reasons:
             log(WARNING, "FedAU round %s: %s (counted as absent)", server_round, reason)
 
