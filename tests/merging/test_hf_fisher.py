@@ -164,11 +164,12 @@ def test_cli_fisher_from_a_model_dir_then_merge_with_the_head_kept(tmp_path, cap
         "--out",
         str(tmp_path / "x.safetensors"),
     ]
-    for extra, message in [(["--task", "causal-lm"], "is --task right"),
-                           (["--task", "sequence-classification", "--params", "nope"], "nope"),
-                           ([], "needs --task")]:  # fmt: skip
+    for extra, code, message in [(["--task", "causal-lm"], 1, "is --task right"),
+                                 (["--task", "sequence-classification", "--params", "nope"], 1,
+                                  "nope"),
+                                 ([], 2, "needs --task")]:  # fmt: skip
         capsys.readouterr()
-        assert cli.main(common + extra) == 1
+        assert cli.main(common + extra) == code
         # (transformers' own "Loading weights" progress bar may precede it)
         lines = [x for x in capsys.readouterr().err.splitlines() if "meanwise" in x]
         assert len(lines) == 1 and message in lines[0], lines

@@ -188,8 +188,8 @@ def test_cli_fisher_then_merge_end_to_end(tmp_path, monkeypatch, capsys):
     for key in expected_merge:
         torch.testing.assert_close(merged[key], expected_merge[key], rtol=1e-6, atol=1e-7)
     assert "merged 4 tensors" in capsys.readouterr().err
-    # a second run into the same folder is refused (exit 1, message names --out)
-    assert cli.main(["merge", "merge.yaml", "--out", "merged"]) == 1
+    # a second run into the same folder is refused (a usage error, the message names --out)
+    assert cli.main(["merge", "merge.yaml", "--out", "merged"]) == 2
     assert "not empty" in capsys.readouterr().err
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "save_safetensors",
     "plan_shards",
     "atomic_directory",
+    "remove_stale_partials",
     "parse_size",
 ]
 
@@ -500,30 +501,84 @@ def atomic_directory(out: Path | str, overwrite: bool = False) -> Iterator[Path]
     """Yield an empty temporary folder next to `out`; on success it becomes `out` in one rename.
 
     `out` must not exist or be empty, unless `overwrite`; then the old folder is replaced only
-    once the new one is complete. On failure the temporary folder is removed and `out` is
-    untouched.
+    once the new one is complete. On failure (an exception, Ctrl-C) the temporary folder is
+    removed and `out` is untouched. A writer killed outright (``kill -9``, a power cut) leaves
+    its temporary folder ``.OUT.PID.XXXXXXXX.partial`` behind: the next write of the same `out`
+    removes those whose writer is gone (`remove_stale_partials`), before it starts and after.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} exists and is not empty; pass overwrite to replace it")
+        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    remove_stale_partials(out)
+    # the writer's pid in the name tells a killed writer's leftover from a live one's
+    prefix = f".{out.name}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=out.parent))
+    old = None
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        old = None
         if out.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=out.parent))
             os.rmdir(old)
             os.replace(out, old)
         os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.is_dir() and not out.exists():
+            os.replace(old, out)  # interrupted between the two renames: the old output back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    remove_stale_partials(out)  # now that `out` exists, a killed run's `.old` copy can go too
+
+
+def _temporary_pattern(name: str) -> re.Pattern:
+    """`atomic_directory`'s temporaries of the output `name`, and nothing else: the pid, then
+    mkdtemp's 8 characters (no dot, so ``.model.v2.PID.XXXXXXXX.partial`` of an output
+    ``model.v2`` never matches ``model``); the pid is absent in folders of older versions."""
+    return re.compile(rf"\.{re.escape(name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.(partial|old)")
+
+
+def remove_stale_partials(out: Path | str) -> list[Path]:
+    """Remove the temporary folders of the output folder `out` whose writer is gone.
+
+    Only `atomic_directory`'s own names for this very `out` are considered; a folder whose
+    writer (the pid in its name) is alive is left alone, and so is a ``.old`` folder (the
+    previous output, set aside during the final renames) while `out` itself is missing.
+    Returns what was removed.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pattern = _temporary_pattern(out.name)
+    removed = []
+    for entry in out.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid, kind = match.groups()
+        if pid is not None and _process_alive(int(pid)):
+            continue
+        if kind == "old" and not out.is_dir():
+            continue  # killed between the two renames: this holds the only copy
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process (alive), or not a pid
+        return pid > 0
+    return True
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

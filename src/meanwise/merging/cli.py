@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from meanwise.cli_args import UsageError, input_file, output_dir, output_file, positive_int
+
 __all__ = ["add_commands", "run_fisher", "run_merge"]
 
 _MERGE_HELP = """\
@@ -73,23 +75,81 @@ def _tensor_batches(inputs: Tensor, targets: Tensor | None, size: int) -> Iterat
         yield inputs[start:stop], None if targets is None else targets[start:stop]
 
 
-def _load_data(spec: str, batch_size: int) -> Iterable:
+def _check_finite_tensors(tensors: dict[str, Tensor], what: str) -> None:
+    """Refuse NaN/inf in a file's floating tensors: they would make the whole Fisher NaN."""
+    from meanwise.merging.merge import is_finite
+
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not is_finite(tensor):
+            raise ValueError(f"{what}: tensor {key!r} has NaN or inf entries")
+
+
+def _expected_input(model: nn.Module) -> str:
+    """What the model's first parameterised layer takes, for the --data error message."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            return f"inputs [N, ..., {module.in_features}] (its first layer {name!r} is {module})"
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            dims = ", ".join(["N", str(module.in_channels)] + ["..."] * (module.weight.dim() - 2))
+            return f"inputs [{dims}] (its first layer {name!r} is {module})"
+        if isinstance(module, nn.Embedding):
+            return f"integer ids in [0, {module.num_embeddings}) (its first layer {name!r})"
+    return "inputs of another shape"
+
+
+def _check_data_fits(model: nn.Module, spec: str, tensors: dict[str, Tensor]) -> None:
+    """One forward on the first example: a file that does not fit the model fails here, named,
+    instead of with torch's matmul error inside the Fisher."""
+    first = {k: t[:1] for k, t in tensors.items() if k not in ("targets", "labels")}
+    inputs = first["inputs"] if "inputs" in first else first
+    shapes = {k: list(t.shape) for k, t in tensors.items() if k not in ("targets", "labels")}
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    ids = tensors.get("input_ids")
+    if isinstance(vocab, int) and ids is not None and ids.numel():
+        if ids.is_floating_point() or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(
+                f"--data {spec}: 'input_ids' must be integer token ids in [0, {vocab}) for "
+                f"this model; got {ids.dtype} values in [{ids.min()}, {ids.max()}]"
+            )
+    training = {m: m.training for m in model.modules()}
+    model.eval()  # as diagonal_fisher runs it (one example in train mode upsets BatchNorm)
+    try:
+        with torch.no_grad():
+            model(inputs) if isinstance(inputs, Tensor) else model(**inputs)
+    except (RuntimeError, IndexError, TypeError, ValueError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(
+            f"--data {spec}: tensors {shapes} do not fit the model, which expects "
+            f"{_expected_input(model)} ({reason})"
+        ) from None
+    finally:
+        for module, flag in training.items():
+            module.train(flag)
+
+
+def _load_data(spec: str, batch_size: int, model: nn.Module) -> Iterable:
     from meanwise.merging.checkpoints import load_state_dict
 
     if ":" in spec and not Path(spec).exists():
         return _import_callable(spec, "--data")()
     tensors = load_state_dict(spec)
+    _check_finite_tensors(tensors, f"--data {spec}")
     if "inputs" not in tensors and "input_ids" not in tensors:
         raise ValueError(
             f"--data {spec}: expected a tensor named 'inputs' or 'input_ids'; found {list(tensors)}"
         )
     if "input_ids" in tensors:
-        return _dict_batches(spec, tensors, batch_size)
+        batches = _dict_batches(spec, tensors, batch_size)
+        if batches:
+            _check_data_fits(model, spec, tensors)
+        return batches
     inputs, targets = tensors["inputs"], tensors.get("targets")
     if targets is not None and targets.shape[0] != inputs.shape[0]:
         raise ValueError(
             f"--data {spec}: 'targets' has {targets.shape[0]} rows, 'inputs' {inputs.shape[0]}"
         )
+    if inputs.dim() and inputs.shape[0]:
+        _check_data_fits(model, spec, {"inputs": inputs})
     return _tensor_batches(inputs, targets, batch_size)
 
 
@@ -106,9 +166,9 @@ def _dict_batches(spec: str, tensors: dict[str, Tensor], size: int) -> list[dict
 
 def _load_hf_model(folder: str, task: str | None) -> nn.Module:
     if task is None:
-        raise ValueError(f"--model-dir needs --task, one of {sorted(HF_TASKS)}")
+        raise UsageError(f"--model-dir needs --task, one of {sorted(HF_TASKS)}")
     if not Path(folder).is_dir():
-        raise ValueError(f"--model-dir {folder} is not a folder")
+        raise UsageError(f"--model-dir {folder} is not a folder")
     try:
         import transformers
     except ImportError:
@@ -158,15 +218,11 @@ def _run_fisher(args: argparse.Namespace) -> int:
     from meanwise.merging.checkpoints import load_state_dict, save_safetensors
     from meanwise.merging.fisher import diagonal_fisher
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     if (args.model is None) == (args.model_dir is None):
-        raise ValueError("give exactly one of --model MODULE:FACTORY and --model-dir DIR")
-    if args.class_chunk_size is not None and args.class_chunk_size < 1:
-        raise ValueError(f"--class-chunk-size must be >= 1; got {args.class_chunk_size}")
+        raise UsageError("give exactly one of --model MODULE:FACTORY and --model-dir DIR")
     if args.model_dir is not None:
         if args.weights:
-            raise ValueError("--weights goes with --model; --model-dir loads its own weights")
+            raise UsageError("--weights goes with --model; --model-dir loads its own weights")
         model = _load_hf_model(args.model_dir, args.task)
         task = HF_TASKS[args.task]
     else:
@@ -176,24 +232,33 @@ def _run_fisher(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model} returned {type(model).__name__}, not an nn.Module")
     if args.weights:
         state = load_state_dict(args.weights)
+        _check_finite_tensors(state, f"--weights {args.weights}")
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
             raise ValueError(f"--weights {args.weights} does not fit the model: {error}") from None
+    else:
+        source = f"--model-dir {args.model_dir}" if args.model_dir else f"--model {args.model}"
+        _check_finite_tensors(dict(model.named_parameters()), f"{source}: the model's weights")
     generator = torch.Generator().manual_seed(args.seed)
-    fisher = diagonal_fisher(
-        model,
-        _load_data(args.data, args.batch_size),
-        mode=args.mode,
-        n_samples=args.n_samples,
-        max_examples=args.max_examples,
-        likelihood=args.likelihood,
-        generator=generator,
-        params=args.params,
-        exclude=args.exclude,
-        task=task,
-        class_chunk_size=args.class_chunk_size,
-    )
+    try:
+        fisher = diagonal_fisher(
+            model,
+            _load_data(args.data, args.batch_size, model),
+            mode=args.mode,
+            n_samples=args.n_samples,
+            max_examples=args.max_examples,
+            likelihood=args.likelihood,
+            generator=generator,
+            params=args.params,
+            exclude=args.exclude,
+            task=task,
+            class_chunk_size=args.class_chunk_size,
+        )
+    except (ValueError, TypeError) as error:
+        if str(error).startswith("data "):  # "data batch 3: ...": name the file it came from
+            raise ValueError(f"--data {args.data}: {error}") from None
+        raise
     source = args.model if args.model is not None else str(args.model_dir)
     metadata = {"mode": args.mode, "likelihood": args.likelihood, "model": source, "task": task,
                 "n_samples": str(args.n_samples), "created_by": "meanwise fisher"}  # fmt: skip
@@ -208,12 +273,23 @@ def run_merge(args: argparse.Namespace) -> int:
         return _run_merge(args)
     except TypeError as error:  # one line, like every other CLI error
         raise ValueError(str(error)) from None
+    except KeyboardInterrupt:
+        # the output appears only when complete and a merge does not resume: say so
+        print(
+            "meanwise: merge interrupted; no partial output is kept (rerun the same command "
+            "to start again)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def _run_merge(args: argparse.Namespace) -> int:
     from meanwise.merging.config import load_merge_config
     from meanwise.merging.streaming import merge_checkpoints
 
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     config = load_merge_config(args.config)
     summary = merge_checkpoints(
         [m.path for m in config.models],
@@ -250,16 +326,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     fisher.add_argument("--task", choices=sorted(HF_TASKS), help="what --model-dir predicts")
     fisher.add_argument("--params", nargs="+", metavar="PATTERN", help="parameters to include")
     fisher.add_argument("--exclude", nargs="+", metavar="PATTERN", help="parameters to leave out")
-    fisher.add_argument("--class-chunk-size", type=int, default=None, metavar="K",
+    fisher.add_argument("--class-chunk-size", type=positive_int, default=None, metavar="K",
                         help="output cotangents per backward pass (bounds memory)")  # fmt: skip
     fisher.add_argument("--weights", metavar="CHECKPOINT", help="weights to load into the model")
     fisher.add_argument("--data", required=True, metavar="FILE|MODULE:CALLABLE")
-    fisher.add_argument("--out", required=True, metavar="FISHER.safetensors")
+    fisher.add_argument("--out", required=True, type=output_file, metavar="FISHER.safetensors")
     fisher.add_argument("--mode", choices=FISHER_MODES, default="exact")
     fisher.add_argument("--likelihood", choices=LIKELIHOODS, default="categorical")
-    fisher.add_argument("--n-samples", type=int, default=1, help="draws per example (sampled)")
-    fisher.add_argument("--max-examples", type=int, default=None)
-    fisher.add_argument("--batch-size", type=int, default=256, help="for tensor --data files")
+    fisher.add_argument("--n-samples", type=positive_int, default=1,
+                        help="draws per example (sampled)")  # fmt: skip
+    fisher.add_argument("--max-examples", type=positive_int, default=None)
+    fisher.add_argument("--batch-size", type=positive_int, default=256,
+                        help="for tensor --data files")  # fmt: skip
     fisher.add_argument("--seed", type=int, default=0, help="seed of --mode sampled")
     fisher.set_defaults(handler=run_fisher)
 
@@ -269,7 +347,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description=_MERGE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    merge.add_argument("config", metavar="CONFIG.yaml")
-    merge.add_argument("--out", required=True, metavar="DIR")
+    merge.add_argument("config", type=input_file, metavar="CONFIG.yaml")
+    merge.add_argument("--out", required=True, type=output_dir, metavar="DIR")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
     merge.set_defaults(handler=run_merge)

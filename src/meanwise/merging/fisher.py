@@ -693,7 +693,16 @@ def diagonal_fisher(
         raise ValueError("data yielded no examples; the Fisher is a mean over at least one")
     if units == 0:
         raise ValueError("the data has no token positions to average over (all padding?)")
-    return {name: value.div_(units) for name, value in fisher.items()}
+    for name, value in fisher.items():
+        value.div_(units)
+        # a NaN/inf Fisher would poison every merge that uses it: refuse it here, named
+        if value.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(value)):
+            raise ValueError(
+                f"the Fisher of {name!r} has NaN or inf entries: the model's weights or outputs "
+                "are not finite on this data, or its squared gradients overflow "
+                f"{value.dtype} (check the inputs' scale)"
+            )
+    return fisher
 
 
 @dataclass(frozen=True)

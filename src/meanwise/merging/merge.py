@@ -37,6 +37,7 @@ __all__ = [
     "average_merge",
     "merge_tensor",
     "accumulate_merge",
+    "is_finite",
     "fisher_norm",
     "validate_coefficients",
     "CoefficientSearch",
@@ -169,10 +170,70 @@ def accumulate_merge(
 
     Elements where Σ_i λ_i F̃_i = 0 take the λ-weighted plain average (a second pass over the
     members, for those elements only).
+
+    The result is always finite. Finite inputs can overflow float32 in the products or the sums
+    (a Fisher of 3e38 times a parameter of 10) although the merge itself, a convex combination
+    of the members, cannot: such a key is merged again with float64 accumulation (re-reading
+    the members; float32 inputs cannot overflow float64's products). A result that is still not
+    finite (a member with NaN or inf entries, float64 members near its range) raises a
+    ValueError naming the cause instead of returning NaN or inf.
     """
     first = member(0)
     if not first.is_floating_point():
         return first if owned else first.clone()  # step counters: the target's, never averaged
+    args = (count, member, fisher, coefficients, options, norms, owned)
+    dtype = first.dtype
+    result = _accumulate(key, first, *args, wide=False)
+    if is_finite(result):
+        return result
+    del result, first
+    if dtype != torch.float64:
+        result = _accumulate(key, member(0), *args, wide=True)
+        if is_finite(result):
+            return result
+        del result
+    raise ValueError(_non_finite_reason(count, member, coefficients))
+
+
+def is_finite(tensor: Tensor) -> bool:
+    """All entries finite, in one pass and without a temporary (NaN propagates into aminmax)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = (float(v) for v in torch.aminmax(tensor.detach()))
+    return math.isfinite(low) and math.isfinite(high)
+
+
+def _non_finite_reason(
+    count: int, member: Callable[[int], Tensor], coefficients: Sequence[float]
+) -> str:
+    for i in range(count):
+        if coefficients[i] and not is_finite(member(i)):
+            return (
+                f"the merge is not finite: models[{i}] has NaN or inf entries (refused rather "
+                "than written; list the tensor under keep_target to copy the target's)"
+            )
+    dtype = member(0).dtype
+    return f"the merge is not finite: it overflows {dtype} even with float64 accumulation"
+
+
+def _accumulate(
+    key: str,
+    first: Tensor,
+    count: int,
+    member: Callable[[int], Tensor],
+    fisher: Callable[[int], Tensor] | None,
+    coefficients: Sequence[float],
+    options: MergeOptions,
+    norms: Sequence[float] | None,
+    owned: bool,
+    wide: bool,
+) -> Tensor:
+    """`accumulate_merge`'s arithmetic; `wide`: accumulate in float64."""
+
+    def accumulation_dtype(fisher_dtype: torch.dtype | None) -> torch.dtype:
+        acc = _accumulation_dtype(out_dtype, fisher_dtype)
+        return torch.float64 if wide else acc
+
     out_dtype, shape = first.dtype, first.shape
     active = [i for i in range(count) if coefficients[i]]
     if 0 not in active:
@@ -182,13 +243,13 @@ def accumulate_merge(
     for i in active:
         x, first = (first, None) if i == 0 else (member(i), first)
         if fisher is None:
-            acc = _accumulation_dtype(out_dtype, None)
+            acc = accumulation_dtype(None)
             x = x.to(acc, copy=not owned)
             x.mul_(coefficients[i])
         else:
             f = _check_fisher(fisher(i), key, i, shape)
             fisher_dtype = f.dtype
-            acc = _accumulation_dtype(out_dtype, f.dtype)
+            acc = accumulation_dtype(f.dtype)
             f = f.to(acc, copy=not owned)
             if options.floor > 0 and (not options.favor_target or i == 0):
                 if options.floor_mode == "max":
@@ -212,13 +273,13 @@ def accumulate_merge(
         del x
     if fisher is None:
         total = torch.tensor(
-            [coefficients[i] for i in active], dtype=_accumulation_dtype(out_dtype, None)
+            [coefficients[i] for i in active], dtype=accumulation_dtype(None)
         ).sum()
         return numerator.div_(total).to(out_dtype)
     dead = denominator == 0
     if dead.any():
         # 0/0 here: those elements take the λ-weighted plain average instead of NaN
-        acc = _accumulation_dtype(out_dtype, fisher_dtype)
+        acc = accumulation_dtype(fisher_dtype)
         plain = torch.zeros(int(dead.sum()), dtype=acc)
         for i in active:
             plain.add_(member(i)[dead].to(acc) * coefficients[i])

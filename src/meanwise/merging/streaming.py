@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from meanwise.merging.checkpoints import (
     Checkpoint,
@@ -34,6 +35,7 @@ from meanwise.merging.merge import (
     MergeOptions,
     accumulate_merge,
     fisher_norm,
+    is_finite,
     validate_coefficients,
 )
 
@@ -178,6 +180,19 @@ def _validate_fishers(
     return covered
 
 
+def _finite_in_dtype(key: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """`tensor` cast to the output dtype, refused if the cast overflows (a merge never writes
+    inf from finite values; `accumulate_merge` already refused non-finite merges)."""
+    cast = tensor.to(dtype)
+    if dtype != tensor.dtype and dtype.is_floating_point and not is_finite(cast):
+        if is_finite(tensor):
+            raise ValueError(
+                f"tensor {key!r}: its values (up to {float(tensor.abs().amax()):.3g}) overflow "
+                f"the output dtype {_DTYPE_STRINGS.get(dtype, dtype)}; choose a wider dtype"
+            )
+    return cast
+
+
 def merge_opened(
     models: Sequence[Checkpoint],
     fishers: Sequence[Checkpoint] | None,
@@ -258,10 +273,11 @@ def merge_opened(
                                 owned=owned,
                             )
                         except ValueError as error:
-                            raise ValueError(f"tensor {key!r}: {error}") from None
+                            text = str(error).removeprefix(f"key {key!r}: ")
+                            raise ValueError(f"tensor {key!r}: {text}") from None
                     else:
                         tensor = models[0].get(key)
-                    w.write(key, tensor.to(specs[key].dtype))
+                    w.write(key, _finite_in_dtype(key, tensor, specs[key].dtype))
                     summary.tensors += 1
                     summary.total_bytes += specs[key].nbytes
                     weight_map[key] = name
