@@ -260,8 +260,12 @@ def test_protocol_names_the_data_and_budget_that_ran(tmp_path):
         "AMD/AMV argument",
     ):
         assert aspect in rows, aspect  # fmt: skip
-    assert "3 epochs" in rows["training budget"][2] and "50 epochs" in rows["training budget"][1]
+    assert "10 epochs" in rows["training budget"][2] and "50 epochs" in rows["training budget"][1]
+    assert "after 8 epochs" in rows["training budget"][2]
     assert "unresolved" in rows["training budget"][3]
+    assert "float32" in rows["optimizer and schedule"][2]
+    assert "float32" in rows["optimizer and schedule"][3]  # a deviation, said why
+    assert "batching" in rows
     assert "1 training seed" in rows["runs / seeds"][2]
     assert "50 samples" in rows["metrics"][2]
     synthetic = dict(quick, data="synthetic")
@@ -272,6 +276,7 @@ def test_protocol_names_the_data_and_budget_that_ran(tmp_path):
     full = {r[0]: r for r in report.protocol(dataclasses.asdict(SocialImplicitConfig.full())).rows}
     assert full["training budget"][3] == "same as the paper"
     assert full["metrics"][3] == "same as the paper"
+    assert full["optimizer and schedule"][3] == "same as the paper"  # float64
 
 
 def test_missing_data_is_said_in_the_terminal_and_the_report(tmp_path, monkeypatch, capsys):

@@ -520,8 +520,10 @@ def protocol(config: JSON) -> Table:
         ),
         ProtocolRow(
             "training budget",
-            "50 epochs over every training scene, gradients accumulated over 128 scenes",
-            f"{c['epochs']} epochs over {scenes} per epoch, {c['accumulate']} scenes per step",
+            "50 epochs over every training scene, gradients accumulated over 128 scenes, the "
+            "learning rate x0.1 after 45 epochs",
+            f"{c['epochs']} epochs over {scenes} per epoch, {c['accumulate']} scenes per step, "
+            f"x0.1 after {c.get('lr_step_epochs', 45)} epochs",
             (
                 "CPU time (the quick preset fits in ~5 minutes of 2 cores). Fewer epochs can "
                 "leave our model short of the published numbers; a shortfall then checks our "
