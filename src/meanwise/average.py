@@ -22,6 +22,7 @@ __all__ = [
     "AverageOverflowError",
     "weighted_average",
     "average_state_dicts",
+    "element_variance",
     "member_variance",
     "rescale_to_variance",
 ]
@@ -273,6 +274,19 @@ def _check_batch_dims(batch_dims: int, available: int, shape: torch.Size, name: 
         )
 
 
+def element_variance(tensor: Tensor, *, batch_dims: int = 0) -> Tensor:
+    """The unbiased variance over the elements of a tensor: the one per-tensor variance.
+
+    ``batch_dims`` leading axes index independent tensors (``[k, n]`` with ``batch_dims=1``:
+    k variances); half precision accumulates in float32. :func:`member_variance`, the flat
+    per-tensor variances of :func:`meanwise.engine.layout.layer_variances` and the gossip
+    simulator's logged variances are all this.
+    """
+    _check_batch_dims(batch_dims, tensor.dim(), tensor.shape, "tensor")
+    acc, _ = _accumulation_dtype(tensor.dtype)
+    return tensor.reshape(*tensor.shape[:batch_dims], -1).to(acc).var(dim=-1, unbiased=True)
+
+
 def member_variance(
     stacked: Tensor | Sequence[Tensor],
     weights: Tensor | None = None,
@@ -295,9 +309,7 @@ def member_variance(
     lead = x.shape[: 1 + batch_dims]
     if math.prod(x.shape[1 + batch_dims :]) < 2:
         raise ValueError("member_variance needs tensors with at least 2 elements")
-    acc, _ = _accumulation_dtype(x.dtype)
-    variances = x.reshape(*lead, -1).to(acc).var(dim=-1, unbiased=True)
-    return weighted_average(variances, weights)
+    return weighted_average(element_variance(x, batch_dims=len(lead)), weights)
 
 
 def rescale_to_variance(

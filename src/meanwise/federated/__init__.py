@@ -4,6 +4,7 @@ Flower (flwr 1.42) strategies live in ``meanwise.federated.flower`` (extra ``mea
 they are not imported here, so this package does not need Flower.
 """
 
+from meanwise.engine.local_training import LocalTraining
 from meanwise.federated.aggregators import (
     AFA_CD,
     AFA_CS,
@@ -26,7 +27,6 @@ from meanwise.federated.participation import (
     validate_probabilities,
 )
 from meanwise.federated.simulator import FederatedSimulator, FederatedSweep
-from meanwise.functional.local_training import LocalTraining
 
 __all__ = [
     "FederatedSimulator",

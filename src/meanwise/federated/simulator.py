@@ -2,12 +2,14 @@
 
 One round: the participation process names the clients (or, for :class:`Anarchic`, the
 arriving workers with their local step counts and the stale model versions they started
-from); they train locally (:mod:`meanwise.functional.local_training`, vectorized when the
-model allows); the aggregator turns their deltas into the new global model. Evaluation runs every
-``eval_every`` rounds and is logged as JSON lines; a checkpoint every ``checkpoint_every``
-rounds holds everything the next round depends on (global model, aggregator memory,
-participation state, the minibatch generator, stale-model history), so ``run(..., resume=True)``
-continues bit-exactly.
+from); they train locally (:mod:`meanwise.engine.local_training`, vectorized when the
+model allows); the aggregator turns their deltas into the new global model. The engine's
+:class:`~meanwise.engine.loop.CheckpointedLoop` runs the rounds: evaluation every
+``eval_every`` rounds, logged as JSON lines; a checkpoint every ``checkpoint_every`` rounds
+holds everything the next round depends on (global model, aggregator memory, participation
+state, the minibatch generator, stale-model history), so ``run(..., resume=True)`` continues
+bit-exactly. Models are flat vectors in the engine's
+:class:`~meanwise.engine.layout.ParameterLayout`.
 """
 
 from __future__ import annotations
@@ -15,18 +17,15 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from meanwise.atomic_io import append_json_line, atomic_torch_save, rewrite_json_lines
 from meanwise.data.federated_split import FederatedDataset
-from meanwise.federated.aggregators import Aggregator
-from meanwise.federated.participation import Anarchic, ParticipationProcess
-from meanwise.functional.local_training import (
+from meanwise.engine.layout import ParameterLayout
+from meanwise.engine.local_training import (
     LocalTraining,
     draw_batches,
     stack_blocker,
@@ -34,6 +33,9 @@ from meanwise.functional.local_training import (
     train_stacked,
     train_vectorized,
 )
+from meanwise.engine.loop import CheckpointedLoop, evaluate_models
+from meanwise.federated.aggregators import Aggregator
+from meanwise.federated.participation import Anarchic, ParticipationProcess
 
 __all__ = ["FederatedSimulator", "FederatedSweep", "vmap_blocker", "flatten", "unflatten"]
 
@@ -62,19 +64,23 @@ def vmap_blocker(model: nn.Module) -> str | None:
 
 
 def flatten(params: dict[str, Tensor], batch_dims: int = 0) -> Tensor:
-    """Concatenate parameters into ``[P]`` (or ``[S, P]`` with one batch dimension)."""
-    lead = next(iter(params.values())).shape[:batch_dims]
-    return torch.cat([p.reshape(*lead, -1) for p in params.values()], dim=-1)
+    """``[*batch, P]`` from a dict of ``[*batch, *shape]`` tensors, in its key order.
+
+    Kept for callers of the old helper; new code holds a
+    :class:`~meanwise.engine.layout.ParameterLayout` (``FederatedSimulator.layout``)."""
+    if not params:
+        raise ValueError("params is empty")
+    first = next(iter(params.values()))
+    layout = ParameterLayout(
+        tuple(params), tuple(tuple(p.shape[batch_dims:]) for p in params.values()), first.dtype
+    )
+    return layout.flatten(params, batch_dims=batch_dims)
 
 
 def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Views of ``flat [..., P]`` shaped like ``like``'s (unbatched) parameters."""
-    lead = flat.shape[:-1]
-    out, start = {}, 0
-    for name, p in like.items():
-        out[name] = flat[..., start : start + p.numel()].reshape(*lead, *p.shape)
-        start += p.numel()
-    return out
+    """Views of ``flat [..., P]`` shaped like ``like``'s (unbatched) parameters (kept for
+    callers of the old helper: ``ParameterLayout.of_tensors(like).unflatten(flat)``)."""
+    return ParameterLayout.of_tensors(like, what="like").unflatten(flat)
 
 
 class FederatedSimulator:
@@ -121,12 +127,12 @@ class FederatedSimulator:
         for name, other in (("aggregator", aggregator), ("participation", participation)):
             if other.n_clients != n:
                 raise ValueError(f"{name} is for {other.n_clients} clients; train has {n}")
-        if int(eval_every) < 1:
-            raise ValueError(f"eval_every must be >= 1; got {eval_every}")
-        if int(checkpoint_every) < 0:
-            raise ValueError(f"checkpoint_every must be >= 0; got {checkpoint_every}")
-        if checkpoint_every and checkpoint_path is None:
-            raise ValueError("checkpoint_every > 0 needs a checkpoint_path")
+        self.loop = CheckpointedLoop(
+            eval_every=eval_every,
+            checkpoint_every=checkpoint_every,
+            checkpoint_path=checkpoint_path,
+            log_path=log_path,
+        )
         if vectorize not in ("auto", "vmap", True, False):
             raise ValueError(f"vectorize must be 'auto', 'vmap', True or False; got {vectorize!r}")
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
@@ -144,13 +150,9 @@ class FederatedSimulator:
         self.local = local
         self.test = test
         self.loss_fn = loss_fn
-        self.eval_every = int(eval_every)
-        self.checkpoint_every = int(checkpoint_every)
-        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
-        self.log_path = None if log_path is None else Path(log_path)
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.shapes = {k: v.detach() for k, v in model.named_parameters()}
-        self.x = flatten(self.shapes).clone()
+        self.layout = ParameterLayout.of(model)
+        self.x = self.layout.flatten({k: v.detach() for k, v in model.named_parameters()}).clone()
         self.buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         self.round = 0
         # stale global models for anarchic workers: history[s] is the model s versions ago
@@ -177,7 +179,17 @@ class FederatedSimulator:
             self.vectorized = bool(vectorize)
         if vectorize == "vmap":
             self.stacked = False
-        self.metrics: list[dict[str, Any]] = []
+
+    # the loop's settings and records, readable where they always were
+    eval_every = property(lambda self: self.loop.eval_every)
+    checkpoint_every = property(lambda self: self.loop.checkpoint_every)
+    checkpoint_path = property(lambda self: self.loop.checkpoint_path)
+    log_path = property(lambda self: self.loop.log_path)
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The logged records (one per evaluation)."""
+        return self.loop.metrics
 
     # -- one round ---------------------------------------------------------------------------
 
@@ -232,7 +244,7 @@ class FederatedSimulator:
                 )
         trained, client_buffers = train_sequential(
             self.model,
-            unflatten(starts, self.shapes),
+            self.layout.unflatten(starts),
             self.buffers,
             self.train,
             index,
@@ -245,7 +257,7 @@ class FederatedSimulator:
         for key, value in self.buffers.items():
             if value.is_floating_point():
                 self.buffers[key] = torch.stack([b[key] for b in client_buffers]).mean(0)
-        return flatten(trained, batch_dims=1)
+        return self.layout.flatten(trained, batch_dims=1)
 
     def _train_chunks(self, starts: Tensor, index: Tensor, valid: Tensor, steps: Tensor) -> Tensor:
         row = self.train.features[:1]
@@ -257,7 +269,7 @@ class FederatedSimulator:
             rows = slice(lo, lo + chunk)
             trained = train(
                 self.model,
-                unflatten(starts[rows], self.shapes),
+                self.layout.unflatten(starts[rows]),
                 self.train,
                 index[:, rows],
                 valid[:, rows],
@@ -265,7 +277,7 @@ class FederatedSimulator:
                 self.local,
                 self.loss_fn,
             )
-            out[rows] = flatten(trained, batch_dims=1)
+            out[rows] = self.layout.flatten(trained, batch_dims=1)
         return out
 
     def step(self) -> dict[str, Any]:
@@ -280,26 +292,43 @@ class FederatedSimulator:
         self.round += 1
         return {"participants": int(clients.numel()), **info}
 
-    # -- evaluation, logging, checkpoints -----------------------------------------------------
+    # -- the loop's protocol (meanwise.engine.loop.Checkpointable) ---------------------------
+
+    @property
+    def position(self) -> int:
+        return self.round
+
+    def advance(self, until: int) -> dict[str, Any]:
+        """Run rounds up to ``until``; returns the last round's record."""
+        info: dict[str, Any] = {}
+        while self.round < until:
+            info = self.step()
+        return info
+
+    def record(self, info: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            **info,
+            "dropped_nonfinite": self.aggregator.dropped_nonfinite,
+            **self.evaluate(),
+        }
+
+    # -- evaluation, checkpoints ---------------------------------------------------------------
+
+    def global_vector(self) -> Tensor:
+        """The global model as a flat vector ``[P]`` in :attr:`layout` (a copy)."""
+        return self.x.clone()
 
     def global_parameters(self) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in unflatten(self.x, self.shapes).items()}
+        return {k: v.clone() for k, v in self.layout.unflatten(self.x).items()}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if self.test is None:
             return {}
-        x, y = self.test
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = torch.func.functional_call(
-                self.model, {**unflatten(self.x, self.shapes), **self.buffers}, (x,)
-            )
-        finally:
-            self.model.train(was_training)
-        loss = float(self.loss_fn(out, y, reduction="none").mean())
-        return {"test_loss": loss, "test_accuracy": float((out.argmax(-1) == y).double().mean())}
+        losses, accuracies = evaluate_models(
+            self.model, self.x[None], self.layout, self.buffers, self.test, self.loss_fn
+        )
+        return {"test_loss": float(losses[0]), "test_accuracy": float(accuracies[0])}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -310,7 +339,7 @@ class FederatedSimulator:
             "aggregator": self.aggregator.state_dict(),
             "participation": self.participation.state_dict(),
             "generator": self.generator.get_state(),
-            "metrics": list(self.metrics),
+            "metrics": list(self.loop.metrics),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -325,43 +354,14 @@ class FederatedSimulator:
         self.aggregator.load_state_dict(state["aggregator"])
         self.participation.load_state_dict(state["participation"])
         self.generator.set_state(state["generator"])
-        self.metrics = list(state["metrics"])
-
-    def _log(self, record: dict[str, Any]) -> None:
-        self.metrics.append(record)
-        if self.log_path is not None:
-            append_json_line(self.log_path, record)
-
-    def _rewrite_log(self) -> None:
-        if self.log_path is not None:
-            rewrite_json_lines(self.log_path, self.metrics)
+        self.loop.metrics = list(state["metrics"])
 
     def run(self, rounds: int, *, resume: bool = False) -> list[dict[str, Any]]:
         """Train until ``rounds`` rounds in total have run; returns the logged metrics.
 
         With ``resume=True`` and an existing checkpoint, continue from it (bit-exactly).
         """
-        if resume:
-            if self.checkpoint_path is None:
-                raise ValueError("resume=True needs a checkpoint_path")
-            if self.checkpoint_path.exists():
-                self.load_state_dict(torch.load(self.checkpoint_path, weights_only=True))
-                self._rewrite_log()
-        while self.round < rounds:
-            record = self.step()
-            r = self.round
-            if r % self.eval_every == 0 or r == rounds:
-                self._log(
-                    {
-                        "round": r,
-                        **record,
-                        "dropped_nonfinite": self.aggregator.dropped_nonfinite,
-                        **self.evaluate(),
-                    }
-                )
-            if self.checkpoint_every and r % self.checkpoint_every == 0:
-                atomic_torch_save(self.state_dict(), self.checkpoint_path)
-        return self.metrics
+        return self.loop.run(self, rounds, resume=resume)
 
 
 class FederatedSweep(FederatedSimulator):
@@ -439,27 +439,32 @@ class FederatedSweep(FederatedSimulator):
         self.round += 1
         return {"participants": n, "active_runs": int(runs.numel())}
 
+    def _check_run(self, run: int) -> int:
+        if not 0 <= int(run) < self.n_runs:
+            raise ValueError(f"run must lie in [0, {self.n_runs}); got {run}")
+        return int(run)
+
+    def run_vector(self, run: int) -> Tensor:
+        """Run ``run``'s global model as a flat vector ``[P]`` in :attr:`layout` (a copy)."""
+        return self.xs[self._check_run(run)].clone()
+
     def run_parameters(self, run: int) -> dict[str, Tensor]:
         """Run ``run``'s global parameters (copies)."""
-        return {k: v.clone() for k, v in unflatten(self.xs[int(run)], self.shapes).items()}
+        return {
+            k: v.clone() for k, v in self.layout.unflatten(self.xs[self._check_run(run)]).items()
+        }
 
-    @torch.no_grad()
+    def active_runs(self) -> list[int]:
+        """The runs still trained (not stopped)."""
+        return self.active.nonzero().flatten().tolist()
+
     def evaluate(self) -> dict[str, Any]:
         if self.test is None:
             return {}
-        x, y = self.test
-        losses, accuracies = [], []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for r in range(self.n_runs):
-                params = {**unflatten(self.xs[r], self.shapes), **self.buffers}
-                out = torch.func.functional_call(self.model, params, (x,))
-                losses.append(float(self.loss_fn(out, y, reduction="none").mean()))
-                accuracies.append(float((out.argmax(-1) == y).double().mean()))
-        finally:
-            self.model.train(was_training)
-        return {"test_loss": losses, "test_accuracy": accuracies}
+        losses, accuracies = evaluate_models(
+            self.model, self.xs, self.layout, self.buffers, self.test, self.loss_fn
+        )
+        return {"test_loss": losses.tolist(), "test_accuracy": accuracies.tolist()}
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

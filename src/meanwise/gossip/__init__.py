@@ -1,6 +1,6 @@
 """Decentralized gossip learning: topologies and merge rules (variance-corrected averaging)."""
 
-from meanwise.gossip.flat import ParameterLayout
+from meanwise.engine.layout import ParameterLayout
 from meanwise.gossip.merge import (
     MergeRule,
     corrected_merge,

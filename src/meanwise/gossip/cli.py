@@ -57,8 +57,8 @@ def _accuracy(config, params) -> float:
     import torch
     from torch.func import functional_call
 
+    from meanwise.engine.layout import ParameterLayout
     from meanwise.gossip.distributed import build
-    from meanwise.gossip.flat import ParameterLayout
 
     run = build(config)
     layout = ParameterLayout.of(run.model)

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from meanwise.atomic_io import atomic_torch_save
-from meanwise.functional.local_training import LocalTraining, train_vectorized_stateful
-from meanwise.gossip.flat import ParameterLayout
-from meanwise.gossip.merge import MergeRule, layer_variances
+from meanwise.engine.layout import ParameterLayout, layer_variances
+from meanwise.engine.local_training import LocalTraining, train_vectorized_stateful
+from meanwise.gossip.merge import MergeRule
 from meanwise.gossip.protocol import GossipProtocol, Schedule
 from meanwise.gossip.simulator import GossipSimulator, initial_models
 from meanwise.gossip.task import MODELS, SPLITS, digits_model, digits_nodes

@@ -20,7 +20,7 @@ from meanwise.average import (
     rescale_to_variance,
     weighted_average,
 )
-from meanwise.gossip.flat import ParameterLayout
+from meanwise.engine.layout import ParameterLayout, layer_variances
 
 __all__ = [
     "merge_weights",
@@ -28,7 +28,7 @@ __all__ = [
     "corrected_merge",
     "merge_state_dicts",
     "merge_stacked",
-    "layer_variances",
+    "layer_variances",  # defined in meanwise.engine.layout, re-exported for gossip users
     "MergeRule",
     "never_rescaled",
 ]
@@ -106,17 +106,6 @@ def merge_state_dicts(
         target = _target_variance(own[key], [r[key] for r in received], beta, include_self_variance)
         merged[key] = rescale_to_variance(tensor, target, eps).to(tensor.dtype)
     return merged
-
-
-def layer_variances(flat: Tensor, layout: ParameterLayout) -> Tensor:
-    """``[..., L]``: each tensor's unbiased variance over its elements, for flat models
-    ``[..., P]`` (0 for one-element tensors, which are never rescaled). A sender computes this
-    once per push; every receiver's merge reuses it instead of recomputing it per buffer."""
-    columns = [
-        flat[..., piece].var(dim=-1) if template.numel() > 1 else flat.new_zeros(flat.shape[:-1])
-        for _, piece, template in layout.entries()
-    ]
-    return torch.stack(columns, dim=-1)
 
 
 def merge_stacked(

@@ -6,8 +6,8 @@ as dependency levels (:mod:`meanwise.gossip.levels`): all trainings of a level a
 call, all merges of a level as one batched :func:`~meanwise.gossip.merge.merge_stacked` per
 buffer size. Models made of Linear layers and elementwise activations train with batched
 matmuls on the flat rows
-(:func:`~meanwise.functional.local_training.train_stacked_flat`), others with ``vmap(grad)``
-(:func:`~meanwise.functional.local_training.train_vectorized_stateful`): vmap's fixed cost
+(:func:`~meanwise.engine.local_training.train_stacked_flat`), others with ``vmap(grad)``
+(:func:`~meanwise.engine.local_training.train_vectorized_stateful`): vmap's fixed cost
 per call dominated the asynchronous protocol's many small levels. With the paper's
 asynchronous protocol a tick has only ~5 trainings and ~5 merges among 50 nodes; a level
 gathers those of several ticks. Pushed models are kept as snapshots for the window; buffers
@@ -20,33 +20,32 @@ node running its own ``torch.optim.SGD`` would; merges replace the parameters, n
 
 Evaluation every ``eval_every`` ticks logs the nodes' test accuracy and each parameter
 tensor's weight variance (the mean over nodes of the unbiased variance over its elements: the
-quantity that vanishes). A checkpoint holds everything the next tick depends on, so
-``run(..., resume=True)`` continues bit-exactly.
+quantity that vanishes). The engine's :class:`~meanwise.engine.loop.CheckpointedLoop` runs the
+ticks; a checkpoint holds everything the next tick depends on, so ``run(..., resume=True)``
+continues bit-exactly.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
-from meanwise.atomic_io import append_json_line, atomic_torch_save, rewrite_json_lines
-from meanwise.functional.local_training import (
+from meanwise.engine.layout import ParameterLayout, layer_variances
+from meanwise.engine.local_training import (
     FlatClientData,
     LocalTraining,
     stack_blocker,
     train_stacked_flat,
     train_vectorized_stateful,
 )
-from meanwise.gossip.flat import ParameterLayout
+from meanwise.engine.loop import CheckpointedLoop, evaluate_models
 from meanwise.gossip.levels import WindowPlan, plan_window
-from meanwise.gossip.merge import MergeRule, layer_variances
+from meanwise.gossip.merge import MergeRule
 from meanwise.gossip.protocol import GossipProtocol, Schedule
 from meanwise.gossip.topology import Topology
 
@@ -125,7 +124,7 @@ class GossipSimulator:
             train; for the FL baseline pass the centre).
         seed: seeds the initialization and the schedule.
         vectorize: how a level's trainings run: ``"auto"`` (batched matmuls through
-            :func:`~meanwise.functional.local_training.train_stacked_flat` for an
+            :func:`~meanwise.engine.local_training.train_stacked_flat` for an
             ``nn.Linear`` or ``nn.Sequential`` of Linear layers and elementwise activations on
             flat features, ``vmap(grad)`` otherwise), ``"stacked"`` (batched matmuls, an error
             for other models) or ``"vmap"`` (always ``vmap(grad)``). Same models up to float
@@ -164,12 +163,12 @@ class GossipSimulator:
         self.stacked = vectorize != "vmap" and blocker is None
         local = LocalTraining(rule="momentum", lr=0.01) if local is None else local
         check_local_training(local)
-        if int(eval_every) < 1:
-            raise ValueError(f"eval_every must be >= 1; got {eval_every}")
-        if int(checkpoint_every) < 0:
-            raise ValueError(f"checkpoint_every must be >= 0; got {checkpoint_every}")
-        if checkpoint_every and checkpoint_path is None:
-            raise ValueError("checkpoint_every > 0 needs a checkpoint_path")
+        self.loop = CheckpointedLoop(
+            eval_every=eval_every,
+            checkpoint_every=checkpoint_every,
+            checkpoint_path=checkpoint_path,
+            log_path=log_path,
+        )
         self.model = model
         self.topology = topology
         self.train = train
@@ -178,10 +177,6 @@ class GossipSimulator:
         self.merge = MergeRule() if merge is None else merge
         self.test = test
         self.loss_fn = loss_fn
-        self.eval_every = int(eval_every)
-        self.checkpoint_every = int(checkpoint_every)
-        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
-        self.log_path = None if log_path is None else Path(log_path)
         self.layout = ParameterLayout.of(model)
         self.schedule = Schedule(protocol, topology, train, local.batch_size, seed)
         n = topology.n_nodes
@@ -204,8 +199,17 @@ class GossipSimulator:
         )
         self.trainings = 0
         self.merges = 0
-        self.metrics: list[dict[str, Any]] = []
-        self._batched_forward = vmap(self._forward, in_dims=(0, None))
+
+    # the loop's settings and records, readable where they always were
+    eval_every = property(lambda self: self.loop.eval_every)
+    checkpoint_every = property(lambda self: self.loop.checkpoint_every)
+    checkpoint_path = property(lambda self: self.loop.checkpoint_path)
+    log_path = property(lambda self: self.loop.log_path)
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The logged records (one per evaluation, the first at tick 0)."""
+        return self.loop.metrics
 
     # -- one tick ----------------------------------------------------------------------------
 
@@ -317,34 +321,27 @@ class GossipSimulator:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def _forward(self, flat: Tensor, x: Tensor) -> Tensor:
-        return functional_call(self.model, {**self.layout.unflatten(flat), **self.buffers}, (x,))
-
     def node_parameters(self, node: int) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self.layout.unflatten(self.params[node]).items()}
 
     def layer_variance(self, nodes: Tensor | None = None) -> dict[str, float]:
         """Per parameter tensor: the mean over ``nodes`` of its unbiased element variance."""
         rows = self.params if nodes is None else self.params[nodes]
+        # per node, in float64; each tensor's column averaged contiguously, as it always was
+        per_node = layer_variances(rows.double(), self.layout).t().contiguous()
         return {
-            name: float(rows[:, piece].double().var(dim=1).mean()) if template.numel() > 1 else 0.0
-            for name, piece, template in self.layout.entries()
+            name: float(column.mean())
+            for name, column in zip(self.layout.names, per_node, strict=True)
         }
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         record: dict[str, Any] = {"layer_variance": self.layer_variance(self.eval_nodes)}
         if self.test is None:
             return record
-        x, y = self.test
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            logits = self._batched_forward(self.params[self.eval_nodes], x)  # [k, M, C]
-        finally:
-            self.model.train(was_training)
-        accuracy = (logits.argmax(-1) == y).double().mean(dim=1)
-        losses = torch.stack([self.loss_fn(out, y) for out in logits])
+        losses, accuracy = evaluate_models(
+            self.model, self.params[self.eval_nodes], self.layout, self.buffers, self.test,
+            self.loss_fn, vectorized=True,
+        )  # fmt: skip
         record.update(
             mean_accuracy=float(accuracy.mean()),
             min_accuracy=float(accuracy.min()),
@@ -364,7 +361,7 @@ class GossipSimulator:
             "storage_variance": self.storage_variance.clone(),
             "trainings": self.trainings,
             "merges": self.merges,
-            "metrics": list(self.metrics),
+            "metrics": list(self.loop.metrics),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -382,16 +379,23 @@ class GossipSimulator:
         self.storage_variance = state["storage_variance"].clone()
         self.trainings = int(state["trainings"])
         self.merges = int(state["merges"])
-        self.metrics = list(state["metrics"])
+        self.loop.metrics = list(state["metrics"])
 
-    def _log(self, record: dict[str, Any]) -> None:
-        self.metrics.append(record)
-        if self.log_path is not None:
-            append_json_line(self.log_path, record)
+    # -- the loop's protocol (meanwise.engine.loop.Checkpointable) ---------------------------
 
-    def _rewrite_log(self) -> None:
-        if self.log_path is not None:
-            rewrite_json_lines(self.log_path, self.metrics)
+    @property
+    def position(self) -> int:
+        return self.tick
+
+    def advance(self, until: int) -> dict[str, Any]:
+        """Run the ticks up to ``until`` as one window of levels (fewer if its snapshots would
+        not fit in memory: the loop then calls again)."""
+        self._advance(until)
+        return {}
+
+    def record(self, info: dict[str, Any]) -> dict[str, Any]:
+        counts = {"tick": self.tick, "trainings": self.trainings, "merges": self.merges}
+        return counts | info | self.evaluate()
 
     def run(self, ticks: int, *, resume: bool = False) -> list[dict[str, Any]]:
         """Simulate until ``ticks`` ticks in total have run; returns the logged metrics (an
@@ -400,25 +404,7 @@ class GossipSimulator:
         With ``resume=True`` and an existing checkpoint, continue from it (bit-exactly).
         """
         if resume:
-            if self.checkpoint_path is None:
-                raise ValueError("resume=True needs a checkpoint_path")
-            if self.checkpoint_path.exists():
-                self.load_state_dict(torch.load(self.checkpoint_path, weights_only=True))
-                self._rewrite_log()
+            self.loop.resume(self.load_state_dict)
         if self.tick == 0 and not self.metrics:
-            self._log({"tick": 0, "trainings": 0, "merges": 0, **self.evaluate()})
-        while self.tick < ticks:
-            # up to the next evaluation, checkpoint or the end, as one window of levels
-            stops = [ticks, (self.tick // self.eval_every + 1) * self.eval_every]
-            if self.checkpoint_every:
-                stops.append((self.tick // self.checkpoint_every + 1) * self.checkpoint_every)
-            self._advance(min(stops))
-            t = self.tick
-            if t % self.eval_every == 0 or t == ticks:
-                self._log(
-                    {"tick": t, "trainings": self.trainings, "merges": self.merges}
-                    | self.evaluate()
-                )
-            if self.checkpoint_every and t % self.checkpoint_every == 0:
-                atomic_torch_save(self.state_dict(), self.checkpoint_path)
-        return self.metrics
+            self.loop.log(self.record({}))
+        return self.loop.run(self, ticks)

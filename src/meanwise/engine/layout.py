@@ -1,9 +1,15 @@
-"""A model's parameters as one flat vector, and stacks of them: ``[n_nodes, P]``.
+"""A model's parameters as one flat vector, and stacks of them: ``[S, P]``.
 
-The gossip simulator keeps every node's model as a row of one tensor (training, merging and
-sending are then batched tensor operations) and the distributed runner sends these rows over
-the wire; the layout records which slice of a row is which named tensor, so merges can still
-treat every tensor on its own (the variance correction is per tensor).
+Both simulators keep their models as rows of one tensor (the federated simulator its global
+model and the round's clients, the gossip simulator every node): training, aggregation,
+merging and sending are then batched tensor operations, and the distributed gossip runner
+sends these rows over the wire. The layout records which slice of a row is which named tensor,
+so per-tensor operations (the gossip variance correction) still see every tensor on its own.
+
+One layout for the whole library (it replaced ``federated.simulator.flatten``/``unflatten``
+and ``gossip.flat``): validated (keys, shapes and widths are checked, not trusted), cached
+(a frozen dataclass whose derived slices are computed once), and convertible to and from a
+``dict[str, numpy.ndarray]``, the form a Flower ``ArrayRecord`` is built from and read as.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParameterLayout"]
+from meanwise.average import element_variance
+
+__all__ = ["ParameterLayout", "layer_variances"]
 
 
 @dataclass(frozen=True)
@@ -34,14 +43,19 @@ class ParameterLayout:
 
     @staticmethod
     def of(model: nn.Module) -> ParameterLayout:
-        params = list(model.named_parameters())
-        if not params:
-            raise ValueError("model has no parameters")
-        dtypes = {p.dtype for _, p in params}
+        """The layout of ``model.named_parameters()``."""
+        return ParameterLayout.of_tensors(dict(model.named_parameters()), what="model")
+
+    @staticmethod
+    def of_tensors(tensors: Mapping[str, Tensor], what: str = "tensors") -> ParameterLayout:
+        """The layout of a dict of (unbatched) tensors, in its key order."""
+        if not tensors:
+            raise ValueError(f"{what} has no parameters")
+        dtypes = {t.dtype for t in tensors.values()}
         if len(dtypes) != 1:
             raise ValueError(f"all parameters must share one dtype; got {sorted(map(str, dtypes))}")
         return ParameterLayout(
-            tuple(n for n, _ in params), tuple(tuple(p.shape) for _, p in params), dtypes.pop()
+            tuple(tensors), tuple(tuple(t.shape) for t in tensors.values()), dtypes.pop()
         )
 
     # Cached (the layout is frozen): the simulator reads these in every training and merge
@@ -104,3 +118,38 @@ class ParameterLayout:
             name: flat[..., piece].reshape(*lead, *shape)
             for name, piece, shape in zip(self.names, self._slices, self.shapes, strict=True)
         }
+
+    def to_arrays(self, flat: Tensor) -> dict[str, np.ndarray]:
+        """``flat [P]`` as named numpy arrays (copies, in layout order): what a Flower
+        ``ArrayRecord`` is made from (``ArrayRecord(numpy_ndarrays=...)`` takes their values)."""
+        if flat.dim() != 1:
+            raise ValueError(f"flat must be one model [P]; got shape {list(flat.shape)}")
+        return {
+            name: tensor.detach().cpu().numpy().copy()
+            for name, tensor in self.unflatten(flat).items()
+        }
+
+    def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> Tensor:
+        """The flat ``[P]`` vector (this layout's dtype) of named numpy arrays shaped as the
+        parameters (e.g. a Flower ``ArrayRecord``'s ``to_numpy_ndarrays`` zipped with its
+        keys); keys and shapes are checked like :meth:`flatten`'s."""
+        tensors = {}
+        for name, array in arrays.items():
+            if not isinstance(array, np.ndarray):
+                raise TypeError(f"arrays[{name!r}] is {type(array).__name__}, not numpy.ndarray")
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(array)).to(self.dtype)
+        return self.flatten(tensors)
+
+
+def layer_variances(flat: Tensor, layout: ParameterLayout) -> Tensor:
+    """``[..., L]``: each tensor's unbiased variance over its elements, for flat models
+    ``[..., P]`` (0 for one-element tensors, which have no spread). A gossip sender computes
+    this once per push; every receiver's merge reuses it instead of recomputing it per buffer."""
+    batch_dims = flat.dim() - 1
+    columns = [
+        element_variance(flat[..., piece], batch_dims=batch_dims).to(flat.dtype)
+        if template.numel() > 1
+        else flat.new_zeros(flat.shape[:-1])
+        for _, piece, template in layout.entries()
+    ]
+    return torch.stack(columns, dim=-1)
