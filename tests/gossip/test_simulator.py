@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from meanwise.data.federated_split import FederatedDataset
-from meanwise.functional.local_training import LocalTraining
+from meanwise.engine.layout import layer_variances
+from meanwise.engine.local_training import LocalTraining
 from meanwise.gossip import (
     GossipProtocol,
     GossipSimulator,
@@ -16,7 +17,6 @@ from meanwise.gossip import (
     random_regular,
     star,
 )
-from meanwise.gossip.merge import layer_variances
 from meanwise.gossip.reference import PerNodeGossip
 
 
@@ -264,7 +264,7 @@ def test_errors_name_the_argument(tmp_path):
 
 def test_a_learning_rate_that_blows_up_stops_with_the_nodes_named():
     """Issue 16: `gossip --lr 1e30` gave all-NaN node models without a word."""
-    from meanwise.functional.local_training import LocalTraining
+    from meanwise.engine.local_training import LocalTraining
     from meanwise.gossip import GossipProtocol, GossipSimulator, MergeRule, random_regular
     from meanwise.gossip.task import digits_model, digits_nodes
 

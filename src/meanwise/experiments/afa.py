@@ -53,11 +53,10 @@ from torch import Tensor, nn
 
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
+from meanwise.engine import ParameterLayout, draw_batches
 from meanwise.experiments.base import cached_stage, seeded, torch_threads
 from meanwise.experiments.fedau import _client_mean
 from meanwise.federated import AFA_CD, AFA_CS, Aggregator, Anarchic, FedAvg
-from meanwise.federated.simulator import flatten
-from meanwise.functional.local_training import draw_batches
 
 __all__ = [
     "AFAConfig",
@@ -569,7 +568,7 @@ def run(config: AFAConfig, seed: int) -> AFAResult:
         f_star = objective(train, config.weight_decay, x_star)
         with seeded(seed):
             model = nn.Linear(DIM, N_CLASSES)
-        x0 = flatten({k: v.detach() for k, v in model.named_parameters()})
+        x0 = ParameterLayout.of(model).flatten({k: v.detach() for k, v in model.named_parameters()})
         initial = objective(train, config.weight_decay, x0) - f_star
         m_main = config.arrivals_per_round
 

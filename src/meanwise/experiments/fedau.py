@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from meanwise.data.federated_split import FederatedDataset, digits_federated
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
+from meanwise.engine import ParameterLayout, draw_batches
 from meanwise.experiments.base import cached_stage, progress, seeded, torch_threads
 from meanwise.federated import (
     MIFA,
@@ -73,8 +74,7 @@ from meanwise.federated import (
     heterogeneous_probabilities,
 )
 from meanwise.federated.participation import validate_probabilities
-from meanwise.federated.simulator import FederatedSweep, unflatten
-from meanwise.functional.local_training import draw_batches
+from meanwise.federated.simulator import FederatedSweep
 
 __all__ = [
     "FedAUConfig",
@@ -270,10 +270,10 @@ def _client_mean(data: FederatedDataset, per_example: Tensor) -> float:
 
 @torch.no_grad()
 def _evaluate(
-    model: nn.Module, x: Tensor, shapes: dict[str, Tensor], task: _Task
+    model: nn.Module, x: Tensor, layout: ParameterLayout, task: _Task
 ) -> tuple[float, float]:
     """(test accuracy in %, training objective 1/N Σ_n f_n(x)) of the flat parameters x."""
-    params = unflatten(x, shapes)
+    params = layout.unflatten(x)
 
     def forward(features: Tensor) -> Tensor:
         return torch.func.functional_call(model, params, (features,))
@@ -405,7 +405,7 @@ class LinearSweep:
     What separate :class:`~meanwise.federated.FederatedSimulator` runs of ``nn.Linear`` with
     plain local SGD and the library's aggregators (FedAU, FedAvg, KnownParticipation, MIFA)
     compute, one run per (method, rate), with the same participation stream, the same minibatch
-    draws (:func:`~meanwise.functional.local_training.draw_batches`) and the same masked mean
+    draws (:func:`~meanwise.engine.local_training.draw_batches`) and the same masked mean
     loss (tested against them). Rounds of a few small clients are dominated by per-operation
     overhead, so everything that can be shared is done once per round for all runs:
 
@@ -718,15 +718,15 @@ def _train_mlp(task, groups, probs, process, local, config, seed) -> tuple[Curve
     curves: Curves = [[([], [], [])] for _ in groups]
     for r in range(config.eval_every, config.rounds + 1, config.eval_every):
         sweep.run(r)
-        for i in sweep.active.nonzero().flatten().tolist():
-            acc, objective = _evaluate(model, sweep.xs[i], sweep.shapes, task)
+        for i in sweep.active_runs():
+            acc, objective = _evaluate(model, sweep.run_vector(i), sweep.layout, task)
             rounds_c, accs_c, objectives_c = curves[i][0]
             rounds_c.append(r)
             accs_c.append(acc)
             objectives_c.append(objective)
             if bool(aggregators[i].diverged.all()):
                 sweep.stop(i)  # its remaining evaluations would all be the same failure
-        if not bool(sweep.active.any()):
+        if not sweep.active_runs():
             break
     return curves, aggregators
 
@@ -789,8 +789,7 @@ def run_setting(dataset: str, pattern: str, config: FedAUConfig, seed: int) -> S
     if fedau is not None:
         # the interval means (the weights FedAU would give now); they depend only on the
         # participation stream, which every rate shares
-        mean = fedau.interval_sum / fedau.interval_count.clamp(min=1)
-        fedau_weights = torch.where(fedau.interval_count > 0, mean, 0.0).tolist()
+        fedau_weights = fedau.interval_means().tolist()
     return SettingResult(
         dataset=dataset,
         pattern=pattern,

@@ -26,8 +26,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from meanwise.engine.local_training import LocalTraining
 from meanwise.experiments.base import cached_stage, progress, seeded, torch_threads
-from meanwise.functional.local_training import LocalTraining
 from meanwise.gossip import GossipProtocol, GossipSimulator, MergeRule, random_regular, star
 from meanwise.gossip.task import MODELS, SPLITS, digits_model, digits_nodes
 

@@ -61,6 +61,12 @@ class ParticipationIntervalWeights:
         self.interval_sum = torch.zeros(self.n_clients, dtype=torch.float64)
         self.interval_count = torch.zeros(self.n_clients, dtype=torch.long)
 
+    def interval_means(self) -> Tensor:
+        """``[N]`` float64: each client's mean recorded participation interval, the weight it
+        would get if it participated now (0 for a client with no interval recorded yet)."""
+        mean = self.interval_sum / self.interval_count.clamp(min=1)
+        return torch.where(self.interval_count > 0, mean, 0.0)
+
     def update(self, mask: Tensor | Sequence[bool]) -> Tensor:
         m = torch.as_tensor(mask, dtype=torch.bool)
         if m.shape != (self.n_clients,):
