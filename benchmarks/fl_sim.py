@@ -193,7 +193,7 @@ def _flower_available() -> str | None:
         import flwr  # noqa: F401
         import ray  # noqa: F401
     except ImportError as error:
-        return f"not installed ({error.name}); pip install '.[flower]'"
+        return f"not installed ({error.name}); pip install '.[flower-sim]'"
     return None
 
 
