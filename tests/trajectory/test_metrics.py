@@ -277,3 +277,60 @@ def test_streaming_over_scenes_equals_per_scene_values():
     assert totals["amd"] == pytest.approx(per_scene["amd"].mean().item())
     with pytest.raises(ValueError, match="at least one update"):
         DistributionMetrics().compute()
+
+
+# --- float32 EM against float64 on the released weights' predictions ---------------------------
+
+
+def _predicted_cells(checkpoints_root, data_root, split: str, cells_wanted: int):
+    """K = 1000 predictions of the released weights on test scenes spread over the split:
+    (cells [C, 1000, 2], ground truth [C, 2], cells per scene)."""
+    from meanwise.trajectory.data import load_split
+    from meanwise.trajectory.metrics import _cells
+    from meanwise.trajectory.social_implicit import SocialImplicit
+
+    model = SocialImplicit.from_official_checkpoint(checkpoints_root / split)
+    scenes = load_split(split, "test", data_root)
+    per_scene = sum(12 * s.num_pedestrians for s in scenes) / len(scenes)
+    chosen = scenes[:: max(1, int(len(scenes) * per_scene / cells_wanted))]
+    generator = torch.Generator().manual_seed(0)
+    cells, gts, sizes = [], [], []
+    with torch.no_grad():
+        for scene in chosen:
+            cells.append(_cells(model.predict(scene.observed, 1000, generator=generator)))
+            gts.append(scene.future.reshape(-1, 2))
+            sizes.append(cells[-1].shape[0])
+    return torch.cat(cells), torch.cat(gts), sizes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["eth", "hotel", "univ", "zara1", "zara2"])
+def test_float32_em_keeps_the_float64_choice_on_the_five_test_splits(
+    checkpoints_root, data_root, split
+):
+    """float32 EM only rejects component counts (winners and near-winners are refitted in
+    float64), so on real predictions the chosen counts equal the float64 path's and AMD/AMV
+    agree to rounding; and float32 and float64 fits of the same k end far closer in BIC than
+    the margin that sends a fit to float64 (10 K tol = 10 at K = 1000)."""
+    cells, gt, sizes = _predicted_cells(checkpoints_root, data_root, split, 1500)
+    fast = select_gaussian_mixtures(cells, generator=torch.Generator().manual_seed(1))
+    exact = select_gaussian_mixtures(
+        cells, generator=torch.Generator().manual_seed(1), em_dtype=torch.float64
+    )
+    assert torch.equal(fast.n_components, exact.n_components)
+    dist_fast, total_fast = mahalanobis_cells(fast, gt)
+    dist_exact, total_exact = mahalanobis_cells(exact, gt)
+    for a, b in ((dist_fast, dist_exact), (total_fast, total_exact)):
+        per_scene_a = torch.stack([p.sum(0) for p in a.split(sizes)])
+        per_scene_b = torch.stack([p.sum(0) for p in b.split(sizes)])
+        assert torch.allclose(per_scene_a, per_scene_b, rtol=1e-9, atol=1e-12)
+    margin = 10 * cells.shape[1] * 1e-3
+    for k in (2, 3):
+        fits = [
+            fit_gaussian_mixtures(
+                cells, k, generator=torch.Generator().manual_seed(2), em_dtype=dtype
+            )
+            for dtype in (torch.float32, torch.float64)
+        ]
+        gap = (fits[0].bic - fits[1].bic).abs().max().item()
+        assert gap < margin / 4, f"k = {k}: float32 and float64 BIC {gap:.3g} apart"

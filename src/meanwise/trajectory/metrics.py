@@ -17,7 +17,11 @@ import torch
 from torch import Tensor
 
 from meanwise.average import weighted_average
-from meanwise.trajectory.gmm import GaussianMixtures, select_gaussian_mixtures
+from meanwise.trajectory.gmm import (
+    DEFAULT_CHUNK_CELLS,
+    GaussianMixtures,
+    select_gaussian_mixtures,
+)
 
 __all__ = [
     "ade_fde",
@@ -152,18 +156,25 @@ def amd_amv(
     *,
     max_components: int = 4,
     generator: torch.Generator | None = None,
-    chunk_cells: int = 256,
+    chunk_cells: int = DEFAULT_CHUNK_CELLS,
+    em_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """AMD and AMV of one scene (Mohamed et al., ECCV 2022), in float64.
+    """AMD and AMV of one scene (Mohamed et al., ECCV 2022), float64 results.
 
     Per cell (t, n) a Gaussian mixture is fitted to the K samples (BIC-selected, see
-    `meanwise.trajectory.gmm`); AMD is the mean over cells of the distance in
-    `mahalanobis_cells`, AMV the largest |eigenvalue| of the mean over cells of each mixture's
-    total covariance. Dataset values average the per-scene values (`DistributionMetrics`).
+    `meanwise.trajectory.gmm`: float32 EM rejects component counts, every chosen mixture is a
+    float64 fit; `em_dtype=torch.float64` for float64 throughout); AMD is the mean over cells
+    of the distance in `mahalanobis_cells`, AMV the largest |eigenvalue| of the mean over
+    cells of each mixture's total covariance. Dataset values average the per-scene values
+    (`DistributionMetrics`).
     """
     check_prediction(pred, gt)
     fit = select_gaussian_mixtures(
-        _cells(pred), max_components, generator=generator, chunk_cells=chunk_cells
+        _cells(pred),
+        max_components,
+        generator=generator,
+        chunk_cells=chunk_cells,
+        em_dtype=em_dtype,
     )
     dist, total = mahalanobis_cells(fit, gt.to(torch.float64).reshape(-1, 2))
     return dist.mean(), _largest_abs_eigenvalue(total.mean(0))
@@ -230,13 +241,15 @@ class DistributionMetrics:
         *,
         seed: int = 0,
         max_components: int = 4,
-        chunk_cells: int = 256,
+        chunk_cells: int = DEFAULT_CHUNK_CELLS,
         kde: bool = True,
+        em_dtype: torch.dtype = torch.float32,
     ) -> None:
         if chunk_cells < 1:
             raise ValueError(f"chunk_cells must be >= 1; got {chunk_cells}")
         self.generator = torch.Generator().manual_seed(seed)
         self.max_components, self.chunk_cells, self.kde = max_components, chunk_cells, kde
+        self.em_dtype = em_dtype
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []  # (cells, gt, scene ids)
         self._pending_count = 0
         self._dist: list[float] = []
@@ -278,7 +291,11 @@ class DistributionMetrics:
             return
         cells, gt, ids = cells[:usable], gt[:usable], ids[:usable]
         fit = select_gaussian_mixtures(
-            cells, self.max_components, generator=self.generator, chunk_cells=self.chunk_cells
+            cells,
+            self.max_components,
+            generator=self.generator,
+            chunk_cells=self.chunk_cells,
+            em_dtype=self.em_dtype,
         )
         dist, total = mahalanobis_cells(fit, gt)
         first = int(ids[0])
