@@ -135,11 +135,11 @@ class FusedInPlace(LoopInPlace):
     def _run(self, update, part, coefficients, options, device, dtype):
         if not self.usable(device):
             return update(*part, coefficients, ops=FOREACH, **options)
-        signature = tuple(
-            tuple((tuple(t.shape), t.stride(), t.dtype) for t in c) if c is not None else None
-            for c in part
-        )
-        key = (update, tuple(sorted(options.items())), device, dtype, signature)
+        # The parameters' shapes pick the compiled copy; dynamo's own guards still check every
+        # input (a state buffer of another layout would recompile that copy, never run wrong).
+        columns = tuple(len(c) if c is not None else None for c in part)
+        shapes = tuple(p.shape for p in part[0])
+        key = (update, tuple(sorted(options.items())), device, dtype, columns, shapes)
         step = self._compiled.get(key)
         if step is None:
             if key in self._compiled:  # compiling this key failed before

@@ -31,9 +31,11 @@ class DiffGrad(FunctionalOptimizer):
         weight_decay: L2, added to the gradient before the friction is computed.
         foreach: multi-tensor kernels (None: yes, unless the group mixes devices or dtypes).
         fused: run the rule compiled with ``torch.compile`` into one loop per parameter (as
-            torch.optim's ``fused=True``): compiled once per device, dtype and structural
-            option set, equal to the eager rule to float rounding. Where nothing can be
-            compiled it warns and runs the foreach path. Not with ``foreach=True``.
+            torch.optim's ``fused=True``): compiled on the first step, once per device, dtype,
+            structural option set and parameter shapes (the step's numbers, ``lr`` included,
+            are 0-dim tensors: schedulers never recompile), equal to the eager rule to float
+            rounding. Where nothing can be compiled it warns and runs the foreach path. Not
+            with ``foreach=True``.
         differentiable: only False (the step runs under ``torch.no_grad``), as a keyword so
             code written for torch.optim gets a clear error instead of a TypeError.
         maximize: maximize the objective (step along the gradient), as in torch.optim.
