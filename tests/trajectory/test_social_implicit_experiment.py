@@ -299,3 +299,19 @@ def test_missing_data_is_said_in_the_terminal_and_the_report(tmp_path, monkeypat
     assert "no ETH/UCY data found" not in capsys.readouterr().err
     assert not result.splits[0].data_missing
     assert "fetch-data" not in " ".join(t.caption for t in summarize([dataclasses.asdict(result)]))
+
+
+def test_training_figure_draws_the_released_weights_validation_line(tiny_runs):
+    from matplotlib.figure import Figure
+
+    result = dataclasses.asdict(tiny_runs[0])
+    split = result["splits"][0]
+    split["released_val_ade"] = 0.299
+    (spec,) = [f for f in figures({}, [result]) if f.stem == "training"]
+    fig = Figure()
+    spec.draw(fig)
+    ade_axis = fig.axes[1]
+    curves = [line.get_ydata() for line in ade_axis.get_lines()]
+    assert list(curves[0]) == split["val_ade"]  # our validation ADE per epoch
+    assert list(curves[1]) == [0.299, 0.299]  # the released weights, across the epochs
+    assert "released" in ade_axis.get_legend().get_texts()[1].get_text()
