@@ -22,7 +22,7 @@ from meanwise.engine.local_training import (
     train_vectorized,
     train_vectorized_stateful,
 )
-from meanwise.engine.loop import Checkpointable, CheckpointedLoop, evaluate_models
+from meanwise.engine.loop import Checkpointable, CheckpointedLoop, LoopSettings, evaluate_models
 
 __all__ = [
     "ParameterLayout",
@@ -43,5 +43,6 @@ __all__ = [
     "train_vectorized_stateful",
     "Checkpointable",
     "CheckpointedLoop",
+    "LoopSettings",
     "evaluate_models",
 ]

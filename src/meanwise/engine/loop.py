@@ -26,7 +26,7 @@ from torch.func import functional_call, vmap
 from meanwise.atomic_io import append_json_line, atomic_torch_save, rewrite_json_lines
 from meanwise.engine.layout import ParameterLayout
 
-__all__ = ["CheckpointedLoop", "Checkpointable", "evaluate_models"]
+__all__ = ["CheckpointedLoop", "Checkpointable", "LoopSettings", "evaluate_models"]
 
 
 class Checkpointable(Protocol):
@@ -111,6 +111,23 @@ class CheckpointedLoop:
             if self.checkpoint_every and position % self.checkpoint_every == 0:
                 atomic_torch_save(sim.state_dict(), self.checkpoint_path)
         return self.metrics
+
+
+class LoopSettings:
+    """For a simulator that runs in ``self.loop``: the loop's settings and records as its own
+    attributes (read-only), where callers always found them."""
+
+    loop: CheckpointedLoop
+
+    eval_every = property(lambda self: self.loop.eval_every)
+    checkpoint_every = property(lambda self: self.loop.checkpoint_every)
+    checkpoint_path = property(lambda self: self.loop.checkpoint_path)
+    log_path = property(lambda self: self.loop.log_path)
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The logged records (one per evaluation)."""
+        return self.loop.metrics
 
 
 @torch.no_grad()

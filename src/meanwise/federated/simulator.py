@@ -33,7 +33,7 @@ from meanwise.engine.local_training import (
     train_stacked,
     train_vectorized,
 )
-from meanwise.engine.loop import CheckpointedLoop, evaluate_models
+from meanwise.engine.loop import CheckpointedLoop, LoopSettings, evaluate_models
 from meanwise.federated.aggregators import Aggregator
 from meanwise.federated.participation import Anarchic, ParticipationProcess
 
@@ -83,7 +83,7 @@ def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
     return ParameterLayout.of_tensors(like, what="like").unflatten(flat)
 
 
-class FederatedSimulator:
+class FederatedSimulator(LoopSettings):
     """Simulate federated training of ``model`` over the clients of ``train``.
 
     Args:
@@ -179,17 +179,6 @@ class FederatedSimulator:
             self.vectorized = bool(vectorize)
         if vectorize == "vmap":
             self.stacked = False
-
-    # the loop's settings and records, readable where they always were
-    eval_every = property(lambda self: self.loop.eval_every)
-    checkpoint_every = property(lambda self: self.loop.checkpoint_every)
-    checkpoint_path = property(lambda self: self.loop.checkpoint_path)
-    log_path = property(lambda self: self.loop.log_path)
-
-    @property
-    def metrics(self) -> list[dict[str, Any]]:
-        """The logged records (one per evaluation)."""
-        return self.loop.metrics
 
     # -- one round ---------------------------------------------------------------------------
 

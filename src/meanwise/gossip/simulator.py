@@ -43,7 +43,7 @@ from meanwise.engine.local_training import (
     train_stacked_flat,
     train_vectorized_stateful,
 )
-from meanwise.engine.loop import CheckpointedLoop, evaluate_models
+from meanwise.engine.loop import CheckpointedLoop, LoopSettings, evaluate_models
 from meanwise.gossip.levels import WindowPlan, plan_window
 from meanwise.gossip.merge import MergeRule
 from meanwise.gossip.protocol import GossipProtocol, Schedule
@@ -107,7 +107,7 @@ def initial_models(
     return torch.stack(rows).clone()
 
 
-class GossipSimulator:
+class GossipSimulator(LoopSettings):
     """Simulate gossip learning of ``model`` on ``topology``.
 
     Args:
@@ -199,17 +199,6 @@ class GossipSimulator:
         )
         self.trainings = 0
         self.merges = 0
-
-    # the loop's settings and records, readable where they always were
-    eval_every = property(lambda self: self.loop.eval_every)
-    checkpoint_every = property(lambda self: self.loop.checkpoint_every)
-    checkpoint_path = property(lambda self: self.loop.checkpoint_path)
-    log_path = property(lambda self: self.loop.log_path)
-
-    @property
-    def metrics(self) -> list[dict[str, Any]]:
-        """The logged records (one per evaluation, the first at tick 0)."""
-        return self.loop.metrics
 
     # -- one tick ----------------------------------------------------------------------------
 
