@@ -256,3 +256,19 @@ def test_a_failing_compilation_warns_and_takes_the_foreach_steps(monkeypatch):
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and messages[0].startswith("fused=True: torch.compile failed")
     assert_close(fused_model, eager_model, rtol=1e-12, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cls", [AdaBelief, DiffGrad])
+def test_fused_on_cuda_equals_eager_on_cuda(cls):
+    eager_model = tiny().cuda()
+    fused_model = copy.deepcopy(eager_model)
+    eager = cls(eager_model.parameters(), lr=1e-2)
+    fused = cls(fused_model.parameters(), lr=1e-2, fused=True)
+    batches = [(x.cuda(), y.cuda()) for x, y in data(12)]
+    before = unique_graphs()
+    train(eager_model, eager, batches)
+    train(fused_model, fused, batches)
+    assert unique_graphs() <= before + 1  # one graph for the run (none if compiled before)
+    assert_close(fused_model, eager_model)
+    assert_same_state(fused, fused_model, eager, eager_model)
