@@ -15,14 +15,29 @@ Every candidate's result is compared with the loop's (relative L2 error over all
 so "faster" is always "faster for the same numbers". The issue's target: meanwise >= 10x
 faster than the per-example loop.
 
-    python benchmarks/fisher.py [--quick] [--json PATH]
+Second section (``--section vocab``): a causal LM with GPT-2's 50,257-token vocabulary and tiny
+layers (2 layers, width 32, tied embedding), the per-token Fisher of issue 13. Exact mode needs
+T·V output cotangents per sequence (each pulled back through the network), so it is measured
+where it finishes -- small vocabularies, time fitted as a power of V and extrapolated to 50,257
+-- and, at V = 50,257, only its peak memory: a child runs it with ``class_chunk_size`` K for a
+fixed window while the parent reads the child's VmHWM (every chunk has the same size, so the
+first chunks reach the steady peak), then stops it. Sampled mode (one label drawn per token)
+runs to the end at V = 50,257 (time, VmHWM), and its relative error against exact is measured
+on a small vocabulary, for 1 and 8 draws per token.
+
+    python benchmarks/fisher.py [--quick] [--json PATH] [--section {mlp,vocab,all}]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import platform
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -148,12 +163,150 @@ def bench_mode(model: nn.Module, x: Tensor, y: Tensor, mode: str, rounds: int) -
     return rows
 
 
+# --- the 50k-vocabulary causal LM ---------------------------------------------------------------
+
+GPT2_VOCAB = 50257
+
+
+def tiny_gpt2(vocab: int):
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2,
+                                     n_head=2, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def lm_batches(vocab: int, sequences: int, length: int) -> list[dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (sequences, length), generator=g)
+    mask = torch.ones(sequences, length, dtype=torch.long)
+    return [{"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]}
+            for i in range(sequences)]  # fmt: skip
+
+
+def vocab_child(spec: dict) -> None:
+    """One Fisher run in this process; prints a JSON line (seconds, VmHWM MiB) at the end."""
+    torch.set_num_threads(1)
+    model = tiny_gpt2(spec["vocab"])
+    data = lm_batches(spec["vocab"], spec["sequences"], spec["length"])
+    start = time.perf_counter()
+    diagonal_fisher(model, data, mode=spec["mode"], n_samples=spec.get("n_samples", 1),
+                    class_chunk_size=spec.get("chunk"),
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "vmhwm_mib": _vmhwm_mib(os.getpid())}))
+
+
+def _vmhwm_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(x for x in status if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def run_vocab_child(spec: dict, window: float | None = None) -> dict:
+    """Run `vocab_child` in a fresh process; with `window`, stop it after that many seconds and
+    report the VmHWM read from outside (the run itself would take hours)."""
+    command = [sys.executable, __file__, "--vocab-child", json.dumps(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               env=env, text=True)  # fmt: skip
+    try:
+        if window is None:
+            out, _ = process.communicate(timeout=3600)
+            if process.returncode != 0:
+                raise RuntimeError(f"Fisher child {spec} failed ({process.returncode})")
+            return json.loads(out.strip().splitlines()[-1])
+        peak, start = 0.0, time.perf_counter()
+        while time.perf_counter() - start < window and process.poll() is None:
+            peak = max(peak, _vmhwm_mib(process.pid))
+            time.sleep(0.5)
+        finished = process.poll() is not None
+        return {"seconds": None, "vmhwm_mib": peak, "window_s": window, "finished": finished}
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def vocab_section(quick: bool) -> dict:
+    """Exact vs sampled per-token Fisher of a causal LM as the vocabulary grows to GPT-2's."""
+    length = 8
+    print("\ncausal LM per-token Fisher (GPT-2 layout: 2 layers, width 32, tied embedding), "
+          f"sequences of {length} tokens, 1 thread; each run a fresh child, VmHWM = its peak "
+          "RSS")  # fmt: skip
+    baseline = run_vocab_child({"vocab": 50, "sequences": 1, "length": 2, "mode": "sampled"})
+    print(f"  baseline child (imports + a 50-token model): {baseline['vmhwm_mib']:.0f} MiB")
+    result: dict = {"length": length, "baseline_vmhwm_mib": baseline["vmhwm_mib"]}
+    # exact, to the end, on small vocabularies: time per sequence of `length` tokens
+    vocabs = [100, 200] if quick else [100, 200, 400, 800]
+    exact_small = []
+    for vocab in vocabs:
+        run = run_vocab_child({"vocab": vocab, "sequences": 1, "length": length, "mode": "exact",
+                               "chunk": 256})  # fmt: skip
+        exact_small.append({"vocab": vocab, **run})
+        print(f"  exact, V={vocab:5d}, K=256: {run['seconds']:7.1f}s per sequence, "
+              f"VmHWM {run['vmhwm_mib']:.0f} MiB")  # fmt: skip
+    # time ~ c V^a: fit a on the log-log points, extrapolate
+    xs = [math.log(r["vocab"]) for r in exact_small]
+    ys = [math.log(r["seconds"]) for r in exact_small]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    extrapolated = math.exp(my + slope * (math.log(GPT2_VOCAB) - mx))
+    print(f"  exact time grows as V^{slope:.2f}: at V={GPT2_VOCAB} about "
+          f"{extrapolated / 3600:.1f} h per sequence of {length} tokens "
+          f"({extrapolated / length / 3600:.2f} h per token)")  # fmt: skip
+    result["exact_small_vocab"] = exact_small
+    result["exact_time_exponent"] = slope
+    result["exact_seconds_per_sequence_at_gpt2_vocab"] = extrapolated
+    # exact at 50k: memory only, per chunk size
+    window = 30.0 if quick else 60.0
+    exact_big = []
+    for chunk in [64, 256] if quick else [16, 64, 256]:
+        run = run_vocab_child({"vocab": GPT2_VOCAB, "sequences": 1, "length": length,
+                               "mode": "exact", "chunk": chunk}, window=window)  # fmt: skip
+        exact_big.append({"chunk": chunk, **run})
+        print(f"  exact, V={GPT2_VOCAB}, K={chunk:3d}: VmHWM {run['vmhwm_mib']:.0f} MiB within "
+              f"{window:.0f}s (stopped; {GPT2_VOCAB * length} cotangents in all)")  # fmt: skip
+    result["exact_gpt2_vocab_memory"] = exact_big
+    # sampled at 50k, to the end
+    sequences = 4 if quick else 16
+    run = run_vocab_child({"vocab": GPT2_VOCAB, "sequences": sequences, "length": length,
+                           "mode": "sampled", "n_samples": 1})  # fmt: skip
+    print(f"  sampled (1 draw per token), V={GPT2_VOCAB}: {run['seconds']:.1f}s for "
+          f"{sequences} sequences ({run['seconds'] / sequences:.2f}s each), VmHWM "
+          f"{run['vmhwm_mib']:.0f} MiB")  # fmt: skip
+    result["sampled_gpt2_vocab"] = {"sequences": sequences, **run}
+    # sampled vs exact on a small vocabulary, in process
+    vocab, sequences = 100, (4 if quick else 16)
+    model = tiny_gpt2(vocab)
+    data = lm_batches(vocab, sequences, length)
+    exact = diagonal_fisher(model, data, mode="exact", class_chunk_size=256)
+    errors = []
+    for draws in (1, 8):
+        estimate = diagonal_fisher(model, data, mode="sampled", n_samples=draws,
+                                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+        error = relative_error(estimate, exact)
+        errors.append({"n_samples": draws, "relative_error": error})
+        print(f"  sampled vs exact, V={vocab}, {sequences} x {length} tokens, {draws} draw(s) per "
+              f"token: relative L2 error {error:.3f}")  # fmt: skip
+    result["sampled_vs_exact"] = {"vocab": vocab, "sequences": sequences, "errors": errors}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--section", choices=("mlp", "vocab", "all"), default="all")
+    parser.add_argument("--vocab-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.vocab_child:
+        vocab_child(json.loads(args.vocab_child))
+        return 0
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else 11
     torch.manual_seed(0)
@@ -167,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
                     "platform": platform.platform(), "threads": args.threads},
         "quick": args.quick, "parameters": n_params,
     }  # fmt: skip
-    for mode in ("exact", "sampled", "empirical"):
-        results[mode] = bench_mode(model, x, y, mode, rounds)
+    if args.section in ("mlp", "all"):
+        for mode in ("exact", "sampled", "empirical"):
+            results[mode] = bench_mode(model, x, y, mode, rounds)
+    if args.section in ("vocab", "all"):
+        results["causal_lm_vocab"] = vocab_section(args.quick)
     if args.json:
         atomic_write_json(args.json, results)
         print(f"\nwrote {args.json}")

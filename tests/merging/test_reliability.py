@@ -332,3 +332,30 @@ def test_ctrl_c_leaves_nothing_and_says_so(tmp_path):
     assert process.returncode == 130 and len(lines) == 1, err
     assert "merge interrupted; no partial output is kept (rerun the same command" in lines[0]
     assert _leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+MERGE_BAD = [
+    # (arguments after "merge", exit code, fragment of the one-line message)
+    (["folder", "--out", "out"], 2, "folder: is a folder; expected a file"),
+    (["missing.yaml", "--out", "out"], 2, "missing.yaml: no such file"),
+    (["merge.yaml", "--out", "a_file"], 2, "a_file: is a file; expected a folder"),
+    (["merge.yaml", "--out", "a_file/below"], 2, "is a file, not a folder"),
+    (["merge.yaml", "--out", "full"], 2, "--out full exists and is not empty; pass --overwrite"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "code", "message"), MERGE_BAD, ids=lambda v: str(v)[:40])
+def test_merge_bad_arguments_are_usage_errors(tmp_path, monkeypatch, capsys, argv, code, message):
+    _two_models(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    try:
+        result = cli.main(["merge", *argv])
+    except SystemExit as stop:  # argparse's usage errors
+        result = stop.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert result == code and len(lines) == 1 and message in lines[0], lines
+    assert (tmp_path / "full" / "keep.txt").read_text() == "x" and _leftovers(tmp_path) == []
