@@ -8,8 +8,9 @@ methods (MIFA, FedVARP, AFA-CS: one stored vector per client) a single ``[N, P]`
 Shared rules: a client whose update is not finite is dropped and counted as absent
 (``dropped_nonfinite``, with a warning); an aggregate that would make the global model
 non-finite although every update is finite (huge finite updates overflow) is refused as a
-whole: the round is a no-op (memories restored), counted in ``refused_rounds`` with a warning
-naming the clients. ``max_update_norm`` (off by default) clips each update's L2 norm first, the
+whole: the round is a no-op for the model (memories restored), counted in ``refused_rounds``
+with a warning naming the clients. Participation statistics (FedAU's intervals) still record
+the round: who took part was observed, only their updates were not applied. ``max_update_norm`` (off by default) clips each update's L2 norm first, the
 defence against huge finite updates dragging the model far away. A round without (finite)
 participants leaves the model unchanged. So the global model never becomes NaN or inf.
 """
