@@ -712,7 +712,9 @@ def _train_mlp(task, groups, probs, process, local, config, seed) -> tuple[Curve
         aggregators,
         process,
         local,
-        eval_every=config.rounds + 1,  # we evaluate ourselves (train objective as well)
+        # no test set: the sweep logs participation; accuracy and the training objective
+        # (which the simulator does not compute) are evaluated below at the same rounds
+        eval_every=config.eval_every,
         seed=seed + 2,
     )
     curves: Curves = [[([], [], [])] for _ in groups]
