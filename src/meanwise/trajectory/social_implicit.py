@@ -14,7 +14,12 @@ ever trained; `compat=True` reproduces that (and is what `from_official_checkpoi
 default routes by real speed.
 
 Noise. One 2-D standard normal draw per sample, shared by all pedestrians, steps and zones of the
-scene, scaled per zone by the cell's learnable `noise_w` times a fixed zone factor.
+scene, scaled per zone by the cell's learnable `noise_w` times a fixed zone factor; drawn in
+float64 whatever the model's dtype, so float32 and float64 models sample the same futures.
+
+Many scenes. `forward_scenes` samples many scenes in one call (training's batched steps): each
+zone's cell runs once over all scenes laid side by side with an empty column between scenes,
+which equals one `forward` per scene.
 """
 
 from __future__ import annotations
