@@ -2,11 +2,11 @@
 
 AMD/AMV fit a mixture to the K predicted samples of every (time step, pedestrian) cell and pick
 the number of components by BIC. The paper's code runs one scikit-learn fit per cell and
-component count (17-21 ms a cell at K = 1000 here, warm; hours for UNIV's 292,008 cells); here
-all cells of a chunk run together and reproduce scikit-learn's `GaussianMixture` defaults: full
-covariances, `reg_covar` added to the diagonal, k-means initialisation (k-means++ seeding with
-2 + ln k local trials, then Lloyd to convergence), tolerance on the change of the mean
-log-likelihood, at most `max_iter` EM steps.
+component count (20-25 ms of CPU a cell at K = 1000 here, warm; hours for UNIV's 292,008
+cells); here all cells of a chunk run together and reproduce scikit-learn's `GaussianMixture`
+defaults: full covariances, `reg_covar` added to the diagonal, k-means initialisation
+(k-means++ seeding with 2 + ln k local trials, then Lloyd to convergence), tolerance on the
+change of the mean log-likelihood, at most `max_iter` EM steps.
 
 Speed. The log-density of a 2-D Gaussian plus its log-weight is linear in the features
 phi(x) = [x^2, xy, y^2, x, y, 1], so the E-step is one batched matmul phi @ theta, and the
@@ -26,9 +26,15 @@ float64 EM from the same labels end at most 1.4 BIC apart on the released Social
 weights' predictions (UNIV, K = 1000; almost always < 1e-3, the larger gaps are cells where one
 of them takes one EM step more), and the test suite checks on all five ETH/UCY test splits that
 the chosen counts, AMD and AMV equal the float64 path's. `em_dtype=torch.float64` gives the
-float64 path. Measured on the 2-core CPU of the development machine, shared with other jobs:
-about 1.7x faster than float64 throughout (``benchmarks/trajectory.py --only amd_amv`` prints
-the per-cell time beside the authors' code).
+float64 path.
+
+Measured (one thread, the 2-core development machine shared with other jobs, so CPU times):
+about 0.33-0.41 ms per cell at K = 1000 for the whole selection, against 0.52 ms for the
+previous all-float64 version and 0.40 ms for `em_dtype=torch.float64`; k-means and EM take
+about 40 % each. That is 60-75x the authors' code, not the 100x aimed at: the remaining cost
+is memory passes over the samples (about 14 Lloyd steps and 7 EM steps per cell, each a few
+passes), which eager torch cannot fuse. ``benchmarks/trajectory.py --only amd_amv`` prints the
+per-cell times beside the authors' code.
 """
 
 from __future__ import annotations
