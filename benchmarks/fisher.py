@@ -17,13 +17,13 @@ faster than the per-example loop.
 
 Second section (``--section vocab``): a causal LM with GPT-2's 50,257-token vocabulary and tiny
 layers (2 layers, width 32, tied embedding), the per-token Fisher of issue 13. Exact mode needs
-T·V output cotangents per sequence (each pulled back through the network), so it is measured
-where it finishes -- small vocabularies, time fitted as a power of V and extrapolated to 50,257
--- and, at V = 50,257, only its peak memory: a child runs it with ``class_chunk_size`` K for a
-fixed window while the parent reads the child's VmHWM (every chunk has the same size, so the
-first chunks reach the steady peak), then stops it. Sampled mode (one label drawn per token)
-runs to the end at V = 50,257 (time, VmHWM), and its relative error against exact is measured
-on a small vocabulary, for 1 and 8 draws per token.
+T·V output cotangents per sequence, each pulled back through the network, so at V = 50,257 it
+is not run to the end: a child runs it with ``class_chunk_size`` K, reporting the cotangents
+done after every chunk, while the parent reads the child's VmHWM for a fixed window (every
+chunk has the same size, so the first chunks reach the steady peak) and then stops it; the
+rate gives the projected time. Sampled mode (one label drawn per token) runs to the end at
+V = 50,257 (time, VmHWM), and its relative error against exact is measured on a small
+vocabulary, for 1 and 8 draws per token.
 
     python benchmarks/fisher.py [--quick] [--json PATH] [--section {mlp,vocab,all}]
 """
@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -186,11 +188,27 @@ def lm_batches(vocab: int, sequences: int, length: int) -> list[dict[str, Tensor
 
 
 def vocab_child(spec: dict) -> None:
-    """One Fisher run in this process; prints a JSON line (seconds, VmHWM MiB) at the end."""
+    """One Fisher run in this process; prints a JSON line (seconds, VmHWM MiB) at the end.
+
+    With ``spec["progress"]`` (a file name) every chunk of output cotangents rewrites that file
+    with "rows-done rows-total seconds-since-start", so that the parent can measure the rate of
+    a run it will not wait for."""
     torch.set_num_threads(1)
     model = tiny_gpt2(spec["vocab"])
     data = lm_batches(spec["vocab"], spec["sequences"], spec["length"])
     start = time.perf_counter()
+    if spec.get("progress"):
+        from meanwise.merging import fisher as fisher_module
+
+        original = fisher_module._Categorical.rows
+        progress = Path(spec["progress"])
+
+        def rows(self, first: int, stop: int) -> Tensor:
+            # called as chunk [first, stop) starts: rows [0, first) are done
+            progress.write_text(f"{first} {self.count} {time.perf_counter() - start}")
+            return original(self, first, stop)
+
+        fisher_module._Categorical.rows = rows
     diagonal_fisher(model, data, mode=spec["mode"], n_samples=spec.get("n_samples", 1),
                     class_chunk_size=spec.get("chunk"),
                     generator=torch.Generator().manual_seed(0))  # fmt: skip
@@ -217,12 +235,22 @@ def run_vocab_child(spec: dict, window: float | None = None) -> dict:
             if process.returncode != 0:
                 raise RuntimeError(f"Fisher child {spec} failed ({process.returncode})")
             return json.loads(out.strip().splitlines()[-1])
+        # the window starts with the first chunk (imports and model set-up take a while here)
+        progress = Path(spec["progress"])
+        deadline = time.perf_counter() + 600
+        while not progress.exists():
+            if process.poll() is not None or time.perf_counter() > deadline:
+                raise RuntimeError(f"Fisher child {spec} did not start its first chunk")
+            time.sleep(0.2)
         peak, start = 0.0, time.perf_counter()
         while time.perf_counter() - start < window and process.poll() is None:
             peak = max(peak, _vmhwm_mib(process.pid))
             time.sleep(0.5)
-        finished = process.poll() is not None
-        return {"seconds": None, "vmhwm_mib": peak, "window_s": window, "finished": finished}
+        done, total, seconds = progress.read_text().split()
+        rate = int(done) / float(seconds) if int(done) else None
+        return {"vmhwm_mib": peak, "window_s": window, "rows_done": int(done),
+                "rows_total": int(total), "rows_per_second": rate,
+                "projected_seconds": int(total) / rate if rate else None}  # fmt: skip
     finally:
         if process.poll() is None:
             process.kill()
@@ -238,39 +266,24 @@ def vocab_section(quick: bool) -> dict:
     baseline = run_vocab_child({"vocab": 50, "sequences": 1, "length": 2, "mode": "sampled"})
     print(f"  baseline child (imports + a 50-token model): {baseline['vmhwm_mib']:.0f} MiB")
     result: dict = {"length": length, "baseline_vmhwm_mib": baseline["vmhwm_mib"]}
-    # exact, to the end, on small vocabularies: time per sequence of `length` tokens
-    vocabs = [100, 200] if quick else [100, 200, 400, 800]
-    exact_small = []
-    for vocab in vocabs:
-        run = run_vocab_child({"vocab": vocab, "sequences": 1, "length": length, "mode": "exact",
-                               "chunk": 256})  # fmt: skip
-        exact_small.append({"vocab": vocab, **run})
-        print(f"  exact, V={vocab:5d}, K=256: {run['seconds']:7.1f}s per sequence, "
-              f"VmHWM {run['vmhwm_mib']:.0f} MiB")  # fmt: skip
-    # time ~ c V^a: fit a on the log-log points, extrapolate
-    xs = [math.log(r["vocab"]) for r in exact_small]
-    ys = [math.log(r["seconds"]) for r in exact_small]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mx) ** 2 for x in xs
-    )
-    extrapolated = math.exp(my + slope * (math.log(GPT2_VOCAB) - mx))
-    print(f"  exact time grows as V^{slope:.2f}: at V={GPT2_VOCAB} about "
-          f"{extrapolated / 3600:.1f} h per sequence of {length} tokens "
-          f"({extrapolated / length / 3600:.2f} h per token)")  # fmt: skip
-    result["exact_small_vocab"] = exact_small
-    result["exact_time_exponent"] = slope
-    result["exact_seconds_per_sequence_at_gpt2_vocab"] = extrapolated
-    # exact at 50k: memory only, per chunk size
-    window = 30.0 if quick else 60.0
+    # exact at 50k: peak memory and rate per chunk size, in a bounded window
+    window = 40.0 if quick else 90.0
     exact_big = []
-    for chunk in [64, 256] if quick else [16, 64, 256]:
-        run = run_vocab_child({"vocab": GPT2_VOCAB, "sequences": 1, "length": length,
-                               "mode": "exact", "chunk": chunk}, window=window)  # fmt: skip
+    for chunk in [16, 128] if quick else [16, 64, 256]:
+        progress = Path(tempfile.mkdtemp(prefix="meanwise-fisher-bench-")) / "progress.txt"
+        try:
+            run = run_vocab_child({"vocab": GPT2_VOCAB, "sequences": 1, "length": length,
+                                   "mode": "exact", "chunk": chunk, "progress": str(progress)},
+                                  window=window)  # fmt: skip
+        finally:
+            shutil.rmtree(progress.parent, ignore_errors=True)
         exact_big.append({"chunk": chunk, **run})
-        print(f"  exact, V={GPT2_VOCAB}, K={chunk:3d}: VmHWM {run['vmhwm_mib']:.0f} MiB within "
-              f"{window:.0f}s (stopped; {GPT2_VOCAB * length} cotangents in all)")  # fmt: skip
-    result["exact_gpt2_vocab_memory"] = exact_big
+        projected = run["projected_seconds"]
+        shown = "n/a" if projected is None else f"{projected / 3600:.1f} h"
+        print(f"  exact, V={GPT2_VOCAB}, K={chunk:3d}: VmHWM {run['vmhwm_mib']:.0f} MiB; "
+              f"{run['rows_done']} of {run['rows_total']} cotangents in {window:.0f}s (stopped) "
+              f"-> {shown} per sequence of {length} tokens")  # fmt: skip
+    result["exact_gpt2_vocab"] = exact_big
     # sampled at 50k, to the end
     sequences = 4 if quick else 16
     run = run_vocab_child({"vocab": GPT2_VOCAB, "sequences": sequences, "length": length,
