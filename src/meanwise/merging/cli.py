@@ -21,7 +21,9 @@ __all__ = ["add_commands", "run_fisher", "run_merge"]
 _MERGE_HELP = """\
 Merges checkpoints as the YAML config says, one tensor at a time, into the folder DIR
 (model.safetensors, or shards with model.safetensors.index.json). DIR appears only when
-complete. Example config:
+complete: an interrupted merge keeps nothing (rerun it to start again), and the hidden
+.DIR.*.partial folder a killed one leaves is removed by the next merge into DIR. A merge whose
+result would be NaN or inf fails naming the tensor. Example config:
 
   method: fisher          # or average
   models:
