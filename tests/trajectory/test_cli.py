@@ -47,3 +47,24 @@ def test_distribution_samples_needs_distribution_metrics(tmp_path, capsys):
         "meanwise: --distribution-samples needs --distribution-metrics "
         "(it sets K for AMD/AMV/KDE-NLL)"
     )
+
+
+def test_evaluate_scenes_refuses_distribution_samples_alone():
+    import torch
+
+    from meanwise.trajectory.data import Scene
+    from meanwise.trajectory.evaluate import evaluate_scenes
+
+    scene = Scene(
+        observed=torch.zeros(8, 2, 2, dtype=torch.float64),
+        future=torch.zeros(12, 2, 2, dtype=torch.float64),
+        pedestrian_ids=torch.tensor([1.0, 2.0]),
+        frame_ids=torch.arange(20.0),
+    )
+
+    def still(observed, k, generator):
+        return observed[-1:].expand(12, -1, -1).unsqueeze(0).expand(k, -1, -1, -1)
+
+    with pytest.raises(ValueError, match="distribution_samples needs distribution_metrics"):
+        evaluate_scenes(still, [scene], distribution_samples=1000)
+    assert evaluate_scenes(still, [scene])["ade"] == 0.0  # the sampler itself is fine

@@ -41,12 +41,18 @@ def evaluate_scenes(
         seed: seeds the sampler's generator (and the mixture fits' initialisation).
         distribution_metrics: also compute AMD, AMV and KDE-NLL.
         distribution_samples: K for those (default: `samples`); drawn in a separate pass.
+            Only with `distribution_metrics` (a ValueError otherwise, not a silent no-op).
         shift: a constant offset (metres) added to every predicted position — the paper's
             robustness probe: a shifted distribution barely moves best-of-K errors but
             AMD/AMV react.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1; got {samples}")
+    if distribution_samples is not None and not distribution_metrics:
+        raise ValueError(
+            "distribution_samples needs distribution_metrics=True (it sets K for "
+            "AMD/AMV/KDE-NLL, which are computed only then)"
+        )
     if not scenes:
         raise ValueError("scenes is empty")
     if len(shift) != 2:
