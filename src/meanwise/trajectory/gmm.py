@@ -496,8 +496,8 @@ def fit_gaussian_mixtures(
     """Fit one `n_components` mixture to each cell's samples [C, K, 2].
 
     The returned mixtures are float64; `em_dtype=torch.float32` runs the EM itself in float32
-    (about twice as fast; the parameters then carry float32 rounding). Cells run
-    `chunk_cells` at a time.
+    (its passes over the samples move half the bytes; the parameters then carry float32
+    rounding, so it is not the default here). Cells run `chunk_cells` at a time.
     """
     _check_options(n_components, tol, reg_covar, max_iter)
     _check_dtype(em_dtype)
