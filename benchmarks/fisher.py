@@ -269,7 +269,8 @@ def vocab_section(quick: bool) -> dict:
     # exact at 50k: peak memory and rate per chunk size, in a bounded window
     window = 40.0 if quick else 90.0
     exact_big = []
-    for chunk in [16, 128] if quick else [16, 64, 256]:
+    # (K = 256 would hold ~8 GB here: ~32 MB per cotangent row at this vocabulary)
+    for chunk in [4, 16] if quick else [4, 16, 64]:
         progress = Path(tempfile.mkdtemp(prefix="meanwise-fisher-bench-")) / "progress.txt"
         try:
             run = run_vocab_child({"vocab": GPT2_VOCAB, "sequences": 1, "length": length,
