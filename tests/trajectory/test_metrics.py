@@ -334,3 +334,15 @@ def test_float32_em_keeps_the_float64_choice_on_the_five_test_splits(
         ]
         gap = (fits[0].bic - fits[1].bic).abs().max().item()
         assert gap < margin / 4, f"k = {k}: float32 and float64 BIC {gap:.3g} apart"
+
+
+def test_amd_amv_takes_samples_that_carry_autograd_history():
+    """Predictions straight from a model require grad; the metric must not care."""
+    from meanwise.trajectory.metrics import amd_amv
+
+    g = torch.Generator().manual_seed(0)
+    future = torch.randn(12, 3, 2, generator=g, dtype=torch.float64)
+    pred = torch.randn(20, 12, 3, 2, generator=g, dtype=torch.float64)
+    with_grad = pred.clone().requires_grad_(True)
+    ours = amd_amv(with_grad, future, generator=torch.Generator().manual_seed(1))
+    assert ours == amd_amv(pred, future, generator=torch.Generator().manual_seed(1))

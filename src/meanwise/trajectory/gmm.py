@@ -350,6 +350,9 @@ def _center(samples: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"samples must be [C, K, 2]; got shape {tuple(samples.shape)}")
     if samples.shape[1] < 2:
         raise ValueError(f"samples needs K >= 2 samples per cell; got {samples.shape[1]}")
+    # a metric, not a loss: samples straight from a model may carry autograd history, which
+    # the in-place (out=) EM passes cannot take
+    samples = samples.detach()
     x = samples.to(torch.float64)
     offset = x.mean(dim=1, keepdim=True)
     # a nan or inf sample makes its cell's mean non-finite: one check per cell, not per value
