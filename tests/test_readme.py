@@ -40,6 +40,7 @@ loader = [(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator
 
 SPECS = [
     Spec("from meanwise.optim import AdaBelief, DiffGrad, AdaHessian", prelude=_TINY_MODEL),
+    Spec("opt = AdaBelief(model.parameters(), lr=1e-2, fused=True)"),  # compiles: ~20 s of CPU
     Spec(
         "from meanwise.functional import adabelief",
         prelude="""
@@ -115,6 +116,10 @@ for m in models:
     m.add_module("head", torch.nn.Linear(6, 3))
 loader = [torch.randn(10, 4)]
 """,
+    ),
+    Spec(
+        "from meanwise.merging import diagonal_fisher, save_safetensors",
+        replace=(("work = Path(tempfile.mkdtemp())", 'work = Path(".")'),),
     ),
     Spec("from meanwise.trajectory.social_implicit import SocialImplicit", needs_data=True),
     Spec("from meanwise.trajectory.train import TrainConfig, train_social_implicit"),
