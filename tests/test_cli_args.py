@@ -37,6 +37,15 @@ TRIES = [
     (["gossip", "run", "--timeout", "0"], "--timeout", "positive finite"),
     (["gossip", "run", "--nodes", "x"], "--nodes", "expected an integer"),
     (["trajectory", "evaluate", "--split", "zara1", "--threads", "-5"], "--threads", ">= 0"),
+    (["trajectory", "evaluate", "--json", "{dir}"], "--json", "is a folder; expected a file"),
+    (["trajectory", "evaluate", "--json", "{file}/r.json"], "--json", "is a file, not a folder"),
+    (["trajectory", "evaluate", "--json", "{ro}/r.json"], "--json", "cannot write"),
+    (["fisher", "--out", "{dir}"], "--out", "is a folder; expected a file"),
+    (["fisher", "--out", "{file}/f.safetensors"], "--out", "is a file, not a folder"),
+    (["fisher", "--out", "{ro}/f.safetensors"], "--out", "cannot write"),
+    (["merge", "{dir}", "--out", "{tmp}/merged"], "CONFIG", "is a folder; expected a file"),
+    (["merge", "{file}", "--out", "{file}"], "--out", "is a file; expected a folder"),
+    (["merge", "{file}", "--out", "{ro}/merged"], "--out", "cannot write"),
 ]
 
 
@@ -44,7 +53,12 @@ TRIES = [
 def places(tmp_path):
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "a-dir").mkdir()
-    return {"file": str(tmp_path / "a-file"), "dir": str(tmp_path / "a-dir"), "ro": UNWRITABLE}
+    return {
+        "file": str(tmp_path / "a-file"),
+        "dir": str(tmp_path / "a-dir"),
+        "ro": UNWRITABLE,
+        "tmp": str(tmp_path),
+    }
 
 
 @pytest.mark.parametrize("argv, argument, fragment", TRIES, ids=[" ".join(t[0]) for t in TRIES])

@@ -7,7 +7,14 @@ import argparse
 import json
 import time
 
-from meanwise.cli_args import UsageError, output_dir, positive_seconds
+from meanwise.cli_args import (
+    UsageError,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_int,
+    positive_seconds,
+)
 
 __all__ = ["add_commands"]
 
@@ -100,20 +107,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {number}")
-    return number
-
-
-def _non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {number}")
-    return number
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `trajectory evaluate` and `trajectory fetch-data` to the `meanwise` command."""
     from meanwise.trajectory.data import SPLITS
@@ -137,22 +130,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--data-dir", default=None, metavar="DIR")
     evaluate.add_argument("--split", required=True, choices=SPLITS)
-    evaluate.add_argument("--samples", type=_positive, default=20, help="K for best-of-K")
+    evaluate.add_argument("--samples", type=positive_int, default=20, help="K for best-of-K")
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--json", default=None, metavar="OUT", help="write the result here")
+    evaluate.add_argument(
+        "--json", type=output_file, default=None, metavar="OUT", help="write the result here"
+    )
     evaluate.add_argument(
         "--distribution-metrics", action="store_true", help="also AMD, AMV and KDE-NLL"
     )
     evaluate.add_argument(
         "--distribution-samples",
-        type=_positive,
+        type=positive_int,
         default=None,
         metavar="K",
         help="samples for the distribution metrics (default: --samples; the paper uses 1000)",
     )
     evaluate.add_argument(
         "--threads",
-        type=_non_negative,
+        type=non_negative_int,
         default=1,
         help="torch threads (default 1; 0 keeps torch's)",
     )
