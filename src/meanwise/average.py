@@ -282,9 +282,14 @@ def element_variance(tensor: Tensor, *, batch_dims: int = 0) -> Tensor:
     per-tensor variances of :func:`meanwise.engine.layout.layer_variances` and the gossip
     simulator's logged variances are all this.
     """
-    _check_batch_dims(batch_dims, tensor.dim(), tensor.shape, "tensor")
-    acc, _ = _accumulation_dtype(tensor.dtype)
-    return tensor.reshape(*tensor.shape[:batch_dims], -1).to(acc).var(dim=-1, unbiased=True)
+    # the gossip simulator calls this per tensor of every pushed model: rows that are already
+    # [*batch, elements] in a full-precision dtype go straight to var (no reshape, no cast)
+    if batch_dims != tensor.dim() - 1 or isinstance(batch_dims, bool):
+        _check_batch_dims(batch_dims, tensor.dim(), tensor.shape, "tensor")
+        tensor = tensor.reshape(*tensor.shape[:batch_dims], -1)
+    if tensor.dtype in _HALF or not tensor.is_floating_point():
+        tensor = tensor.to(_accumulation_dtype(tensor.dtype)[0])
+    return tensor.var(dim=-1, unbiased=True)
 
 
 def member_variance(

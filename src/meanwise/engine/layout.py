@@ -147,9 +147,9 @@ def layer_variances(flat: Tensor, layout: ParameterLayout) -> Tensor:
     this once per push; every receiver's merge reuses it instead of recomputing it per buffer."""
     batch_dims = flat.dim() - 1
     columns = [
-        element_variance(flat[..., piece], batch_dims=batch_dims).to(flat.dtype)
+        element_variance(flat[..., piece], batch_dims=batch_dims)
         if template.numel() > 1
         else flat.new_zeros(flat.shape[:-1])
         for _, piece, template in layout.entries()
     ]
-    return torch.stack(columns, dim=-1)
+    return torch.stack(columns, dim=-1).to(flat.dtype)
