@@ -10,9 +10,10 @@ Shared rules: a client whose update is not finite is dropped and counted as abse
 non-finite although every update is finite (huge finite updates overflow) is refused as a
 whole: the round is a no-op for the model (memories restored), counted in ``refused_rounds``
 with a warning naming the clients. Participation statistics (FedAU's intervals) still record
-the round: who took part was observed, only their updates were not applied. ``max_update_norm`` (off by default) clips each update's L2 norm first, the
-defence against huge finite updates dragging the model far away. A round without (finite)
-participants leaves the model unchanged. So the global model never becomes NaN or inf.
+the round: who took part was observed, only their updates were not applied.
+``max_update_norm`` (off by default) clips each update's L2 norm first, the defence against
+huge finite updates dragging the model far away. A round without (finite) participants leaves
+the model unchanged. So the global model never becomes NaN or inf.
 """
 
 from __future__ import annotations
