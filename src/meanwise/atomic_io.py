@@ -28,6 +28,7 @@ __all__ = [
     "append_json_line",
     "rewrite_json_lines",
     "remove_stale_temporaries",
+    "process_alive",
 ]
 
 
@@ -62,7 +63,7 @@ def remove_stale_temporaries(path: Path | str) -> list[Path]:
     removed = []
     for leftover in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
         pid_text = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        if not pid_text.isdigit() or process_alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):
             leftover.unlink()
@@ -74,15 +75,17 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (another user's counts as alive): whose
+    temporaries may be removed as left by a killed writer."""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
-        return True
+    except (PermissionError, OverflowError):  # another user's process (alive), or not a pid
+        return pid > 0
     return True
 
 

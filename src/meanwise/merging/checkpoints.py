@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from meanwise.atomic_io import process_alive
+
 __all__ = [
     "DTYPES",
     "TensorSpec",
@@ -560,7 +562,7 @@ def remove_stale_partials(out: Path | str) -> list[Path]:
         if match is None or not entry.is_dir() or entry.is_symlink():
             continue
         pid, kind = match.groups()
-        if pid is not None and _process_alive(int(pid)):
+        if pid is not None and process_alive(int(pid)):
             continue
         if kind == "old" and not out.is_dir():
             continue  # killed between the two renames: this holds the only copy
@@ -568,10 +570,6 @@ def remove_stale_partials(out: Path | str) -> list[Path]:
         removed.append(entry)
     return removed
 
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
