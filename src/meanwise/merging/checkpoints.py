@@ -570,14 +570,6 @@ def remove_stale_partials(out: Path | str) -> list[Path]:
         removed.append(entry)
     return removed
 
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process (alive), or not a pid
-        return pid > 0
-    return True
-
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
