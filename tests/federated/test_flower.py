@@ -40,44 +40,22 @@ from meanwise.federated.flower import (  # noqa: E402
     run_anarchic,
 )
 from meanwise.federated.participation import Anarchic, Arrivals, ParticipationProcess  # noqa: E402
+from tests.federated._flower_grid import TickingGrid, to_record, to_vector  # noqa: E402
 
 # --- an in-process Grid: each node is a Python function -------------------------------------
 
 
-@pytest.fixture
-def server_identity(monkeypatch):
-    """What a ServerApp process has set when it builds messages (Flower's TaskIdentity)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-class ScriptedGrid(Grid):
+class ScriptedGrid(TickingGrid):
     """Nodes answer through ``handler(node_id, message) -> (reply | None, delay)``: the reply
     becomes visible ``delay`` pulls later; None never arrives (a node that times out)."""
 
     def __init__(self, node_ids, handler):
+        super().__init__()
         self.ids = list(node_ids)
         self.handler = handler
-        self.pending: dict[str, tuple[int, Message]] = {}
-        self.tick = 0
-
-    def set_run(self, run):  # pragma: no cover - unused
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - unused
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover - unused
-        raise NotImplementedError
 
     def get_node_ids(self):
         return list(self.ids)
-
-    def get_nodes(self):  # pragma: no cover - unused
-        return []
 
     def push_messages(self, messages):
         ids = []
@@ -89,25 +67,6 @@ class ScriptedGrid(Grid):
             ids.append(msg.metadata.message_id)
         return ids
 
-    def pull_messages(self, message_ids):
-        self.tick += 1
-        ready = [i for i in message_ids if i in self.pending and self.pending[i][0] <= self.tick]
-        return [self.pending.pop(i)[1] for i in ready]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        ids = list(self.push_messages(messages))
-        self.tick += 10**6  # everything that will ever answer has answered
-        return self.pull_messages(ids)
-
-
-def _arrays(x: torch.Tensor) -> ArrayRecord:
-    return ArrayRecord({"w": x[:4].reshape(2, 2).clone(), "b": x[4:].clone()})
-
-
-def _flat(record: ArrayRecord) -> torch.Tensor:
-    state = record.to_torch_state_dict()
-    return torch.cat([state["w"].reshape(-1), state["b"]])
-
 
 def _update(node: int, x: torch.Tensor) -> torch.Tensor:
     """A client's trained vector: a fixed function of its id and the model it received."""
@@ -117,7 +76,7 @@ def _update(node: int, x: torch.Tensor) -> torch.Tensor:
 def _reply(msg: Message, y: torch.Tensor | None, metrics: dict | None = None) -> Message:
     content = {"metrics": MetricRecord(metrics or {"num-examples": 1})}
     if y is not None:
-        content["arrays"] = _arrays(y)
+        content["arrays"] = to_record(y)
     return Message(RecordDict(content), reply_to=msg)
 
 
@@ -139,7 +98,7 @@ NODE_IDS = [11, 12, 13, 14, 15]
 def _fedau_handler(round_of: Callable[[], int]):
     def handler(node, msg):
         action = SCRIPT[round_of() - 1][NODE_IDS.index(node)]
-        x = _flat(msg.content.array_records["arrays"])
+        x = to_vector(msg.content.array_records["arrays"])
         if action == "timeout":
             return None, 0
         if action == "error":
@@ -192,9 +151,9 @@ def test_fedau_strategy_follows_the_equations_and_survives_bad_nodes(server_iden
     grid = ScriptedGrid(NODE_IDS, _fedau_handler(lambda: current["round"]))
     x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        result = strategy.start(grid, _arrays(x0), num_rounds=len(SCRIPT))
+        result = strategy.start(grid, to_record(x0), num_rounds=len(SCRIPT))
     expected = _fedau_by_hand(x0, len(SCRIPT), 0.7)
-    torch.testing.assert_close(_flat(result.arrays), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(to_vector(result.arrays), expected, rtol=1e-12, atol=1e-12)
     assert strategy.node_ids == NODE_IDS
     assert [h["participants"] for h in strategy.history] == [
         sum(a == "ok" for a in row) for row in SCRIPT
@@ -221,7 +180,7 @@ def test_fedau_strategy_rejects_bad_arguments(server_identity):
     grid = ScriptedGrid([1], lambda n, m: (None, 0))
     with pytest.raises(RuntimeError, match="only 1 nodes connected.*min_nodes=2"):
         FedAUStrategy(2, wait_for_nodes_s=0.1).configure_train(
-            1, _arrays(torch.zeros(6)), ConfigRecord(), grid
+            1, to_record(torch.zeros(6)), ConfigRecord(), grid
         )
 
 
@@ -239,7 +198,7 @@ def test_run_anarchic_follows_the_equations_with_stale_updates(server_identity):
     calls = {4: 0}
 
     def handler(node, msg):
-        x = _flat(msg.content.array_records["arrays"])
+        x = to_vector(msg.content.array_records["arrays"])
         if node == 4:
             calls[4] += 1
             if calls[4] == 2:
@@ -251,7 +210,7 @@ def test_run_anarchic_follows_the_equations_with_stale_updates(server_identity):
     aggregator = AFA_CD(4, server_lr=0.5, local_lr=0.1, arrivals_per_round=2)
     x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
     result = run_anarchic(
-        ScriptedGrid(ids, handler), _arrays(x0), aggregator, 8, max_staleness=2, pull_interval=0
+        ScriptedGrid(ids, handler), to_record(x0), aggregator, 8, max_staleness=2, pull_interval=0
     )
     # replies report no partition-id: nodes are bound by node id, in order of arrival
     assert len(result.rounds) == 8 and sorted(result.node_ids) == ids
@@ -267,25 +226,25 @@ def test_run_anarchic_follows_the_equations_with_stale_updates(server_identity):
         ]
         assert r.local_steps == [_steps(n) for n in r.node_ids]
         models.append(models[-1] - 0.5 * 0.1 * torch.stack(g).mean(0))
-    torch.testing.assert_close(_flat(result.arrays), models[-1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(to_vector(result.arrays), models[-1], rtol=1e-12, atol=1e-12)
 
 
 def test_run_anarchic_rejects_bad_arguments():
     grid = ScriptedGrid([1], lambda n, m: (None, 0))
     with pytest.raises(TypeError, match="aggregator"):
-        run_anarchic(grid, _arrays(torch.zeros(6)), FedAU(1), 1)
+        run_anarchic(grid, to_record(torch.zeros(6)), FedAU(1), 1)
     with pytest.raises(ValueError, match="num_rounds"):
-        run_anarchic(grid, _arrays(torch.zeros(6)), AFA_CD(1, 1.0, 0.1), 0)
+        run_anarchic(grid, to_record(torch.zeros(6)), AFA_CD(1, 1.0, 0.1), 0)
 
 
 def test_run_anarchic_closes_a_round_on_timeout(server_identity):
     grid = ScriptedGrid([1, 2], lambda n, m: (None, 0))  # nobody ever answers
     x0 = torch.ones(6, dtype=torch.float64)
     out = run_anarchic(
-        grid, _arrays(x0), AFA_CS(2, 1.0, 0.1, arrivals_per_round=1), 2, round_timeout=0.05
+        grid, to_record(x0), AFA_CS(2, 1.0, 0.1, arrivals_per_round=1), 2, round_timeout=0.05
     )
     assert [r.timed_out for r in out.rounds] == [True, True]
-    assert torch.equal(_flat(out.arrays), x0)
+    assert torch.equal(to_vector(out.arrays), x0)
 
 
 def test_run_anarchic_bounded_delay_waits_and_discarding_is_opt_in(server_identity):
@@ -294,7 +253,7 @@ def test_run_anarchic_bounded_delay_waits_and_discarding_is_opt_in(server_identi
     # reply comes. Default: the round where its model is 2 versions old waits for it (accepted
     # at delay 2, every node arrives). discard_stale=True: it is rejected every time.
     def handler(node, msg):
-        x = _flat(msg.content.array_records["arrays"])
+        x = to_vector(msg.content.array_records["arrays"])
         reply = _reply(msg, _update(node, x), {"num-examples": 1, "local-steps": 1})
         return reply, 10 if node == 3 else 1
 
@@ -303,7 +262,7 @@ def test_run_anarchic_bounded_delay_waits_and_discarding_is_opt_in(server_identi
         x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
         grid = ScriptedGrid([1, 2, 3], handler)
         return run_anarchic(
-            grid, _arrays(x0), aggregator, rounds, max_staleness=2, pull_interval=0, **kw
+            grid, to_record(x0), aggregator, rounds, max_staleness=2, pull_interval=0, **kw
         )
 
     waiting = run(12)

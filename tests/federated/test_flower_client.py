@@ -24,14 +24,6 @@ from meanwise.federated import LocalTraining  # noqa: E402
 from meanwise.federated.flower import local_training_client_app, recipe  # noqa: E402
 
 
-@pytest.fixture
-def server_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Linear(3, 2).double()

@@ -19,7 +19,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.server.superlink.linkstate.utils import (  # noqa: E402
     create_message_error_unavailable_res_message,
 )
-from flwr.serverapp import Grid  # noqa: E402
 
 from meanwise.federated import AFA_CS  # noqa: E402
 from meanwise.federated.flower import (  # noqa: E402
@@ -28,15 +27,7 @@ from meanwise.federated.flower import (  # noqa: E402
     run_anarchic,
     wait_for_nodes,
 )
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """What a ServerApp process has set when it builds messages (Flower's TaskIdentity)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+from tests.federated._flower_grid import TickingGrid, to_record, to_vector  # noqa: E402
 
 
 @pytest.fixture
@@ -45,37 +36,23 @@ def flwr_log(caplog):
     return caplog
 
 
-class FakeSuperLink(Grid):
+class FakeSuperLink(TickingGrid):
     """``nodes[node_id] = (partition, behaviour)`` with behaviour(msg) -> reply | None, or the
     strings "lost" (the SuperLink answers for it: node unavailable, src_node_id=1) and
     "silent" (no reply at all: a time-out). ``online`` is what get_node_ids lists. Replies are
     visible ``delay(node)`` pulls after the push."""
 
     def __init__(self, nodes, delay: Callable[[int], int] = lambda node: 1):
+        super().__init__()
         self.nodes = dict(nodes)
         self.online = set(self.nodes)
         self.delay = delay
-        self.pending: dict[str, tuple[int, Message]] = {}
-        self.tick = 0
         self.received: dict[int, int] = {}  # node -> messages delivered to it
         self.node_id_calls = 0
-
-    def set_run(self, run):  # pragma: no cover - unused
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - unused
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover - unused
-        raise NotImplementedError
 
     def get_node_ids(self):
         self.node_id_calls += 1
         return sorted(self.online)
-
-    def get_nodes(self):  # pragma: no cover - unused
-        return []
 
     def push_messages(self, messages):
         ids = []
@@ -96,25 +73,6 @@ class FakeSuperLink(Grid):
             self.pending[msg.metadata.message_id] = (self.tick + self.delay(node), reply)
         return ids
 
-    def pull_messages(self, message_ids):
-        self.tick += 1
-        ready = [i for i in message_ids if i in self.pending and self.pending[i][0] <= self.tick]
-        return [self.pending.pop(i)[1] for i in ready]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        ids = list(self.push_messages(messages))
-        self.tick += 10**6  # everything that will ever answer has answered
-        return self.pull_messages(ids)
-
-
-def _arrays(x: torch.Tensor) -> ArrayRecord:
-    return ArrayRecord({"w": x[:4].reshape(2, 2).clone(), "b": x[4:].clone()})
-
-
-def _flat(record: ArrayRecord) -> torch.Tensor:
-    state = record.to_torch_state_dict()
-    return torch.cat([state["w"].reshape(-1), state["b"]])
-
 
 def _update(partition: int, x: torch.Tensor) -> torch.Tensor:
     """A partition's trained vector: a fixed function of its data (partition) and the model."""
@@ -125,9 +83,9 @@ def trains(partition: int, **extra):
     """A node holding ``partition`` that trains and reports its partition-id."""
 
     def behaviour(msg: Message) -> Message:
-        x = _flat(msg.content.array_records["arrays"])
+        x = to_vector(msg.content.array_records["arrays"])
         metrics = {"num-examples": 10, "partition-id": partition, "local-steps": 1, **extra}
-        content = {"arrays": _arrays(_update(partition, x)), "metrics": MetricRecord(metrics)}
+        content = {"arrays": to_record(_update(partition, x)), "metrics": MetricRecord(metrics)}
         return Message(RecordDict(content), reply_to=msg)
 
     return behaviour
@@ -158,7 +116,7 @@ def _fedau_by_hand(x, masks, server_lr=1.0):
 
 def _run_rounds(strategy, grid, x0, script: list[Callable[[FakeSuperLink], None]]):
     """Run one Flower round per entry; ``script[r](grid)`` changes the federation first."""
-    arrays = _arrays(x0)
+    arrays = to_record(x0)
     for r, change in enumerate(script, start=1):
         change(grid)
         replies = grid.send_and_receive(strategy.configure_train(r, arrays, ConfigRecord(), grid))
@@ -197,7 +155,7 @@ def test_fedau_restarted_node_rejoins_its_slot_and_reasons_name_it(server_identi
 
     masks = [[1, 1, 1], [1, 0, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]]
     expected = _fedau_by_hand(x0, masks, server_lr=0.9)
-    torch.testing.assert_close(_flat(final), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(to_vector(final), expected, rtol=1e-12, atol=1e-12)
     # the restarted node holds partition 1's slot; its old id is sent nothing more
     slot_of_p1 = strategy.slots.slot_key.index(1)
     assert strategy.node_ids[slot_of_p1] == 202
@@ -234,7 +192,7 @@ def test_fedau_metrics_average_only_the_replies_that_are_kept(server_identity):
          3: (2, trains(2, **{"train-loss": 3.0}))}
     )  # fmt: skip
     strategy = FedAUStrategy(3, evaluate=False)
-    arrays = _arrays(torch.zeros(6, dtype=torch.float64))
+    arrays = to_record(torch.zeros(6, dtype=torch.float64))
     replies = grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     with pytest.warns(RuntimeWarning, match="non-finite"):
         _, metrics = strategy.aggregate_train(1, replies)
@@ -283,7 +241,7 @@ class SlowStart(FakeSuperLink):
 def test_min_nodes_waits_for_that_many_then_asks_whoever_is_connected(server_identity):
     grid = SlowStart({1: (0, trains(0)), 2: (1, trains(1)), 3: (2, trains(2))})
     strategy = FedAUStrategy(3, min_nodes=2, evaluate=False)
-    messages = strategy.configure_train(1, _arrays(torch.zeros(6)), ConfigRecord(), grid)
+    messages = strategy.configure_train(1, to_record(torch.zeros(6)), ConfigRecord(), grid)
     assert len(grid.get_node_ids()) >= 2
     assert {m.metadata.dst_node_id for m in messages} <= {1, 2, 3}
     assert len(messages) >= 2
@@ -293,12 +251,12 @@ def test_too_few_nodes_is_a_clear_error(server_identity, flwr_log):
     grid = FakeSuperLink({1: (0, trains(0))})
     with pytest.raises(RuntimeError, match="only 1 nodes connected within 0.1 s; min_nodes=3"):
         FedAUStrategy(3, wait_for_nodes_s=0.1).configure_train(
-            1, _arrays(torch.zeros(6)), ConfigRecord(), grid
+            1, to_record(torch.zeros(6)), ConfigRecord(), grid
         )
     assert any(r.levelno == logging.ERROR and "min_nodes=3" in r.getMessage()
                for r in flwr_log.records)  # fmt: skip
     with pytest.raises(RuntimeError, match="min_nodes=2"):
-        run_anarchic(grid, _arrays(torch.zeros(6)), AFA_CS(2, 1.0, 0.1), 1, wait_for_nodes_s=0.1)
+        run_anarchic(grid, to_record(torch.zeros(6)), AFA_CS(2, 1.0, 0.1), 1, wait_for_nodes_s=0.1)
     with pytest.raises(ValueError, match="min_nodes"):
         FedAUStrategy(3, min_nodes=-1)
     with pytest.raises(ValueError, match="timeout"):
@@ -331,7 +289,7 @@ def test_afa_restarted_worker_rejoins_its_slot(server_identity, flwr_log):
 
     grid.pull_messages = pull
     aggregator = AFA_CS(3, server_lr=0.5, local_lr=0.1, arrivals_per_round=2)
-    result = run_anarchic(grid, _arrays(x0), aggregator, 6, max_staleness=3, pull_interval=0)
+    result = run_anarchic(grid, to_record(x0), aggregator, 6, max_staleness=3, pull_interval=0)
     slot_of_p1 = result.slots.slot_key.index(1)
     assert result.node_ids[slot_of_p1] == 22
     assert any(22 in r.node_ids for r in result.rounds[2:])
@@ -346,13 +304,13 @@ def test_afa_restarted_worker_rejoins_its_slot(server_identity, flwr_log):
             start = models[-1 - s]
             memory[slot] = (start - _update(keys[slot], start)) / (0.1 * 1)
         models.append(models[-1] - 0.5 * 0.1 * memory.mean(0))
-    torch.testing.assert_close(_flat(result.arrays), models[-1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(to_vector(result.arrays), models[-1], rtol=1e-12, atol=1e-12)
 
 
 def test_afa_timeout_names_the_awaited_nodes(server_identity, flwr_log):
     grid = FakeSuperLink({1: (0, trains(0)), 2: (1, "silent")})
     aggregator = AFA_CS(2, 1.0, 0.1, arrivals_per_round=2)
-    out = run_anarchic(grid, _arrays(torch.zeros(6)), aggregator, 1, round_timeout=0.05)
+    out = run_anarchic(grid, to_record(torch.zeros(6)), aggregator, 1, round_timeout=0.05)
     (r,) = out.rounds
     assert r.timed_out and r.node_ids == [1]
     assert r.reasons == ["node 2 (no slot yet) timed out: no reply yet"]
@@ -364,11 +322,11 @@ def test_afa_timeout_names_the_awaited_nodes(server_identity, flwr_log):
 
 def _huge(partition: int):
     def behaviour(msg):
-        x = _flat(msg.content.array_records["arrays"])
+        x = to_vector(msg.content.array_records["arrays"])
         y = x.clone()
         y[0] = 3e38
         metrics = {"partition-id": partition, "local-steps": 1}
-        content = {"arrays": _arrays(y), "metrics": MetricRecord(metrics)}
+        content = {"arrays": to_record(y), "metrics": MetricRecord(metrics)}
         return Message(RecordDict(content), reply_to=msg)
 
     return behaviour
@@ -384,11 +342,11 @@ def test_fedau_strategy_keeps_the_model_finite_on_huge_finite_updates(
     grid = FakeSuperLink({1: (0, _huge(0)), 2: (1, _huge(1))})
     strategy = FedAUStrategy(2, evaluate=False, server_lr=server_lr)
     x = torch.zeros(6)
-    replies = grid.send_and_receive(strategy.configure_train(1, _arrays(x), ConfigRecord(), grid))
+    replies = grid.send_and_receive(strategy.configure_train(1, to_record(x), ConfigRecord(), grid))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         arrays, metrics = strategy.aggregate_train(1, replies)
-    got = _flat(arrays)
+    got = to_vector(arrays)
     assert torch.isfinite(got).all()
     if server_lr == 1.0:
         assert float(got[0]) == pytest.approx(3e38, rel=1e-6) and not metrics["refused"]
@@ -406,8 +364,8 @@ def test_run_anarchic_keeps_the_model_finite_on_huge_finite_updates(server_ident
     x = torch.zeros(6)
     aggregator = AFA_CS(2, 1.0, 0.1, arrivals_per_round=2)
     with pytest.warns(RuntimeWarning, match="refused round"):
-        out = run_anarchic(grid, _arrays(x), aggregator, 1, pull_interval=0)
-    assert torch.equal(_flat(out.arrays), x) and out.rounds[0].refused
+        out = run_anarchic(grid, to_record(x), aggregator, 1, pull_interval=0)
+    assert torch.equal(to_vector(out.arrays), x) and out.rounds[0].refused
     assert "AFA round 1: refused the aggregate of node 1" in flwr_log.text
 
 
@@ -431,7 +389,7 @@ def test_fedau_state_restores_the_binding_and_afa_continues_it(server_identity):
     outs = []
     for s in (strategy, twin):
         replies = grid.send_and_receive(s.configure_train(3, arrays, ConfigRecord(), grid))
-        outs.append(_flat(s.aggregate_train(3, replies)[0]))
+        outs.append(to_vector(s.aggregate_train(3, replies)[0]))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     # AFA continues FedAU's binding: node 2 (replaced) is sent nothing, node 9 keeps slot 1
     grid.online.add(2)  # even if the SuperLink still lists it
