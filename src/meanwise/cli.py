@@ -158,11 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         return args.handler(args)
-    except UsageError as error:
-        if getattr(args, "debug", False):
-            raise
-        print(f"meanwise: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         resumable = args.command == "reproduce"
         hint = "; rerun the same command to resume" if resumable else ""
@@ -172,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         print(f"meanwise: {_one_line(error)}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILED
 
 
 def _one_line(error: BaseException) -> str:
