@@ -8,10 +8,24 @@ is the steadier of the two (it excludes waiting for a core).
 
 from __future__ import annotations
 
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+
+def machine_info(**extra: object) -> dict[str, object]:
+    """What every benchmark's JSON records about where it ran, plus its own ``extra`` keys."""
+    import torch
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        **extra,
+    }
 
 
 @dataclass(frozen=True)

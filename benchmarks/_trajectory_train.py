@@ -24,7 +24,7 @@ import dataclasses
 
 import torch
 
-from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from _timing import machine_info, time_interleaved  # benchmarks/_timing.py, the shared timing loop
 from meanwise.trajectory.data import load_split
 from meanwise.trajectory.synthetic import synthetic_scenes
 from meanwise.trajectory.train import (
@@ -163,8 +163,6 @@ def bench_train(data_dir, quick: bool) -> dict:
 def train_main(args) -> int:
     """`benchmarks/trajectory.py --only train`: runs without the released weights (and with the
     synthetic crowd when no ETH/UCY folder is found)."""
-    import platform
-    import sys
 
     from meanwise.atomic_io import atomic_write_json
     from meanwise.trajectory.data import resolve_data_dir
@@ -173,12 +171,7 @@ def train_main(args) -> int:
     root = resolve_data_dir(args.data_dir)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     results = {
-        "machine": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "threads": args.threads,
-        },
+        "machine": machine_info(threads=args.threads),
         "quick": args.quick,
         "train": bench_train(root, args.quick),
     }

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from _timing import machine_info, time_interleaved  # benchmarks/_timing.py, the shared timing loop
 from meanwise.atomic_io import atomic_write_json
 from meanwise.merging import diagonal_fisher
 
@@ -330,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {args.threads} thread(s), {rounds} interleaved rounds, "
           f"MLP 128-256-256-10 ({n_params:,} parameters)")  # fmt: skip
     results = {
-        "machine": {"python": sys.version.split()[0], "torch": torch.__version__,
-                    "platform": platform.platform(), "threads": args.threads},
+        "machine": machine_info(threads=args.threads),
         "quick": args.quick, "parameters": n_params,
     }  # fmt: skip
     if args.section in ("mlp", "all"):

@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from _timing import machine_info, time_interleaved  # benchmarks/_timing.py, the shared timing loop
 from meanwise.atomic_io import atomic_write_json
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
@@ -213,13 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     flower_rounds = 3 if args.quick else 5
     flower_missing = "skipped (--no-flower)" if args.no_flower else _flower_available()
     results: dict = {
-        "machine": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "threads": args.threads,
-            "cpus": os.cpu_count(),
-        },
+        "machine": machine_info(threads=args.threads, cpus=os.cpu_count()),
         "quick": args.quick,
         "workload": {"model": "MLP 60-64-10", "local_sgd_steps": STEPS, "batch": BATCH},
     }

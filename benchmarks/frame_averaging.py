@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from _timing import machine_info, time_interleaved  # benchmarks/_timing.py, the shared timing loop
 from meanwise.atomic_io import atomic_write_json
 from meanwise.symmetry import FrameAveraging, pca_frames
 from meanwise.symmetry.models import FAGNN, GNN
@@ -168,12 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rounds = 10 if args.quick else 40
     results: dict[str, object] = {
-        "machine": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "threads": args.threads,
-        },
+        "machine": machine_info(threads=args.threads),
         "quick": args.quick,
     }
     print(f"torch {torch.__version__}, {args.threads} thread(s), {rounds} interleaved rounds")

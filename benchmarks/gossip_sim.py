@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 
 import torch
 
-from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from _timing import machine_info, time_interleaved  # benchmarks/_timing.py, the shared timing loop
 from meanwise.experiments.base import atomic_write_text
 from meanwise.functional.local_training import LocalTraining
 from meanwise.gossip import GossipProtocol, GossipSimulator, MergeRule, random_regular
@@ -98,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 2 if args.quick else 5
     scale = 1 if args.quick else 2
     results: dict = {
-        "machine": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "threads": args.threads,
-        },
+        "machine": machine_info(threads=args.threads),
         "quick": args.quick,
         "workload": {"nodes": NODES, "degree": DEGREE, "model": "MLP 64-32-32-10", "batch": 16},
     }

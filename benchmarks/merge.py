@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from _timing import machine_info  # benchmarks/_timing.py
 from meanwise.atomic_io import atomic_write_json
 
 N_MODELS = 3
@@ -366,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(r["within_bound"] is not False for r in rows)
     if args.json:
         results = {
-            "machine": {"python": sys.version.split()[0], "torch": torch.__version__,
-                        "platform": platform.platform(), "cpus": os.cpu_count()},
+            "machine": machine_info(cpus=os.cpu_count()),
             "quick": args.quick, "layers": layers, "models": N_MODELS,
             "model_bytes": model_bytes, "largest_tensor": largest_key,
             "largest_tensor_bytes": largest, "bound_bytes": bound, "rounds": args.rounds,

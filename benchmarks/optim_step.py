@@ -24,8 +24,6 @@ foreach AdaBelief <= 1.0x and DiffGrad <= 1.2x Adam(foreach); AdaHessian iterati
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 from collections.abc import Callable
 
 import torch
@@ -33,7 +31,7 @@ import torch.autograd.forward_ad as fwad
 from torch import nn
 from torch.func import functional_call
 
-from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from _timing import machine_info, time_interleaved  # benchmarks/_timing.py, the shared timing loop
 from meanwise.atomic_io import atomic_write_json
 from meanwise.functional import rademacher_like
 from meanwise.optim import AdaBelief, AdaHessian, DiffGrad
@@ -320,14 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "AdaHessian (meanwise, update_each=4)": ("Adam (foreach)", 1.25),
     }
     results = {
-        "machine": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "threads": args.threads,
-            "device": str(DEVICE),
-            "clock": CLOCK,
-        },
+        "machine": machine_info(threads=args.threads, device=str(DEVICE), clock=CLOCK),
         "quick": args.quick,
     }
     print(

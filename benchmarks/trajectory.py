@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _timing import time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from _timing import machine_info, time_interleaved  # benchmarks/_timing.py, the shared timing loop
 from _trajectory_train import bench_train, train_main  # training speed (issue 11)
 from meanwise.atomic_io import atomic_write_json
 from meanwise.trajectory.data import load_split, resolve_data_dir
@@ -405,12 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     checkpoints = root / "social_implicit_checkpoints"
     results: dict = {
-        "machine": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "threads": args.threads,
-        },
+        "machine": machine_info(threads=args.threads),
         "quick": args.quick,
     }
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
