@@ -19,10 +19,7 @@ protocol table) is in `frame_averaging_report`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -32,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from meanwise.atomic_io import atomic_torch_save
 from meanwise.experiments import base
 from meanwise.experiments.base import cached_stage, progress, seeded, torch_threads
 from meanwise.symmetry import FrameAveraging
@@ -259,19 +257,6 @@ def _checkpoint_path(key: str) -> Path | None:
     return None if stage_dir is None else stage_dir / f"{key}.pt"
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def train_nbody(name: str, config: FrameAveragingConfig, seed: int) -> NBodyRun:
     """Train one model with the paper's protocol under the config's epoch cap and patience.
 
@@ -333,10 +318,10 @@ def train_nbody(name: str, config: FrameAveragingConfig, seed: int) -> NBodyRun:
                     history["since_best"] += 1
             if path is not None and (epoch + 1) % config.checkpoint_every == 0:
                 history["seconds"] = resumed_seconds + time.perf_counter() - start
-                _save_checkpoint(
-                    path,
+                atomic_torch_save(
                     {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "order": order.get_state(), "history": history},
+                    path,
                 )  # fmt: skip
         model.eval()
         error = equivariance_error(
