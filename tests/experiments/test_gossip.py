@@ -10,7 +10,7 @@ from scipy import stats
 
 from meanwise.experiments import gossip_report as report
 from meanwise.experiments.claims import status_from_interval, validate_claim
-from meanwise.experiments.gossip import GossipConfig, run
+from meanwise.experiments.gossip import GossipConfig, GossipResult, MethodRun, run
 from meanwise.experiments.registry import get
 
 TINY = replace(
@@ -30,6 +30,19 @@ def tiny_results():
     return [json.loads(json.dumps(asdict(run(TINY, seed=s)))) for s in range(TINY.seeds)]
 
 
+def test_results_round_trip_through_the_typed_records(tiny_results):
+    """What the runner caches and results.json holds comes back unchanged from the typed form
+    the report reads (same JSON text, key order included)."""
+    for result in tiny_results:
+        typed = GossipResult.from_json(result)
+        assert isinstance(typed.runs[0], MethodRun)
+        assert json.dumps(typed.to_json()) == json.dumps(result)
+    with pytest.raises(ValueError, match=r"GossipResult.runs\[0\]: unknown key\(s\) \['typo'\]"):
+        GossipResult.from_json(
+            {**tiny_results[0], "runs": [{**tiny_results[0]["runs"][0], "typo": 1}]}
+        )
+
+
 def test_tiny_run_report_and_determinism(tiny_results):
     result = tiny_results[0]
     assert len(result["runs"]) == 2 * 3  # splits x methods
@@ -45,7 +58,7 @@ def test_tiny_run_report_and_determinism(tiny_results):
         sum(math.log(plain["layer_variance"][n][-1] / plain["initial_variance"][n]) for n in layers)
         / len(layers)
     )
-    assert report._final_ratio(plain) == pytest.approx(expected)
+    assert report._final_ratio(MethodRun.from_json(plain)) == pytest.approx(expected)
     fl = next(r for r in result["runs"] if r["method"] == "fl")
     assert fl["trainings"] == 10 * (60 // 10)  # 10 leaves, every 10 ticks
     tables = report.summarize([result])

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import json
 import sys
+import types
+import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import torch
 
@@ -30,10 +33,14 @@ from meanwise.atomic_io import atomic_write_bytes, atomic_write_text  # re-expor
 __all__ = [
     "Experiment",
     "ExperimentConfig",
+    "JSONRecord",
+    "from_json",
+    "to_json",
     "Table",
     "FigureSpec",
     "progress",
     "current_show_progress",
+    "current_stage_dir",
     "cached_stage",
     "runner_context",
     "atomic_write_text",
@@ -127,6 +134,83 @@ class Experiment:
         return self.config_cls.quick() if quick else self.config_cls.full()
 
 
+# --- typed results: the contract between an experiment and its report ---------------------------
+
+
+def to_json(value: Any) -> Any:
+    """`value` (a dataclass, or lists / tuples / dicts of them) as plain JSON data: dataclasses
+    become dicts and tuples lists, so the result equals what `json.loads` gives back."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return value
+
+
+def from_json(cls: type[T], data: Any, where: str = "") -> T:
+    """Rebuild dataclass `cls` from its JSON form, nested dataclasses included.
+
+    The field types say what to build (`list[Run]`, `dict[str, Run]`, `tuple[int, int]`,
+    `Run | None`); other values are taken as they are, so `to_json(from_json(cls, data))`
+    equals `data`. An unknown key, a missing field without default or a non-object where a
+    dataclass is expected is a ValueError naming the path to it (`where`)."""
+    return _build(cls, data, where or cls.__name__)
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object for {tp.__name__}; got {value!r:.60}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = [k for k in value if k not in fields]
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown} for {tp.__name__}")
+        missing = [
+            name
+            for name, f in fields.items()
+            if name not in value
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {missing} for {tp.__name__}")
+        return tp(**{k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()})
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        return _build(kinds[0], value, where) if len(kinds) == 1 else value
+    if origin is list and args and isinstance(value, list):
+        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple and args and isinstance(value, list):
+        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(kinds) != len(value):
+            raise ValueError(f"{where}: expected {len(kinds)} items; got {len(value)}")
+        return tuple(
+            _build(k, v, f"{where}[{i}]") for i, (k, v) in enumerate(zip(kinds, value, strict=True))
+        )
+    if origin is dict and args and isinstance(value, dict):
+        return {k: _build(args[1], v, f"{where}[{k!r}]") for k, v in value.items()}
+    return value
+
+
+class JSONRecord:
+    """Mixin for an experiment's result dataclasses: `Result.from_json(data)` is what the
+    report reads (attributes, checked keys) and `to_json()` the form the runner caches and
+    results.json holds (`from_json` then `to_json` gives the same JSON back)."""
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        return from_json(cls, data)
+
+    def to_json(self) -> dict[str, Any]:
+        return to_json(self)
+
+
 # --- context-scoped helpers ------------------------------------------------------------------
 
 
@@ -159,6 +243,15 @@ def runner_context(show_progress: bool, stage_dir: Path | None) -> Iterator[None
 def current_show_progress() -> bool:
     """Whether the enclosing runner asked for progress bars."""
     return _current().show_progress
+
+
+def current_stage_dir() -> Path | None:
+    """The enclosing runner's folder for this seed's stage files (None without a runner).
+
+    Long stages keep their own checkpoints (torch files) beside the stage JSONs, so an
+    interrupted seed resumes inside a stage too; the runner removes the folder once the seed
+    is done."""
+    return _current().stage_dir
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:

@@ -24,10 +24,11 @@ intervals over seeds and the protocol table) is in `gossip_report`.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 from meanwise.engine.local_training import LocalTraining
 from meanwise.experiments.base import cached_stage, progress, seeded, torch_threads
+from meanwise.experiments.gossip_results import GossipResult, MethodRun
 from meanwise.gossip import GossipProtocol, GossipSimulator, MergeRule, random_regular, star
 from meanwise.gossip.task import MODELS, SPLITS, digits_model, digits_nodes
 
@@ -95,36 +96,6 @@ class GossipConfig:
     @classmethod
     def full(cls) -> GossipConfig:
         return cls()
-
-
-@dataclass
-class MethodRun:
-    model: str
-    split: str
-    method: str
-    ticks: list[int]
-    mean_accuracy: list[float]
-    min_accuracy: list[float]
-    max_accuracy: list[float]
-    layer_variance: dict[str, list[float]]
-    initial_variance: dict[str, float]
-    final_accuracy: float
-    ticks_to_target: int | None
-    trainings: int
-    merges: int
-    predicted_ratio: float | None  # beta^2 + (1-beta)^2/m for independent models (gossip)
-    seconds: float
-
-
-@dataclass
-class GossipResult:
-    seed: int
-    n_nodes: int
-    degree: int
-    ticks: int
-    beta: float
-    target_accuracy: float
-    runs: list[MethodRun] = field(default_factory=list)
 
 
 def _simulator(model_kind: str, split: str, method: str, config: GossipConfig, seed: int):
@@ -209,9 +180,9 @@ def run(config: GossipConfig, seed: int) -> GossipResult:
         for model_kind, split, method in progress(cells, desc=f"seed {seed} gossip"):
             stage = cached_stage(
                 f"{model_kind}-{split}-{method}",
-                lambda m=model_kind, s=split, k=method: asdict(run_method(m, s, k, config, seed)),
+                lambda m=model_kind, s=split, k=method: run_method(m, s, k, config, seed).to_json(),
             )
-            result.runs.append(MethodRun(**stage))
+            result.runs.append(MethodRun.from_json(stage))
     return result
 
 

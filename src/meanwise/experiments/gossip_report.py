@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
+from meanwise.experiments.base import FigureSpec, Table, format_mean_std, from_json, mean_std
 from meanwise.experiments.claims import (
     Claim,
     ProtocolRow,
@@ -20,6 +20,7 @@ from meanwise.experiments.claims import (
     protocol_table,
     threshold_claim,
 )
+from meanwise.experiments.gossip_results import GossipResult, MethodRun
 
 __all__ = [
     "PAPER",
@@ -87,44 +88,55 @@ _LABELS = {
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _runs(results: list[JSON]) -> dict[tuple[str, str, str], list[JSON]]:
+def _typed(results: list[JSON]) -> list[GossipResult]:
+    return [GossipResult.from_json(r) for r in results]
+
+
+def _config(config: JSON):
+    """The config that ran, typed (imported here: `gossip` imports this module to register)."""
+    from meanwise.experiments.gossip import GossipConfig
+
+    return from_json(GossipConfig, config)
+
+
+def _runs(results: list[GossipResult]) -> dict[tuple[str, str, str], list[MethodRun]]:
     """(model, split, method) → that cell's run of every seed."""
-    out: dict[tuple[str, str, str], list[JSON]] = {}
+    out: dict[tuple[str, str, str], list[MethodRun]] = {}
     for result in results:
-        for r in result.get("runs", []):
-            out.setdefault((r["model"], r["split"], r["method"]), []).append(r)
+        for r in result.runs:
+            out.setdefault((r.model, r.split, r.method), []).append(r)
     return out
 
 
-def _cells(results: list[JSON]) -> list[tuple[str, str]]:
+def _cells(results: list[GossipResult]) -> list[tuple[str, str]]:
     return list(dict.fromkeys((m, s) for m, s, _ in _runs(results)))
 
 
-def _weight_layers(run: JSON) -> list[str]:
-    return [n for n in run["layer_variance"] if n.endswith("weight")]
+def _weight_layers(run: MethodRun) -> list[str]:
+    return [n for n in run.layer_variance if n.endswith("weight")]
 
 
-def _ratio(run: JSON, layer: str, where: int = -1) -> float:
-    return run["layer_variance"][layer][where] / run["initial_variance"][layer]
+def _ratio(run: MethodRun, layer: str, where: int = -1) -> float:
+    return run.layer_variance[layer][where] / run.initial_variance[layer]
 
 
-def _final_ratio(run: JSON) -> float:
+def _final_ratio(run: MethodRun) -> float:
     """The weight layers' final variance / initial variance, geometric mean over layers."""
     logs = [math.log(max(_ratio(run, layer), 1e-300)) for layer in _weight_layers(run)]
     return math.exp(sum(logs) / len(logs))
 
 
-def _min_ratio(run: JSON) -> float:
+def _min_ratio(run: MethodRun) -> float:
     """The lowest variance ratio any weight layer reached during the run."""
     return min(
-        v / run["initial_variance"][layer]
+        v / run.initial_variance[layer]
         for layer in _weight_layers(run)
-        for v in run["layer_variance"][layer]
+        for v in run.layer_variance[layer]
     )
 
 
-def _ticks_to_target(runs: list[JSON]) -> list[float]:
-    return [math.inf if r["ticks_to_target"] is None else r["ticks_to_target"] for r in runs]
+def _ticks_to_target(runs: list[MethodRun]) -> list[float]:
+    return [math.inf if r.ticks_to_target is None else r.ticks_to_target for r in runs]
 
 
 def _format_ticks(values: list[float]) -> str:
@@ -138,27 +150,30 @@ def _format_ticks(values: list[float]) -> str:
 
 
 def summarize(results: list[JSON]) -> list[Table]:
+    results = _typed(results)
+    if not results:
+        return []
     runs = _runs(results)
-    first = results[0] if results else {}
-    target = first.get("target_accuracy", 0.8)
+    first = results[0]
+    target = first.target_accuracy
     tables = []
     for model, split in _cells(results):
         rows = []
         for method in [k for m, s, k in runs if (m, s) == (model, split)]:
             cell = runs[(model, split, method)]
-            predicted = cell[0]["predicted_ratio"]
+            predicted = cell[0].predicted_ratio
             rows.append(
                 [
                     _LABELS.get(method, method),
-                    format_mean_std([100 * r["final_accuracy"] for r in cell], digits=1),
+                    format_mean_std([100 * r.final_accuracy for r in cell], digits=1),
                     _format_ticks(_ticks_to_target(cell)),
                     format_mean_std([_final_ratio(r) for r in cell], digits=3),
                     format_mean_std([_min_ratio(r) for r in cell], digits=3),
                     "—" if predicted is None else f"{predicted:.3f}",
-                    format_mean_std([r["seconds"] for r in cell], digits=1),
+                    format_mean_std([r.seconds for r in cell], digits=1),
                 ]
             )
-        n = first.get("n_nodes", "?")
+        n = first.n_nodes
         tables.append(
             Table(
                 columns=[
@@ -171,14 +186,14 @@ def summarize(results: list[JSON]) -> list[Table]:
                     "seconds",
                 ],
                 rows=rows,
-                caption=f"{model}, {split} split, {n} nodes, {first.get('ticks', '?')} ticks. "
+                caption=f"{model}, {split} split, {n} nodes, {first.ticks} ticks. "
                 "Accuracy: mean over the nodes (FL: the centre's global model), final = mean of "
                 "the last evaluations. Variance ratio: each weight tensor's element variance "
                 "over its variance at initialization, geometric mean over layers (FL: the "
                 "centre, which starts from one shared model). Predicted: beta^2 + (1-beta)^2/m "
                 f"for one merge of independent models; the consensus floor (the average of all "
                 f"{n} independent initializations) is 1/{n} = "
-                f"{1 / n if isinstance(n, int) else float('nan'):.3f}. Mean ± std over "
+                f"{1 / n:.3f}. Mean ± std over "
                 f"{len(results)} seed(s).",
             )
         )
@@ -188,9 +203,9 @@ def summarize(results: list[JSON]) -> list[Table]:
 def metrics(results: list[JSON]) -> dict[str, float]:
     """Headline numbers, flat, for scripts that read results.json."""
     out: dict[str, float] = {}
-    for (model, split, method), cell in _runs(results).items():
+    for (model, split, method), cell in _runs(_typed(results)).items():
         key = f"{model}.{split}.{method}"
-        out[f"{key}.final_accuracy.mean"] = mean_std([r["final_accuracy"] for r in cell])[0]
+        out[f"{key}.final_accuracy.mean"] = mean_std([r.final_accuracy for r in cell])[0]
         out[f"{key}.final_variance_ratio.mean"] = mean_std([_final_ratio(r) for r in cell])[0]
         out[f"{key}.lowest_variance_ratio.mean"] = mean_std([_min_ratio(r) for r in cell])[0]
         ticks = _ticks_to_target(cell)
@@ -203,20 +218,20 @@ def metrics(results: list[JSON]) -> dict[str, float]:
 _NEED = ("fl", "gossip-plain", "gossip-corrected")
 
 
-def _layer_lowest(run: JSON) -> dict[str, float]:
+def _layer_lowest(run: MethodRun) -> dict[str, float]:
     """Each weight layer's lowest variance ratio (var / init var) over the evaluations."""
     return {
-        layer: min(v / run["initial_variance"][layer] for v in run["layer_variance"][layer])
+        layer: min(v / run.initial_variance[layer] for v in run.layer_variance[layer])
         for layer in _weight_layers(run)
     }
 
 
-def _ticks_or_budget(run: JSON, budget: int) -> tuple[float, bool]:
+def _ticks_or_budget(run: MethodRun, budget: int) -> tuple[float, bool]:
     """(ticks to the target, censored): a run that never reached it counts as the budget,
     a lower bound on its true time (flagged, so a claim can say which way that biases)."""
-    if run["ticks_to_target"] is None:
+    if run.ticks_to_target is None:
         return float(budget), True
-    return float(run["ticks_to_target"]), False
+    return float(run.ticks_to_target), False
 
 
 def _censor(claim: Claim, biased_toward_support: bool, note: str) -> Claim:
@@ -241,25 +256,31 @@ def _censor(claim: Claim, biased_toward_support: bool, note: str) -> Claim:
     return replace(claim, detail=claim.detail + f" {note}")
 
 
-def _cell_claims(runs, model: str, split: str, first: JSON, n_seeds: int) -> list[Claim]:
+def _cell_claims(
+    runs: dict[tuple[str, str, str], list[MethodRun]],
+    model: str,
+    split: str,
+    first: GossipResult,
+    n_seeds: int,
+) -> list[Claim]:
     fl, plain, fixed = (runs[(model, split, k)] for k in _NEED)
     n = min(len(fl), len(plain), len(fixed), n_seeds)
     fl, plain, fixed = fl[:n], plain[:n], fixed[:n]
-    budget = int(first.get("ticks", 0))
-    target = 100 * float(first.get("target_accuracy", 0.8))
-    nodes, degree = first.get("n_nodes", "?"), first.get("degree", "?")
+    budget = first.ticks
+    target = 100 * first.target_accuracy
+    nodes, degree = first.n_nodes, first.degree
     where = (
         f"{model}, {split} split; {nodes} nodes, random {degree}-regular graph, {budget} ticks, "
         f"{n} seed(s) paired (same data split, initial models and schedule seed)."
     )
-    predicted = float(plain[0]["predicted_ratio"])
-    one_over_m = 1.0 / degree if isinstance(degree, int) else None
+    predicted = float(plain[0].predicted_ratio)
+    one_over_m = 1.0 / degree
     out: list[Claim] = []
 
     # (1) plain merges collapse every weight layer's variance below one merge's prediction
     plain_lowest = [_layer_lowest(r) for r in plain]
     worst_layer = [max(d.values()) for d in plain_lowest]
-    floor = 1.0 / nodes if isinstance(nodes, int) else float("nan")
+    floor = 1.0 / nodes
     out.append(
         threshold_claim(
             f"{model}/{split}: plain gossip's per-layer weight variance collapses below the "
@@ -303,7 +324,7 @@ def _cell_claims(runs, model: str, split: str, first: JSON, n_seeds: int) -> lis
     plain_t, plain_cut = zip(*(_ticks_or_budget(r, budget) for r in plain), strict=True)
     fixed_t, fixed_cut = zip(*(_ticks_or_budget(r, budget) for r in fixed), strict=True)
     acc = {
-        k: 100 * sum(r["final_accuracy"] for r in cell) / n
+        k: 100 * sum(r.final_accuracy for r in cell) / n
         for k, cell in zip(_NEED, (fl, plain, fixed), strict=True)
     }
     accuracy_note = (
@@ -425,9 +446,10 @@ def claims(results: list[JSON]) -> list[Claim]:
     """Five claims per (model, split): the variance collapse of plain merges, the variance the
     correction keeps, plain gossip's lag behind FL, corrected gossip's pace against FL and
     against plain gossip. Arms are paired by seed (same split, inits and schedule)."""
-    runs = _runs(results)
+    results = _typed(results)
     if not results:
         return []
+    runs = _runs(results)
     first = results[0]
     out: list[Claim] = []
     for model, split in _cells(results):
@@ -441,17 +463,17 @@ def claims(results: list[JSON]) -> list[Claim]:
 
 def protocol(config: JSON) -> Table:
     """The paper's protocol against the config that ran, row by row, with why each differs."""
-    c = config
-    models = list(c.get("models", ()))
+    c = _config(config)
+    models = list(c.models)
     model_text = " and ".join(
-        {"mlp": f"MLP 64-{c['hidden']}-{c['hidden']}-10", "cnn": "small CNN (8, 16 ch, 3×3)"}[m]
+        {"mlp": f"MLP 64-{c.hidden}-{c.hidden}-10", "cnn": "small CNN (8, 16 ch, 3×3)"}[m]
         for m in models
     )
     splits = " and ".join(
-        {"iid": "IID", "dirichlet": f"Dirichlet({c['dirichlet_alpha']:g}) label skew"}[s]
-        for s in c.get("splits", ())
+        {"iid": "IID", "dirichlet": f"Dirichlet({c.dirichlet_alpha:g}) label skew"}[s]
+        for s in c.splits
     )
-    lo, hi = c["train_interval"]
+    lo, hi = c.train_interval
     rows = [
         ProtocolRow(
             "model",
@@ -466,7 +488,7 @@ def protocol(config: JSON) -> Table:
             "data",
             "MNIST (60,000 training images)",
             f"scikit-learn digits, 8×8, 1,347 training / 450 test images, {splits}; ~"
-            f"{round(1347 / c['n_nodes'])} images per node",
+            f"{round(1347 / c.n_nodes)} images per node",
             "offline and small enough for 2 CPU cores (MNIST is not available here). An easier "
             "task saturates sooner, so every method reaches the target earlier and gaps in "
             "ticks are compressed; few images per node make local overfitting easier.",
@@ -474,21 +496,21 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "nodes, graph",
             "50, random 8-regular",
-            f"{c['n_nodes']}, random {c['degree']}-regular (a new graph per seed)",
+            f"{c.n_nodes}, random {c.degree}-regular (a new graph per seed)",
         ),
         ProtocolRow(
             "protocol",
             "train one minibatch every randint(8, 12) ticks, push to all neighbours; merge "
             "when one model per neighbour is buffered",
-            f"the same: randint({lo}, {hi}), buffer of {c['degree']} (repeats count)",
+            f"the same: randint({lo}, {hi}), buffer of {c.degree} (repeats count)",
         ),
         ProtocolRow(
             "local training",
             "batch 64, SGD lr 0.01, momentum 0.9, weight decay 1e-4",
-            f"batch {c['batch_size']}, SGD lr {c['lr']:g}, momentum {c['momentum']:g}, weight "
-            f"decay {c['weight_decay']:g}",
-            f"each node holds ~{round(1347 / c['n_nodes'])} images (a batch of 64 would exceed "
-            f"them) and this budget allows ~{c['ticks'] // 10} minibatches per node, so lr 0.01 "
+            f"batch {c.batch_size}, SGD lr {c.lr:g}, momentum {c.momentum:g}, weight "
+            f"decay {c.weight_decay:g}",
+            f"each node holds ~{round(1347 / c.n_nodes)} images (a batch of 64 would exceed "
+            f"them) and this budget allows ~{c.ticks // 10} minibatches per node, so lr 0.01 "
             "would leave every method far from converged; the larger lr speeds all arms "
             "alike. Only sgd / momentum rules are supported by the simulator (Adam's bias "
             "correction would need per-node step counts).",
@@ -496,15 +518,15 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "merge and correction",
             "β = 0.5; correction per tensor with ε = 1e-4 inside both variances",
-            f"β = {c['beta']:g}; correction per tensor, ε = {c['eps']:g}, target = the "
+            f"β = {c.beta:g}; correction per tensor, ε = {c.eps:g}, target = the "
             "received models' mean variance",
         ),
         ProtocolRow(
             "FL baseline",
             "star with a central average",
-            f"star: the centre does not train, averages its {c['n_nodes']} leaves (β = 0) once "
+            f"star: the centre does not train, averages its {c.n_nodes} leaves (β = 0) once "
             f"it holds one model from each and sends the average back; leaves train every "
-            f"{c['fl_interval']} ticks; the centre first broadcasts its initial model",
+            f"{c.fl_interval} ticks; the centre first broadcasts its initial model",
             "the paper gives no more detail (REFERENCES.md); FL starts from one shared model, "
             "which the initial broadcast provides. Accuracy is the centre's global model, "
             "gossip's the mean over nodes.",
@@ -512,7 +534,7 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "budget",
             "curves over the paper's horizon (not recorded in REFERENCES.md)",
-            f"{c['ticks']} ticks, evaluated every {c['eval_every']} ticks",
+            f"{c.ticks} ticks, evaluated every {c.eval_every} ticks",
             "CPU time. Plain gossip may not reach the target within the budget; its time is "
             "then counted as the budget (a lower bound) and a claim whose status that cap "
             "could flip is reported unresolved.",
@@ -520,7 +542,7 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "runs / seeds",
             "curves; seeds and intervals not recorded in REFERENCES.md",
-            f"{c['seeds']} seeds per setting; each seed fixes the data split, the graph, the "
+            f"{c.seeds} seeds per setting; each seed fixes the data split, the graph, the "
             "initial models and the schedule, shared by the three arms (paired)",
             "the claims need a 95 % interval; a few seeds is what the CPU budget allows, so "
             "small effects stay unresolved (each claim gives its minimum detectable effect).",
@@ -529,10 +551,10 @@ def protocol(config: JSON) -> Table:
             "metrics",
             "test accuracy vs time; per-layer weight variance vs time",
             f"mean test accuracy over nodes (FL: the centre), ticks to "
-            f"{100 * c['target_accuracy']:.0f} %, final accuracy (last {c['final_window']} "
+            f"{100 * c.target_accuracy:.0f} %, final accuracy (last {c.final_window} "
             "evaluations); each weight tensor's element variance over its variance at "
             "initialization",
-            f"the paper reads speed off curves; a first time to {100 * c['target_accuracy']:.0f} "
+            f"the paper reads speed off curves; a first time to {100 * c.target_accuracy:.0f} "
             "% turns it into a per-seed number that an interval can test. The 80 % level and "
             f"the '≤ {FAST_FACTOR:g}× FL's ticks' reading of 'comparable' are ours.",
         ),
@@ -546,13 +568,13 @@ def protocol(config: JSON) -> Table:
 # --- figures -------------------------------------------------------------------------------------
 
 
-def _mean_curve(cell: list[JSON], values) -> tuple[list[int], torch.Tensor]:
-    length = min(len(r["ticks"]) for r in cell)
+def _mean_curve(cell: list[MethodRun], values) -> tuple[list[int], torch.Tensor]:
+    length = min(len(r.ticks) for r in cell)
     data = torch.tensor([values(r)[:length] for r in cell], dtype=torch.float64)
-    return cell[0]["ticks"][:length], data.mean(0)
+    return cell[0].ticks[:length], data.mean(0)
 
 
-def _draw_accuracy(results: list[JSON], model: str):
+def _draw_accuracy(results: list[GossipResult], model: str):
     def draw(fig) -> None:
         runs = _runs(results)
         splits = [s for m, s in _cells(results) if m == model]
@@ -560,7 +582,7 @@ def _draw_accuracy(results: list[JSON], model: str):
         for ax, split in zip(axes, splits, strict=True):
             methods = [k for m, s, k in runs if (m, s) == (model, split)]
             for i, method in enumerate(methods):
-                ticks, acc = _mean_curve(runs[(model, split, method)], lambda r: r["mean_accuracy"])
+                ticks, acc = _mean_curve(runs[(model, split, method)], lambda r: r.mean_accuracy)
                 ax.plot(ticks, 100 * acc, color=f"C{i}", label=_LABELS.get(method, method))
             ax.set(title=f"{model}, {split}", xlabel="tick", ylabel="test acc (%)", ylim=(0, 100))
         axes[0].legend(fontsize=7)
@@ -568,7 +590,7 @@ def _draw_accuracy(results: list[JSON], model: str):
     return draw
 
 
-def _draw_variance(results: list[JSON], model: str, split: str, n_nodes: int):
+def _draw_variance(results: list[GossipResult], model: str, split: str, n_nodes: int):
     def draw(fig) -> None:
         runs = _runs(results)
         methods = [k for m, s, k in runs if (m, s) == (model, split)]
@@ -577,14 +599,14 @@ def _draw_variance(results: list[JSON], model: str, split: str, n_nodes: int):
         for ax, layer in zip(axes, layers, strict=True):
             for i, method in enumerate(methods):
                 cell = runs[(model, split, method)]
-                ticks, var = _mean_curve(cell, lambda r, layer=layer: r["layer_variance"][layer])
+                ticks, var = _mean_curve(cell, lambda r, layer=layer: r.layer_variance[layer])
                 ax.semilogy(ticks, var, color=f"C{i}", label=_LABELS.get(method, method))
             gossip = [k for k in methods if k != "fl"]
             if gossip:
                 run = runs[(model, split, gossip[0])][0]
-                sigma2 = run["initial_variance"][layer]
+                sigma2 = run.initial_variance[layer]
                 ax.axhline(
-                    run["predicted_ratio"] * sigma2,
+                    run.predicted_ratio * sigma2,
                     color="0.3",
                     ls="--",
                     lw=1,
@@ -599,8 +621,9 @@ def _draw_variance(results: list[JSON], model: str, split: str, n_nodes: int):
 
 def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
     """Accuracy vs ticks per model; per-layer weight variance vs ticks per (model, split)."""
+    results = _typed(results)
     specs = []
-    n_nodes = results[0].get("n_nodes", 50) if results else 50
+    n_nodes = results[0].n_nodes if results else 50
     for model in dict.fromkeys(m for m, _ in _cells(results)):
         specs.append(
             FigureSpec(

@@ -272,7 +272,7 @@ def sampling_seeds(config: SocialImplicitConfig, seed: int) -> list[int]:
 
 def _checkpoint_dir(key: str) -> Path | None:
     """Training checkpoints sit beside the runner's stage files (none without a runner)."""
-    stage_dir = base._current().stage_dir
+    stage_dir = base.current_stage_dir()
     return None if stage_dir is None else stage_dir / key
 
 
