@@ -28,7 +28,7 @@ from torch import Tensor
 
 from meanwise.gossip.protocol import TickPlan
 
-__all__ = ["TrainGroup", "MergeGroup", "Level", "WindowPlan", "plan_window"]
+__all__ = ["TrainGroup", "MergeGroup", "Level", "WindowPlan", "WindowPlanner", "plan_window"]
 
 
 def _long(values: Sequence[int]) -> Tensor:
@@ -97,133 +97,186 @@ class _Merge:
         self.snapshot = -1  # set if a relay pushes this merged model later
 
 
-def plan_window(
-    plans: Sequence[TickPlan], n_nodes: int, slot_base: Tensor, buffer_sizes: Tensor
-) -> WindowPlan:
-    """Group the events of consecutive tick ``plans`` (from one :class:`Schedule`) into levels."""
-    if not plans:
-        raise ValueError("plan_window needs at least one tick plan")
-    base = slot_base.tolist()
-    sizes = buffer_sizes.tolist()
-    node_level = [0] * n_nodes
-    # the event that made each node's current model: None (the window's start) or a _Merge;
-    # after a training the current model already is a snapshot (node_snapshot)
-    node_merge: list[_Merge | None] = [None] * n_nodes
-    node_snapshot = [-1] * n_nodes
-    snapshot_level: list[int] = []
-    storage_rows: list[int] = []
-    from_storage: list[int] = []
-    start_nodes: list[int] = []
-    from_start: list[int] = []
-    storage_snapshot: dict[int, int] = {}  # storage row -> its snapshot (made once, on demand)
-    slot_content: dict[int, int] = {}  # storage row -> snapshot that landed there last
-    # per level: (node, column into the window's stacked minibatches, snapshot)
-    trains: dict[int, list[tuple[int, int, int]]] = {}
-    # the train phases' minibatches, stacked once at the end (slicing each trainer's column
-    # out one by one cost more than the rest of the planning)
-    batch_index: list[Tensor] = []
-    batch_valid: list[Tensor] = []
-    columns = 0
-    merges: dict[int, list[_Merge]] = {}
-    n_trainings = n_merges = 0
+class WindowPlanner:
+    """The state of planning one window: feed consecutive tick plans with :meth:`add`, then
+    :meth:`plan` groups their events into levels.
 
-    def new_snapshot(level: int) -> int:
-        snapshot_level.append(level)
-        return len(snapshot_level) - 1
+    What it tracks per node: the level of the event that made its current model, and that
+    event (None: the window's start or a training, whose output already is a snapshot). Per
+    snapshot: the level it is made at. Per storage row: the snapshot that landed there last
+    (``slot_content``) or, for a row read before anything landed in the window, the snapshot
+    filled from the slot storage.
+    """
 
-    def current_snapshot(node: int) -> int:
+    def __init__(self, n_nodes: int, slot_base: Tensor, buffer_sizes: Tensor) -> None:
+        self.slot_base: list[int] = slot_base.tolist()
+        self.buffer_sizes: list[int] = buffer_sizes.tolist()
+        self.first_tick: int | None = None
+        self.last_tick: int | None = None
+        self.node_level = [0] * n_nodes
+        self.node_merge: list[_Merge | None] = [None] * n_nodes
+        self.node_snapshot = [-1] * n_nodes  # after a training: the trained model's snapshot
+        self.snapshot_level: list[int] = []
+        self.storage_rows: list[int] = []
+        self.from_storage: list[int] = []
+        self.start_nodes: list[int] = []
+        self.from_start: list[int] = []
+        self.storage_snapshot: dict[int, int] = {}  # storage row -> its snapshot (on demand)
+        self.slot_content: dict[int, int] = {}  # storage row -> snapshot that landed there last
+        # per level: (node, column into the window's stacked minibatches, snapshot)
+        self.trains: dict[int, list[tuple[int, int, int]]] = {}
+        # the train phases' minibatches, stacked once in plan() (slicing each trainer's column
+        # out one by one cost more than the rest of the planning)
+        self.batch_index: list[Tensor] = []
+        self.batch_valid: list[Tensor] = []
+        self.columns = 0
+        self.merges: dict[int, list[_Merge]] = {}
+        self.n_trainings = 0
+        self.n_merges = 0
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def _new_snapshot(self, level: int) -> int:
+        self.snapshot_level.append(level)
+        return len(self.snapshot_level) - 1
+
+    def _current_snapshot(self, node: int) -> int:
         # a pushed model that is not a training's output: the node's model as it is now
-        if node_snapshot[node] < 0:
-            snap = new_snapshot(node_level[node])
-            merged = node_merge[node]
-            if merged is None:
-                start_nodes.append(node)
-                from_start.append(snap)
-            else:
-                merged.snapshot = snap
-            node_snapshot[node] = snap
-        return node_snapshot[node]
+        snap = self.node_snapshot[node]
+        if snap >= 0:  # a training's output, or already pushed once
+            return snap
+        snap = self._new_snapshot(self.node_level[node])
+        merged = self.node_merge[node]
+        if merged is None:
+            self.start_nodes.append(node)
+            self.from_start.append(snap)
+        else:
+            merged.snapshot = snap
+        self.node_snapshot[node] = snap
+        return snap
 
-    def slot_snapshot(row: int) -> int:
-        if row in slot_content:
-            return slot_content[row]
-        if row not in storage_snapshot:
-            storage_snapshot[row] = new_snapshot(0)
-            storage_rows.append(row)
-            from_storage.append(storage_snapshot[row])
-        return storage_snapshot[row]
+    def _stored_snapshot(self, row: int) -> int:
+        # a buffer slot nothing landed in during the window: its content from the slot storage
+        if row not in self.storage_snapshot:
+            self.storage_snapshot[row] = self._new_snapshot(0)
+            self.storage_rows.append(row)
+            self.from_storage.append(self.storage_snapshot[row])
+        return self.storage_snapshot[row]
 
-    for plan in plans:
+    # --- events ------------------------------------------------------------------------------
+
+    def add(self, plan: TickPlan) -> None:
+        """Add the next tick's events (ticks in the order the schedule made them)."""
+        if self.first_tick is None:
+            self.first_tick = plan.tick
+        self.last_tick = plan.tick
         for phase in plan.phases:
             senders = phase.senders.tolist()
             if phase.kind == "train":
-                batch_index.append(phase.index)
-                batch_valid.append(phase.valid)
-                for pos, node in enumerate(senders):
-                    level = node_level[node] + 1
-                    snap = new_snapshot(level)
-                    trains.setdefault(level, []).append((node, columns + pos, snap))
-                    node_level[node], node_merge[node], node_snapshot[node] = level, None, snap
-                    n_trainings += 1
-                columns += len(senders)
+                self._train(senders, phase.index, phase.valid)
             # every message of a phase carries the sender's model before the phase's merges
-            sent = [current_snapshot(node) for node in senders]
+            sent = [self._current_snapshot(node) for node in senders]
             for wave in phase.waves:
-                for pos, receiver, slot in zip(
-                    wave.sender_pos.tolist(),
-                    wave.receivers.tolist(),
-                    wave.slots.tolist(),
-                    strict=True,
-                ):
-                    slot_content[base[receiver] + slot] = sent[pos]
+                self._deliver(wave, sent)
                 for node in wave.mergers.tolist():
-                    sources = [slot_snapshot(base[node] + s) for s in range(sizes[node])]
-                    level = 1 + max(node_level[node], *(snapshot_level[s] for s in sources))
-                    event = _Merge(node, sources)
-                    merges.setdefault(level, []).append(event)
-                    node_level[node], node_merge[node], node_snapshot[node] = level, event, -1
-                    n_merges += 1
+                    self._merge(node)
 
-    all_index = torch.cat(batch_index, dim=1) if batch_index else None
-    all_valid = torch.cat(batch_valid, dim=1) if batch_valid else None
-    levels = []
-    for level in range(1, 1 + max([*trains, *merges], default=0)):
-        group = None
-        if level in trains:
-            nodes, cols, snaps = zip(*trains[level], strict=True)
-            at = _long(cols)
-            group = TrainGroup(
-                _long(nodes),
-                all_index.index_select(1, at),
-                all_valid.index_select(1, at),
-                _long(snaps),
-            )
+    def _train(self, senders: list[int], index: Tensor, valid: Tensor) -> None:
+        self.batch_index.append(index)
+        self.batch_valid.append(valid)
+        for pos, node in enumerate(senders):
+            level = self.node_level[node] + 1
+            snap = self._new_snapshot(level)
+            self.trains.setdefault(level, []).append((node, self.columns + pos, snap))
+            self.node_level[node], self.node_merge[node] = level, None
+            self.node_snapshot[node] = snap
+            self.n_trainings += 1
+        self.columns += len(senders)
+
+    def _deliver(self, wave, sent: list[int]) -> None:
+        base, slot_content = self.slot_base, self.slot_content
+        for pos, receiver, slot in zip(
+            wave.sender_pos.tolist(), wave.receivers.tolist(), wave.slots.tolist(), strict=True
+        ):
+            slot_content[base[receiver] + slot] = sent[pos]
+
+    def _merge(self, node: int) -> None:
+        first, content, levels = self.slot_base[node], self.slot_content, self.snapshot_level
+        rows = range(first, first + self.buffer_sizes[node])
+        sources = [content[r] if r in content else self._stored_snapshot(r) for r in rows]
+        level = 1 + max(self.node_level[node], *(levels[s] for s in sources))
+        event = _Merge(node, sources)
+        self.merges.setdefault(level, []).append(event)
+        self.node_level[node], self.node_merge[node], self.node_snapshot[node] = level, event, -1
+        self.n_merges += 1
+
+    # --- the plan ----------------------------------------------------------------------------
+
+    def plan(self) -> WindowPlan:
+        """The window of every tick added so far, as levels."""
+        if self.first_tick is None:
+            raise ValueError("WindowPlanner.plan needs at least one tick plan (add one first)")
+        all_index = torch.cat(self.batch_index, dim=1) if self.batch_index else None
+        all_valid = torch.cat(self.batch_valid, dim=1) if self.batch_valid else None
+        levels = []
+        for level in range(1, 1 + max([*self.trains, *self.merges], default=0)):
+            group = None
+            if level in self.trains:
+                group = self._train_group(self.trains[level], all_index, all_valid)
+            merge_groups = self._merge_groups(self.merges.get(level, []))
+            levels.append(Level(group, merge_groups))
+        return WindowPlan(
+            first_tick=self.first_tick,
+            last_tick=self.last_tick,
+            n_snapshots=len(self.snapshot_level),
+            storage_rows=_long(self.storage_rows),
+            from_storage=_long(self.from_storage),
+            start_nodes=_long(self.start_nodes),
+            from_start=_long(self.from_start),
+            levels=tuple(levels),
+            slot_rows=_long(self.slot_content),
+            slot_last=_long(self.slot_content.values()),
+            trainings=self.n_trainings,
+            merges=self.n_merges,
+        )
+
+    @staticmethod
+    def _train_group(
+        trains: list[tuple[int, int, int]], all_index: Tensor, all_valid: Tensor
+    ) -> TrainGroup:
+        nodes, cols, snaps = zip(*trains, strict=True)
+        at = _long(cols)
+        return TrainGroup(
+            _long(nodes), all_index.index_select(1, at), all_valid.index_select(1, at), _long(snaps)
+        )
+
+    def _merge_groups(self, events: list[_Merge]) -> tuple[MergeGroup, ...]:
         by_size: dict[int, list[_Merge]] = {}
-        for event in merges.get(level, []):
-            by_size.setdefault(sizes[event.node], []).append(event)
-        merge_groups = []
-        for events in by_size.values():
-            stored = [j for j, e in enumerate(events) if e.snapshot >= 0]
-            merge_groups.append(
+        for event in events:
+            by_size.setdefault(self.buffer_sizes[event.node], []).append(event)
+        groups = []
+        for same_size in by_size.values():
+            stored = [j for j, e in enumerate(same_size) if e.snapshot >= 0]
+            sources = _long([s for e in same_size for s in e.sources]).view(len(same_size), -1)
+            groups.append(
                 MergeGroup(
-                    nodes=_long(e.node for e in events),
-                    sources=_long([s for e in events for s in e.sources]).view(len(events), -1),
+                    nodes=_long(e.node for e in same_size),
+                    sources=sources,
                     stored=_long(stored),
-                    stored_as=_long(events[j].snapshot for j in stored),
+                    stored_as=_long(same_size[j].snapshot for j in stored),
                 )
             )
-        levels.append(Level(group, tuple(merge_groups)))
-    return WindowPlan(
-        first_tick=plans[0].tick,
-        last_tick=plans[-1].tick,
-        n_snapshots=len(snapshot_level),
-        storage_rows=_long(storage_rows),
-        from_storage=_long(from_storage),
-        start_nodes=_long(start_nodes),
-        from_start=_long(from_start),
-        levels=tuple(levels),
-        slot_rows=_long(slot_content),
-        slot_last=_long(slot_content.values()),
-        trainings=n_trainings,
-        merges=n_merges,
-    )
+        return tuple(groups)
+
+
+def plan_window(
+    plans: Sequence[TickPlan], n_nodes: int, slot_base: Tensor, buffer_sizes: Tensor
+) -> WindowPlan:
+    """Group the events of consecutive tick ``plans`` (from one :class:`Schedule`) into levels
+    (a :class:`WindowPlanner` fed every plan)."""
+    if not plans:
+        raise ValueError("plan_window needs at least one tick plan")
+    planner = WindowPlanner(n_nodes, slot_base, buffer_sizes)
+    for plan in plans:
+        planner.add(plan)
+    return planner.plan()
