@@ -2,6 +2,7 @@
 the stacked replicates against separate networks, and the claims on made-up and tiny results."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -14,7 +15,9 @@ from meanwise.experiments import get
 from meanwise.experiments.claims import validate_claim
 from meanwise.experiments.optimizers import (
     OptimizersConfig,
+    OptimizersResult,
     StackedResNet,
+    TrainingResult,
     _lr_factor,
     build_model,
     replicate_seeds,
@@ -270,7 +273,7 @@ def test_diffgrad_claims_on_the_real_synthetic_runs():
         for f in config.functions
         for m in config.synthetic_methods
     ]
-    found = claims([{"synthetic": runs, "digits": []}])
+    found = claims([{"seed": 0, "synthetic": runs, "digits": []}])
     assert [c.test for c in found] == ["deterministic (no seed noise)"] * 3
     f1, f2, f3 = found
     # F1: Adam's momentum carries it over the kink into the local basin (f = 0.05) while
@@ -301,6 +304,15 @@ def test_tiny_run_claims_and_protocol(tiny_runs):
     assert all(len(row) == 4 and all(cell for cell in row) for row in table.rows)
     budget = table.rows[aspects.index("budget")]
     assert "2 epochs, batch 16" in budget[2]
+
+
+def test_results_round_trip_through_the_typed_records(tiny_runs):
+    """The report's typed records give back the JSON the runner caches, unchanged."""
+    for result in tiny_runs:
+        data = json.loads(json.dumps(dataclasses.asdict(result)))
+        typed = OptimizersResult.from_json(data)
+        assert typed == result and isinstance(typed.digits[0], TrainingResult)
+        assert json.dumps(typed.to_json()) == json.dumps(data)
 
 
 def test_registered_experiment_produces_report_parts(tiny_runs):

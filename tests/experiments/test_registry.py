@@ -1,7 +1,10 @@
 """The registry, the presets, and the runner's cache keys and stage checkpoints."""
 
+import ast
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -50,6 +53,21 @@ def _toy_experiment(name="toy", run=None):
 def test_optimizers_is_registered():
     assert "optimizers" in names()
     assert get("optimizers").name == "optimizers"
+
+
+def test_builtin_order_does_not_depend_on_which_module_was_imported_first():
+    """The report lists experiments in the registry's order; importing one experiment module
+    directly (it registers itself) must not move it to the front."""
+    code = (
+        "import meanwise.experiments.afa\n"
+        "from meanwise.experiments import names, registry\n"
+        "print(names())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    expected = [m.rsplit(".", 1)[1].replace("_", "-") for m in registry._BUILTIN_MODULES]
+    assert ast.literal_eval(out.stdout.strip()) == expected
 
 
 def test_unknown_name_lists_known_names():

@@ -28,7 +28,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,11 @@ from torch import Tensor, nn
 from meanwise.data import NUM_CLASSES, get_function
 from meanwise.data.digits_task import few_shot_digits, random_shift
 from meanwise.experiments.base import cached_stage, progress, seeded, torch_threads
+from meanwise.experiments.optimizers_results import (
+    OptimizersResult,
+    TrainingResult,
+    TrajectoryResult,
+)
 from meanwise.optim import AdaBelief, AdaHessian, DiffGrad
 
 __all__ = [
@@ -132,55 +137,6 @@ class OptimizersConfig:
         """4 runner seeds x 8 replicates = 32 paired runs per optimizer on the same task
         (about 15 CPU minutes; its seed 0 is the quick preset's, the cache is shared)."""
         return cls(seeds=4, replicates=8)
-
-
-@dataclass
-class TrajectoryResult:
-    """One optimizer on one synthetic function: x_0..x_T and where it ended."""
-
-    function: str
-    method: str
-    x: list[float]
-    final_x: float
-    final_f: float
-
-
-@dataclass
-class TrainingResult:
-    """One optimizer on few-shot digits for every replicate of a runner seed.
-
-    Lists named final_* hold one value per replicate (run seed `run_seeds[i]`), in %;
-    `test_acc_curve` (at `curve_epochs`) and `train_loss_curve` (every epoch) are means over
-    the replicates. `seconds` and `cpu_seconds` are the only fields that differ between
-    identical runs.
-    """
-
-    method: str
-    run_seeds: list[int]
-    final_test_acc: list[float]
-    final_test_loss: list[float]
-    final_train_acc: list[float]
-    curve_epochs: list[int]
-    test_acc_curve: list[float]
-    train_loss_curve: list[float]
-    seconds: float
-    cpu_seconds: float
-
-
-@dataclass
-class OptimizersResult:
-    """One runner seed of both parts; the task's setup is repeated for the report's captions."""
-
-    seed: int
-    run_seeds: list[int] = field(default_factory=list)
-    num_parameters: int = 0
-    epochs: int = 0
-    weight_decay: float = 0.0
-    per_class: int = 0
-    label_noise: float = 0.0
-    max_shift: int = 0
-    synthetic: list[TrajectoryResult] = field(default_factory=list)
-    digits: list[TrainingResult] = field(default_factory=list)
 
 
 # --- (a) synthetic functions ------------------------------------------------------------------
@@ -544,18 +500,18 @@ def run(config: OptimizersConfig, seed: int) -> OptimizersResult:
             "synthetic",
             lambda: {
                 "runs": [
-                    asdict(run_synthetic(function, method, config))
+                    run_synthetic(function, method, config).to_json()
                     for function in config.functions
                     for method in config.synthetic_methods
                 ]
             },
         )
-        result.synthetic = [TrajectoryResult(**r) for r in synthetic["runs"]]
+        result.synthetic = [TrajectoryResult.from_json(r) for r in synthetic["runs"]]
         for method in progress(config.methods, desc=f"seed {seed} digits"):
             stage = cached_stage(
-                f"digits-{method}", lambda m=method: asdict(train_digits(m, config, seed))
+                f"digits-{method}", lambda m=method: train_digits(m, config, seed).to_json()
             )
-            result.digits.append(TrainingResult(**stage))
+            result.digits.append(TrainingResult.from_json(stage))
     return result
 
 

@@ -1,22 +1,28 @@
 """What the report says about experiment `optimizers`: claims, protocol, published numbers, our
-tables and figures. Everything here reads results in their JSON form (lists of dicts), so a
+tables and figures. The public functions take results in their JSON form (lists of dicts), so a
 report can be rebuilt from cached results.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from meanwise.data import get_function
-from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
+from meanwise.experiments.base import FigureSpec, Table, format_mean_std, from_json, mean_std
 from meanwise.experiments.claims import (
     Claim,
     ProtocolRow,
     deterministic_claim,
     paired_claim,
     protocol_table,
+)
+from meanwise.experiments.optimizers_results import (
+    OptimizersResult,
+    TrainingResult,
+    TrajectoryResult,
 )
 
 __all__ = [
@@ -190,21 +196,44 @@ PILOT = Table(
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _digits_by_method(results: list[JSON]) -> dict[str, list[JSON]]:
-    by_method: dict[str, list[JSON]] = {}
+def _typed(results: list[JSON]) -> list[OptimizersResult]:
+    return [OptimizersResult.from_json(r) for r in results]
+
+
+def _config(config: JSON):
+    """The config that ran, typed (imported here: `optimizers` imports this module to
+    register)."""
+    from meanwise.experiments.optimizers import OptimizersConfig
+
+    return from_json(OptimizersConfig, config)
+
+
+def _digits_by_method(results: list[OptimizersResult]) -> dict[str, list[TrainingResult]]:
+    by_method: dict[str, list[TrainingResult]] = {}
     for result in results:
-        for run in result.get("digits", []):
-            by_method.setdefault(run["method"], []).append(run)
+        for run in result.digits:
+            by_method.setdefault(run.method, []).append(run)
     return by_method
 
 
-def _per_run(results: list[JSON], field: str = "final_test_acc") -> dict[str, dict[int, float]]:
-    """method -> {run seed: value}, over every replicate of every runner seed."""
+def _final_test_acc(run: TrainingResult) -> list[float]:
+    return run.final_test_acc
+
+
+def _final_train_acc(run: TrainingResult) -> list[float]:
+    return run.final_train_acc
+
+
+def _per_run(
+    results: list[OptimizersResult],
+    values_of: Callable[[TrainingResult], list[float]] = _final_test_acc,
+) -> dict[str, dict[int, float]]:
+    """method -> {run seed: value of `values_of`}, over every replicate of every runner seed."""
     out: dict[str, dict[int, float]] = {}
     for method, runs in _digits_by_method(results).items():
         values = out.setdefault(method, {})
         for run in runs:
-            values.update(zip(run["run_seeds"], run[field], strict=True))
+            values.update(zip(run.run_seeds, values_of(run), strict=True))
     return out
 
 
@@ -213,9 +242,9 @@ def _paired(values: dict[str, dict[int, float]], a: str, b: str) -> tuple[list[f
     return [values[a][s] for s in shared], [values[b][s] for s in shared]
 
 
-def _synthetic_runs(results: list[JSON]) -> list[JSON]:
+def _synthetic_runs(results: list[OptimizersResult]) -> list[TrajectoryResult]:
     # The synthetic part has no randomness: every seed holds the same runs; show the first.
-    return results[0].get("synthetic", []) if results else []
+    return results[0].synthetic if results else []
 
 
 def _where(function: str, x: float) -> str:
@@ -228,18 +257,18 @@ def _where(function: str, x: float) -> str:
     return "not at a minimum"
 
 
-def _gap(run: JSON) -> float:
-    return run["final_f"] - get_function(run["function"]).global_min_value
+def _gap(run: TrajectoryResult) -> float:
+    return run.final_f - get_function(run.function).global_min_value
 
 
-def _task_text(results: list[JSON]) -> str:
-    first = results[0] if results else {}
-    noise = first.get("label_noise", 0.0)
+def _task_text(results: list[OptimizersResult]) -> str:
+    first = results[0]
+    noise = first.label_noise
     return (
-        f"few-shot digits ({first.get('per_class', '?')} training images per class, the rest "
+        f"few-shot digits ({first.per_class} training images per class, the rest "
         f"as test set{f', {100 * noise:g} % label noise' if noise else ''}, ±"
-        f"{first.get('max_shift', '?')} px shifts), small ResNet "
-        f"({first.get('num_parameters', '?')} parameters), {first.get('epochs', '?')} epochs"
+        f"{first.max_shift} px shifts), small ResNet "
+        f"({first.num_parameters} parameters), {first.epochs} epochs"
     )
 
 
@@ -249,12 +278,13 @@ def _task_text(results: list[JSON]) -> str:
 def summarize(results: list[JSON]) -> list[Table]:
     """The pilot that chose the task, our digits table and our synthetic table."""
     tables = [PILOT]
+    results = _typed(results)
     by_method = _digits_by_method(results)
     if by_method:
         from meanwise.experiments.optimizers import RECIPES
 
         accs = _per_run(results)
-        train = _per_run(results, "final_train_acc")
+        train = _per_run(results, _final_train_acc)
         ranking = sorted(accs, key=lambda m: mean_std(list(accs[m].values()))[0], reverse=True)
         rows = []
         for method, runs in by_method.items():
@@ -269,10 +299,10 @@ def summarize(results: list[JSON]) -> list[Table]:
                     method,
                     format_mean_std(finals),
                     format_mean_std(list(train[method].values())),
-                    f"{mean_std([r['train_loss_curve'][-1] for r in runs])[0]:.3f}",
+                    f"{mean_std([r.train_loss_curve[-1] for r in runs])[0]:.3f}",
                     vs_adam,
                     str(ranking.index(method) + 1),
-                    f"{sum(r['cpu_seconds'] for r in runs):.0f}",
+                    f"{sum(r.cpu_seconds for r in runs):.0f}",
                     RECIPES[method].description if method in RECIPES else "",
                 ]
             )
@@ -291,7 +321,7 @@ def summarize(results: list[JSON]) -> list[Table]:
                 ],
                 rows=rows,
                 caption=f"{_task_text(results)}, cosine schedule, weight decay "
-                f"wd = {results[0].get('weight_decay', '?')}; final = after the last epoch; "
+                f"wd = {results[0].weight_decay}; final = after the last epoch; "
                 f"mean ± sample sd over {n_runs} run(s) per optimizer (each run seed: its own "
                 "training images, initial weights, batch order and shifts, the same for every "
                 "optimizer). Train accuracy is on the training labels the optimizer saw; train "
@@ -306,12 +336,12 @@ def summarize(results: list[JSON]) -> list[Table]:
     if runs:
         rows = [
             [
-                r["function"],
-                r["method"],
-                f"{r['final_x']:.4f}",
-                f"{r['final_f']:.4f}",
+                r.function,
+                r.method,
+                f"{r.final_x:.4f}",
+                f"{r.final_f:.4f}",
                 f"{_gap(r):.4f}",
-                _where(r["function"], r["final_x"]),
+                _where(r.function, r.final_x),
             ]
             for r in runs
         ]
@@ -330,15 +360,16 @@ def summarize(results: list[JSON]) -> list[Table]:
 def metrics(results: list[JSON]) -> dict[str, float]:
     """Headline numbers, flat, for scripts that read results.json."""
     out: dict[str, float] = {}
+    results = _typed(results)
     for method, values in _per_run(results).items():
         mean, std = mean_std(list(values.values()))
         out[f"digits.{method}.final_test_acc.mean"] = mean
         out[f"digits.{method}.final_test_acc.std"] = std
-    for method, values in _per_run(results, "final_train_acc").items():
+    for method, values in _per_run(results, _final_train_acc).items():
         out[f"digits.{method}.final_train_acc.mean"] = mean_std(list(values.values()))[0]
     for r in _synthetic_runs(results):
-        out[f"synthetic.{r['function']}.{r['method']}.final_x"] = r["final_x"]
-        out[f"synthetic.{r['function']}.{r['method']}.gap"] = _gap(r)
+        out[f"synthetic.{r.function}.{r.method}.final_x"] = r.final_x
+        out[f"synthetic.{r.function}.{r.method}.gap"] = _gap(r)
     return out
 
 
@@ -384,9 +415,9 @@ _DIGITS_CLAIMS = (
 )
 
 
-def _digits_claims(results: list[JSON]) -> list[Claim]:
+def _digits_claims(results: list[OptimizersResult]) -> list[Claim]:
     accs = _per_run(results)
-    train = _per_run(results, "final_train_acc")
+    train = _per_run(results, _final_train_acc)
     out = []
     for text, method, baseline, paper, source in _DIGITS_CLAIMS:
         if method not in accs or baseline not in accs:
@@ -416,10 +447,10 @@ def _digits_claims(results: list[JSON]) -> list[Claim]:
     return out
 
 
-def _diffgrad_claims(runs: list[JSON]) -> list[Claim]:
-    by_key = {(r["function"], r["method"]): r for r in runs}
+def _diffgrad_claims(runs: list[TrajectoryResult]) -> list[Claim]:
+    by_key = {(r.function, r.method): r for r in runs}
     out = []
-    for function in dict.fromkeys(r["function"] for r in runs):
+    for function in dict.fromkeys(r.function for r in runs):
         d, a = by_key.get((function, "diffGrad")), by_key.get((function, "Adam"))
         if d is None or a is None:
             continue
@@ -433,9 +464,9 @@ def _diffgrad_claims(runs: list[JSON]) -> list[Claim]:
                 holds=effect > 1e-3,
                 paper_effect=None,
                 detail=f"Adam's f - f_min minus diffGrad's after 300 steps from x0 = -1.0 "
-                f"(> 1e-3 counts as closer): diffGrad ends at x = {d['final_x']:.3f} "
-                f"(f - f_min = {gd:.4f}, {_where(function, d['final_x'])}), Adam at x = "
-                f"{a['final_x']:.3f} (f - f_min = {ga:.4f}, {_where(function, a['final_x'])}). "
+                f"(> 1e-3 counts as closer): diffGrad ends at x = {d.final_x:.3f} "
+                f"(f - f_min = {gd:.4f}, {_where(function, d.final_x)}), Adam at x = "
+                f"{a.final_x:.3f} (f - f_min = {ga:.4f}, {_where(function, a.final_x)}). "
                 "The paper's claim is qualitative (its figures), so there is no paper number.",
             )
         )
@@ -445,6 +476,7 @@ def _diffgrad_claims(runs: list[JSON]) -> list[Claim]:
 def claims(results: list[JSON]) -> list[Claim]:
     """Every claim tested here: the premise, AdaBelief vs SGD/AdamW/Adam, AdaHessian vs Adam
     (paired by run seed, 95 % t interval), and diffGrad vs Adam on F1-F3 (deterministic)."""
+    results = _typed(results)
     return _digits_claims(results) + _diffgrad_claims(_synthetic_runs(results))
 
 
@@ -453,16 +485,16 @@ def claims(results: list[JSON]) -> list[Claim]:
 
 def protocol(config: JSON) -> Table:
     """The papers' protocols against the config that ran, row by row."""
-    c = config
-    runs = c.get("seeds", 1) * c.get("replicates", 1)
-    noise = c.get("label_noise", 0.0)
+    c = _config(config)
+    runs = c.seeds * c.replicates
+    noise = c.label_noise
     rows = [
         ProtocolRow(
             "data",
             "CIFAR-10: 50,000 training / 10,000 test 32x32 colour images, random crop + "
             "horizontal flip",
-            f"scikit-learn's 8x8 digits: {c.get('per_class')} training images per class, the "
-            f"other ~{1797 - 10 * c.get('per_class', 0)} as test set, ±{c.get('max_shift')} px "
+            f"scikit-learn's 8x8 digits: {c.per_class} training images per class, the "
+            f"other ~{1797 - 10 * c.per_class} as test set, ±{c.max_shift} px "
             f"random shifts{f', {100 * noise:g} % label noise' if noise else ''}; a new draw "
             "of training images per run seed",
             "CIFAR-10 cannot be downloaded here and no other image set ships in an installed "
@@ -475,8 +507,8 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "model",
             "ResNet34 (21M parameters; AdaBelief), ResNet20 / ResNet32 (AdaHessian)",
-            f"small ResNet for 8x8 inputs: stem, residual blocks {c.get('blocks')} at width "
-            f"{c.get('width')} / {2 * c.get('width', 0)}, BatchNorm, pooling, linear (about "
+            f"small ResNet for 8x8 inputs: stem, residual blocks {c.blocks} at width "
+            f"{c.width} / {2 * c.width}, BatchNorm, pooling, linear (about "
             "20k parameters)",
             "2 CPU cores. Same ingredients (3x3 convs, BatchNorm, shortcuts) that make "
             "weight decay and AdaHessian's spatial averaging matter; a far smaller model on a "
@@ -485,15 +517,15 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "budget",
             "200 epochs, batch 128 (AdaBelief); 160 epochs, batch 256 (AdaHessian)",
-            f"{c.get('epochs')} epochs, batch {c.get('batch_size')} "
-            f"({-(-10 * c.get('per_class', 0) // c.get('batch_size', 1))} steps per epoch)",
+            f"{c.epochs} epochs, batch {c.batch_size} "
+            f"({-(-10 * c.per_class // c.batch_size)} steps per epoch)",
             "CPU time. The pilot shows the SGD-Adam gap depends on the budget (it shrinks at "
             "150 epochs), like the paper's fixed-budget gap.",
         ),
         ProtocolRow(
             "schedule",
             "step decay, lr x0.1 at epoch 150 (AdaBelief); x0.1 at epochs 80 and 120 (AdaHessian)",
-            f"{c.get('schedule')} decay to 0 over all steps, for every optimizer",
+            f"{c.schedule} decay to 0 over all steps, for every optimizer",
             "One schedule for all arms keeps the comparison paired and simple; a cosine ends "
             "at lr 0 like the step schedules end small. May shift all arms alike.",
         ),
@@ -502,7 +534,7 @@ def protocol(config: JSON) -> Table:
             "SGD lr 0.1 momentum 0.9; Adam 1e-3; AdamW 1e-2; AdaBelief 1e-3, eps 1e-8, "
             "weight_decouple=False, rectify=False; AdaHessian lr 0.15, Hessian power 1, "
             "spatial averaging; weight decay 5e-4",
-            f"the same recipes, weight decay {c.get('weight_decay')} (diffGrad lr 1e-3 added "
+            f"the same recipes, weight decay {c.weight_decay} (diffGrad lr 1e-3 added "
             "as a sixth arm without a claim: its paper gives no CIFAR number we could cite)",
             "same as the paper; the recipes were tuned for CIFAR, not for this task, and were "
             "not re-tuned (re-tuning per arm would need a held-out split and far more CPU).",
@@ -511,8 +543,8 @@ def protocol(config: JSON) -> Table:
             "runs and statistics",
             "AdaBelief: the authors' logged runs, one per optimizer, no interval; AdaHessian: "
             "averages of repeated runs",
-            f"{runs} paired runs per optimizer ({c.get('seeds')} runner seed(s) x "
-            f"{c.get('replicates')} stacked replicates); each claim is a paired difference by "
+            f"{runs} paired runs per optimizer ({c.seeds} runner seed(s) x "
+            f"{c.replicates} stacked replicates); each claim is a paired difference by "
             "run seed with a 95 % t interval; unresolved claims carry their minimum detectable "
             "effect",
             "Gaps of 0.8 points need about 20-30 runs at the per-run spread seen here; the "
@@ -537,7 +569,7 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "diffGrad's synthetic functions",
             "F1-F3, x0 = -1.0, 300 steps, lr 0.1, beta1 0.95, beta2 0.999, eps 1e-8",
-            f"the same ({c.get('synthetic_steps')} steps, lr {c.get('synthetic_lr')}); SGDM is "
+            f"the same ({c.synthetic_steps} steps, lr {c.synthetic_lr}); SGDM is "
             "heavy-ball momentum 0.9",
             "same as the paper; the claim is qualitative, so each function is one "
             "deterministic comparison of where diffGrad and Adam end.",
@@ -563,28 +595,28 @@ def protocol(config: JSON) -> Table:
 _MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
-def _draw_synthetic_landscape(runs: list[JSON]):
+def _draw_synthetic_landscape(runs: list[TrajectoryResult]):
     def draw(fig) -> None:
-        functions = list(dict.fromkeys(r["function"] for r in runs))
+        functions = list(dict.fromkeys(r.function for r in runs))
         axes = fig.subplots(1, len(functions), squeeze=False)[0]
         for ax, function in zip(axes, functions, strict=True):
             fn = get_function(function)
             grid = torch.linspace(*fn.plot_range, 600, dtype=torch.float64)
             ax.plot(grid, fn.value(grid), color="0.3", lw=1.2, label="f(x)")
             values = fn.value(grid)
-            for i, r in enumerate(r for r in runs if r["function"] == function):
-                xs = torch.tensor(r["x"], dtype=torch.float64)
+            for i, r in enumerate(r for r in runs if r.function == function):
+                xs = torch.tensor(r.x, dtype=torch.float64)
                 color = f"C{i}"
                 ax.plot(xs, fn.value(xs), ".", ms=2, alpha=0.25, color=color)
                 ax.plot(
-                    [r["final_x"]],
-                    [r["final_f"]],
+                    [r.final_x],
+                    [r.final_f],
                     _MARKERS[i % len(_MARKERS)],
                     ms=11 - 1.5 * i,
                     mfc="none",
                     mew=1.8,
                     color=color,
-                    label=r["method"],
+                    label=r.method,
                 )
             ax.axvline(fn.global_min_x, color="0.6", ls=":", lw=1)
             span = float(values.max() - values.min())
@@ -597,13 +629,13 @@ def _draw_synthetic_landscape(runs: list[JSON]):
     return draw
 
 
-def _draw_synthetic_iterates(runs: list[JSON]):
+def _draw_synthetic_iterates(runs: list[TrajectoryResult]):
     def draw(fig) -> None:
-        functions = list(dict.fromkeys(r["function"] for r in runs))
+        functions = list(dict.fromkeys(r.function for r in runs))
         axes = fig.subplots(1, len(functions), squeeze=False)[0]
         for ax, function in zip(axes, functions, strict=True):
-            for i, r in enumerate(r for r in runs if r["function"] == function):
-                ax.plot(r["x"], lw=1, color=f"C{i}", label=r["method"])
+            for i, r in enumerate(r for r in runs if r.function == function):
+                ax.plot(r.x, lw=1, color=f"C{i}", label=r.method)
             fn = get_function(function)
             ax.axhline(fn.global_min_x, color="0.4", ls=":", lw=1)
             ax.set_ylim(fn.plot_range[0] - 0.3, fn.plot_range[1] + 0.3)
@@ -614,16 +646,14 @@ def _draw_synthetic_iterates(runs: list[JSON]):
     return draw
 
 
-def _draw_digits_curves(results: list[JSON]):
+def _draw_digits_curves(results: list[OptimizersResult]):
     def draw(fig) -> None:
         acc_ax, loss_ax = fig.subplots(1, 2)
         for i, (method, runs) in enumerate(_digits_by_method(results).items()):
             # each runner seed's curve is already a mean over its replicates
-            acc = torch.tensor([r["test_acc_curve"] for r in runs], dtype=torch.float64)
-            loss = torch.tensor([r["train_loss_curve"] for r in runs], dtype=torch.float64)
-            acc_ax.plot(
-                runs[0]["curve_epochs"], acc.mean(0), "o-", ms=3, color=f"C{i}", label=method
-            )
+            acc = torch.tensor([r.test_acc_curve for r in runs], dtype=torch.float64)
+            loss = torch.tensor([r.train_loss_curve for r in runs], dtype=torch.float64)
+            acc_ax.plot(runs[0].curve_epochs, acc.mean(0), "o-", ms=3, color=f"C{i}", label=method)
             loss_ax.plot(range(1, loss.shape[1] + 1), loss.mean(0), color=f"C{i}", label=method)
         acc_ax.set(title="test accuracy (mean over runs)", xlabel="epoch", ylabel="%")
         loss_ax.set(title="training loss (mean over runs)", xlabel="epoch", yscale="log")
@@ -635,6 +665,7 @@ def _draw_digits_curves(results: list[JSON]):
 def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
     """The synthetic landscapes and iterates, and the digits accuracy/loss curves."""
     specs = []
+    results = _typed(results)
     runs = _synthetic_runs(results)
     if runs:
         specs.append(

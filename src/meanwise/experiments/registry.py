@@ -80,16 +80,25 @@ def _load_builtins() -> None:
     _builtins_loaded = True
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
+    # A builtin imported directly (`import meanwise.experiments.fedau`) registers before the
+    # others; reorder so the report's order is `_BUILTIN_MODULES`, whatever was imported first.
+    rank = {module: i for i, module in enumerate(_BUILTIN_MODULES)}
+    ordered = sorted(
+        _REGISTRY.values(), key=lambda e: rank.get(getattr(e.run, "__module__", ""), len(rank))
+    )
+    _REGISTRY.clear()
+    _REGISTRY.update((e.name, e) for e in ordered)
 
 
 def names() -> list[str]:
-    """Registered experiment names, in registration order."""
+    """Registered experiment names: the builtins in `_BUILTIN_MODULES` order, then the others
+    in registration order."""
     _load_builtins()
     return list(_REGISTRY)
 
 
 def experiments() -> list[Experiment]:
-    """Registered experiments, in registration order."""
+    """Registered experiments, in the order of `names()`."""
     _load_builtins()
     return list(_REGISTRY.values())
 
