@@ -1,8 +1,9 @@
 """Frame averaging (Puny et al., ICLR 2022): exact symmetry for any backbone.
 
 `pca_frames` builds the frames of point clouds for O(d)/SO(d)/E(d)/SE(d), `permutation_frames`
-those of graphs for S_n; `FrameAveraging` wraps a backbone; `nbody` and `models` hold the
-charged-particle simulator and the n-body models of the paper's experiment.
+those of graphs for S_n; `FrameAveraging` wraps a backbone (`for_points`, `for_graphs`) and runs
+one forward over the `Frame` protocol (`PCAFrame`, `PermutationFrame`); `nbody` and `models`
+hold the charged-particle simulator and the n-body models of the paper's experiment.
 """
 
 from meanwise.symmetry.frame_averaging import (
@@ -12,6 +13,7 @@ from meanwise.symmetry.frame_averaging import (
     reframe,
     repeat_for_frames,
 )
+from meanwise.symmetry.frame_protocol import Frame, PCAFrame, PermutationFrame
 from meanwise.symmetry.frames import (
     DegenerateFrameError,
     DegenerateFrameWarning,
@@ -31,6 +33,9 @@ from meanwise.symmetry.graph_frames import (
 
 __all__ = [
     "FrameAveraging",
+    "Frame",
+    "PCAFrame",
+    "PermutationFrame",
     "OUTPUTS",
     "GRAPH_OUTPUTS",
     "reframe",
