@@ -5,6 +5,7 @@ FedAU's weights against 1/p_n; the claims and the protocol table on hand-made re
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from meanwise.data.fedprox_synthetic import fedprox_synthetic
 from meanwise.experiments import fedau as fe
 from meanwise.experiments import get
 from meanwise.experiments.claims import validate_claim
-from meanwise.experiments.fedau import FedAUConfig, run
+from meanwise.experiments.fedau import FedAUConfig, FedAUResult, run
 from meanwise.experiments.fedau_report import claims, protocol, summarize
 from meanwise.federated import (
     Bernoulli,
@@ -60,12 +61,22 @@ def test_same_seed_identical_other_seed_different(tiny_runs):
     assert a["optimum"] is not None and c["optimum"] is None  # optimum_seeds=1
 
 
+def test_results_round_trip_through_the_typed_records(tiny_runs):
+    """The report's typed records give back the JSON the runner caches, unchanged."""
+    for result in tiny_runs:
+        data = json.loads(json.dumps(dataclasses.asdict(result)))
+        typed = FedAUResult.from_json(data)
+        assert typed == result
+        assert json.dumps(typed.to_json()) == json.dumps(data)
+    assert tiny_runs[2].optimum is None and FedAUResult.from_json(data).optimum is None
+
+
 def test_the_exact_optimum_of_the_true_objective_is_lower(tiny_runs):
     optimum = tiny_runs[0].optimum
-    uniform, weighted = optimum["uniform"], optimum["participation_weighted"]
+    uniform, weighted = optimum.uniform, optimum.participation_weighted
     # the true objective is minimized by its own minimizer, not by the p-weighted one
-    assert uniform["objective"] < weighted["objective"]
-    assert uniform["gradient_norm"] < 0.02  # from about 1 at the zero start
+    assert uniform.objective < weighted.objective
+    assert uniform.gradient_norm < 0.02  # from about 1 at the zero start
 
 
 def test_closed_form_objective_gradient_matches_autograd():

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,6 +59,7 @@ from meanwise.data.federated_split import FederatedDataset, digits_federated
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
 from meanwise.engine import ParameterLayout, draw_batches
 from meanwise.experiments.base import cached_stage, progress, seeded, torch_threads
+from meanwise.experiments.fedau_results import FedAUResult, MethodRun, Optima, SettingResult
 from meanwise.federated import (
     MIFA,
     Aggregator,
@@ -176,55 +177,6 @@ class FedAUConfig:
     def full(cls) -> FedAUConfig:
         """Both datasets, N = 100, 1000 rounds, 5 seeds, all six methods."""
         return cls()
-
-
-@dataclass
-class MethodRun:
-    """One method at one server rate: curves at every evaluation and the final-window means.
-
-    `test_acc` is in % (per-user accuracy averaged over users on Synthetic); `train_objective`
-    is 1/N Σ_n (mean loss of client n). `multiplier` is the rate over the method's base;
-    `diverged` runs (a non-finite update) are never chosen.
-    """
-
-    method: str
-    server_lr: float
-    multiplier: float
-    rounds: list[int]
-    test_acc: list[float]
-    train_objective: list[float]
-    final_test_acc: float
-    final_objective: float
-    diverged: bool = False
-    chosen: bool = False
-
-
-@dataclass
-class SettingResult:
-    """One (dataset, pattern): every grid run, the probabilities p_n, the long-run participation
-    frequencies, FedAU's final weights (to set against 1/p_n) and the participation counts."""
-
-    dataset: str
-    pattern: str
-    mean_participation: float
-    probs: list[float]
-    frequencies: list[float]
-    fedau_weights: list[float]
-    participations: list[int]
-    runs: list[MethodRun] = field(default_factory=list)
-
-
-@dataclass
-class FedAUResult:
-    """One seed. `optimum` (Synthetic, first `optimum_seeds` seeds): the exact minimizers of the
-    true and of the participation-weighted objective with their true objective and per-user
-    test accuracy (see `objective_optima`)."""
-
-    seed: int
-    rounds: int
-    n_clients: int
-    settings: list[SettingResult] = field(default_factory=list)
-    optimum: dict[str, Any] | None = None
 
 
 # --- data and models ------------------------------------------------------------------------
@@ -812,12 +764,11 @@ def run(config: FedAUConfig, seed: int) -> FedAUResult:
         for dataset, pattern in progress(settings, desc=f"seed {seed} fedau"):
             stage = cached_stage(
                 f"{dataset}-{pattern}",
-                lambda d=dataset, p=pattern: asdict(run_setting(d, p, config, seed)),
+                lambda d=dataset, p=pattern: run_setting(d, p, config, seed).to_json(),
             )
-            runs = [MethodRun(**r) for r in stage.pop("runs")]
-            result.settings.append(SettingResult(**stage, runs=runs))
+            result.settings.append(SettingResult.from_json(stage))
         if "synthetic" in config.datasets and seed < config.optimum_seeds:
-            result.optimum = cached_stage("optima", lambda: _optima(config, seed))
+            result.optimum = Optima.from_json(cached_stage("optima", lambda: _optima(config, seed)))
     return result
 
 

@@ -1,6 +1,7 @@
 """What the report says about experiment `fedau`: the paper's claims as `Claim` records, the
-protocol table, published numbers, our tables and figures. Everything here reads results in
-their JSON form (lists of dicts), so a report can be rebuilt from cached results.
+protocol table, published numbers, our tables and figures. The public functions take results in
+their JSON form (lists of dicts), so a report can be rebuilt from cached results, and read them
+through the typed records of `fedau_results`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from typing import Any
 
 import torch
 
-from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
+from meanwise.experiments.base import FigureSpec, Table, format_mean_std, from_json, mean_std
 from meanwise.experiments.claims import Claim, ProtocolRow, paired_claim, protocol_table
+from meanwise.experiments.fedau_results import FedAUResult, MethodRun, Optima, SettingResult
 
 __all__ = [
     "PAPER",
@@ -93,22 +95,35 @@ _FEDAVG = ("FedAvg-participants", "FedAvg-all")
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _settings(results: list[JSON]) -> list[tuple[str, str]]:
+def _typed(results: list[JSON]) -> list[FedAUResult]:
+    return [FedAUResult.from_json(r) for r in results]
+
+
+def _config(config: JSON):
+    """The config that ran, typed (imported here: `fedau` imports this module to register)."""
+    from meanwise.experiments.fedau import FedAUConfig
+
+    return from_json(FedAUConfig, config)
+
+
+def _settings(results: list[FedAUResult]) -> list[tuple[str, str]]:
     seen: dict[tuple[str, str], None] = {}
     for result in results:
-        for s in result.get("settings", []):
-            seen[(s["dataset"], s["pattern"])] = None
+        for s in result.settings:
+            seen[(s.dataset, s.pattern)] = None
     return list(seen)
 
 
-def _setting(result: JSON, dataset: str, pattern: str) -> JSON | None:
-    for s in result.get("settings", []):
-        if (s["dataset"], s["pattern"]) == (dataset, pattern):
+def _setting(result: FedAUResult, dataset: str, pattern: str) -> SettingResult | None:
+    for s in result.settings:
+        if (s.dataset, s.pattern) == (dataset, pattern):
             return s
     return None
 
 
-def _pick(results: list[JSON], dataset: str, pattern: str, fixed: bool) -> list[dict[str, JSON]]:
+def _pick(
+    results: list[FedAUResult], dataset: str, pattern: str, fixed: bool
+) -> list[dict[str, MethodRun]]:
     """Per seed (in order): method → its chosen-rate run (or its multiplier-1 run if `fixed`)."""
     out = []
     for result in results:
@@ -116,37 +131,37 @@ def _pick(results: list[JSON], dataset: str, pattern: str, fixed: bool) -> list[
         if s is None:
             continue
         runs = {}
-        for r in s["runs"]:
-            if (fixed and r["multiplier"] == 1.0) or (not fixed and r["chosen"]):
-                runs[r["method"]] = r
+        for r in s.runs:
+            if (fixed and r.multiplier == 1.0) or (not fixed and r.chosen):
+                runs[r.method] = r
         out.append(runs)
     return out
 
 
-def _methods(results: list[JSON], dataset: str, pattern: str) -> list[str]:
+def _methods(results: list[FedAUResult], dataset: str, pattern: str) -> list[str]:
     picked = _pick(results, dataset, pattern, fixed=False)
     return list(picked[0]) if picked else []
 
 
-def _acc(per_seed: list[dict[str, JSON]], method: str) -> list[float]:
-    return [runs[method]["final_test_acc"] for runs in per_seed]
+def _acc(per_seed: list[dict[str, MethodRun]], method: str) -> list[float]:
+    return [runs[method].final_test_acc for runs in per_seed]
 
 
-def _grid(results: list[JSON], dataset: str, pattern: str, method: str) -> list[float]:
+def _grid(results: list[FedAUResult], dataset: str, pattern: str, method: str) -> list[float]:
     grid: set[float] = set()
     for result in results:
         s = _setting(result, dataset, pattern)
         if s is not None:
-            grid |= {r["multiplier"] for r in s["runs"] if r["method"] == method}
+            grid |= {r.multiplier for r in s.runs if r.method == method}
     return sorted(grid)
 
 
-def _edge_choices(results: list[JSON], dataset: str, pattern: str, method: str) -> list[str]:
+def _edge_choices(results: list[FedAUResult], dataset: str, pattern: str, method: str) -> list[str]:
     """'low'/'high' for each seed whose chosen multiplier is an end of the grid."""
     grid = _grid(results, dataset, pattern, method)
     flags = []
     for runs in _pick(results, dataset, pattern, fixed=False):
-        m = runs[method]["multiplier"]
+        m = runs[method].multiplier
         if len(grid) > 1 and m == grid[0]:
             flags.append("low")
         elif len(grid) > 1 and m == grid[-1]:
@@ -154,7 +169,7 @@ def _edge_choices(results: list[JSON], dataset: str, pattern: str, method: str) 
     return flags
 
 
-def _edge_text(results: list[JSON], dataset: str, pattern: str, methods: list[str]) -> str:
+def _edge_text(results: list[FedAUResult], dataset: str, pattern: str, methods: list[str]) -> str:
     parts = []
     for method in methods:
         flags = _edge_choices(results, dataset, pattern, method)
@@ -165,23 +180,24 @@ def _edge_text(results: list[JSON], dataset: str, pattern: str, methods: list[st
     return "EDGE CHOICE (the grid may be too narrow): " + "; ".join(parts) + "."
 
 
-def _optima(results: list[JSON]) -> list[JSON]:
-    return [r["optimum"] | {"seed": r["seed"]} for r in results if r.get("optimum")]
+def _optima(results: list[FedAUResult]) -> list[tuple[int, Optima]]:
+    """(seed, exact optima) of the seeds that computed them."""
+    return [(r.seed, r.optimum) for r in results if r.optimum is not None]
 
 
-def _optimum_text(results: list[JSON]) -> str:
+def _optimum_text(results: list[FedAUResult]) -> str:
     optima = _optima(results)
     if not optima:
         return ""
-    gaps = [o["uniform"]["test_acc"] - o["participation_weighted"]["test_acc"] for o in optima]
+    gaps = [o.uniform.test_acc - o.participation_weighted.test_acc for _, o in optima]
     return (
-        f" At the exact optima (seeds {', '.join(str(o['seed']) for o in optima)}), the true "
+        f" At the exact optima (seeds {', '.join(str(seed) for seed, _ in optima)}), the true "
         f"objective's minimizer beats the participation-weighted one (FedAvg's fixed point) by "
         f"{format_mean_std(gaps)} points of per-user test accuracy: the long-run effect."
     )
 
 
-def _weight_error(results: list[JSON], dataset: str, pattern: str) -> tuple[float, float]:
+def _weight_error(results: list[FedAUResult], dataset: str, pattern: str) -> tuple[float, float]:
     """Median over clients and seeds of |ω_n·p_n − 1| (FedAU) and |1·p_n − 1| (FedAvg-all).
 
     FedAvg over all clients gives every participant weight 1, i.e. 1/N Σ_S Δ_n, whose
@@ -190,10 +206,10 @@ def _weight_error(results: list[JSON], dataset: str, pattern: str) -> tuple[floa
     fedau, fedavg = [], []
     for result in results:
         s = _setting(result, dataset, pattern)
-        if s is None or not s["fedau_weights"]:
+        if s is None or not s.fedau_weights:
             continue
-        p = torch.tensor(s["probs"], dtype=torch.float64)
-        w = torch.tensor(s["fedau_weights"], dtype=torch.float64)
+        p = torch.tensor(s.probs, dtype=torch.float64)
+        w = torch.tensor(s.fedau_weights, dtype=torch.float64)
         seen = w > 0
         fedau.append((w[seen] * p[seen] - 1).abs())
         fedavg.append((p - 1).abs())
@@ -209,7 +225,7 @@ def summarize(results: list[JSON]) -> list[Table]:
     """Per (dataset, pattern) a method table (tuned and fixed rates); the exact optima; FedAU's
     weights against 1/p_n."""
     tables = []
-    first = results[0] if results else {}
+    results = _typed(results)
     for dataset, pattern in _settings(results):
         tuned = _pick(results, dataset, pattern, fixed=False)
         fixed = _pick(results, dataset, pattern, fixed=True)
@@ -219,14 +235,14 @@ def summarize(results: list[JSON]) -> list[Table]:
         rows = []
         for method in methods:
             chosen = [runs[method] for runs in tuned]
-            multipliers = sorted({r["multiplier"] for r in chosen})
+            multipliers = sorted({r.multiplier for r in chosen})
             flags = _edge_choices(results, dataset, pattern, method)
             grid = _grid(results, dataset, pattern, method)
             rows.append(
                 [
                     method,
                     format_mean_std(_acc(tuned, method)),
-                    format_mean_std([r["final_objective"] for r in chosen], digits=4),
+                    format_mean_std([r.final_objective for r in chosen], digits=4),
                     str(ranking.index(method) + 1),
                     ", ".join(f"×{m:g}" for m in multipliers)
                     + (f" (EDGE: {len(flags)} seed(s))" if flags else "")
@@ -251,7 +267,7 @@ def summarize(results: list[JSON]) -> list[Table]:
                 ],
                 rows=rows,
                 caption=f"{dataset} ({role}), {pattern} participation, N = "
-                f"{first.get('n_clients', '?')}, {first.get('rounds', '?')} rounds; final = mean "
+                f"{results[0].n_clients}, {results[0].rounds} rounds; final = mean "
                 "of the last evaluations (per-user accuracy on Synthetic); the tuned rate is "
                 "chosen per seed from the grid by the lowest training objective 1/N Σ_n f_n "
                 "(never by test accuracy); fixed ×1 is the paper's equal-step protocol (global "
@@ -262,17 +278,17 @@ def summarize(results: list[JSON]) -> list[Table]:
     optima = _optima(results)
     if optima:
         rows = []
-        for o in optima:
-            u, w = o["uniform"], o["participation_weighted"]
+        for seed, o in optima:
+            u, w = o.uniform, o.participation_weighted
             rows.append(
                 [
-                    str(o["seed"]),
-                    f"{u['objective']:.4f}",
-                    f"{w['objective']:.4f}",
-                    f"{u['test_acc']:.2f}",
-                    f"{w['test_acc']:.2f}",
-                    f"{u['test_acc'] - w['test_acc']:+.2f}",
-                    f"{u['gradient_norm']:.1e}",
+                    str(seed),
+                    f"{u.objective:.4f}",
+                    f"{w.objective:.4f}",
+                    f"{u.test_acc:.2f}",
+                    f"{w.test_acc:.2f}",
+                    f"{u.test_acc - w.test_acc:+.2f}",
+                    f"{u.gradient_norm:.1e}",
                 ]
             )
         tables.append(
@@ -300,11 +316,11 @@ def summarize(results: list[JSON]) -> list[Table]:
         largest_w, largest_inv, fewest = [], [], []
         for result in results:
             s = _setting(result, dataset, pattern)
-            if s is None or not s["fedau_weights"]:
+            if s is None or not s.fedau_weights:
                 continue
-            largest_w.append(max(s["fedau_weights"]))
-            largest_inv.append(1.0 / min(s["probs"]))
-            fewest.append(float(min(s["participations"])))
+            largest_w.append(max(s.fedau_weights))
+            largest_inv.append(1.0 / min(s.probs))
+            fewest.append(float(min(s.participations)))
         if not largest_w:
             continue
         rows.append(
@@ -342,6 +358,7 @@ def summarize(results: list[JSON]) -> list[Table]:
 def metrics(results: list[JSON]) -> dict[str, float]:
     """Headline numbers, flat, for scripts that read results.json."""
     out: dict[str, float] = {}
+    results = _typed(results)
     for dataset, pattern in _settings(results):
         for fixed, tag in ((False, "tuned"), (True, "fixed")):
             per_seed = _pick(results, dataset, pattern, fixed)
@@ -356,7 +373,7 @@ def metrics(results: list[JSON]) -> dict[str, float]:
     optima = _optima(results)
     if optima:
         out["synthetic.optimum.achievable_effect.mean"] = mean_std(
-            [o["uniform"]["test_acc"] - o["participation_weighted"]["test_acc"] for o in optima]
+            [o.uniform.test_acc - o.participation_weighted.test_acc for _, o in optima]
         )[0]
     return out
 
@@ -364,11 +381,11 @@ def metrics(results: list[JSON]) -> dict[str, float]:
 # --- claims ----------------------------------------------------------------------------------
 
 
-def _best_of(per_seed: list[dict[str, JSON]], methods: tuple[str, ...]) -> list[float]:
-    return [max(runs[m]["final_test_acc"] for m in methods) for runs in per_seed]
+def _best_of(per_seed: list[dict[str, MethodRun]], methods: tuple[str, ...]) -> list[float]:
+    return [max(runs[m].final_test_acc for m in methods) for runs in per_seed]
 
 
-def _means(per_seed: list[dict[str, JSON]], methods: list[str]) -> str:
+def _means(per_seed: list[dict[str, MethodRun]], methods: list[str]) -> str:
     return ", ".join(f"{m} {mean_std(_acc(per_seed, m))[0]:.2f}%" for m in methods)
 
 
@@ -379,6 +396,7 @@ def claims(results: list[JSON]) -> list[Claim]:
     at the paper's fixed rate ×1. The secondary setting (digits) gets the premise and FedAU vs
     FedAvg only. No claim has a paper effect: the paper's numbers are on image CNNs."""
     out: list[Claim] = []
+    results = _typed(results)
     settings = sorted(_settings(results), key=lambda s: s[0] != HEADLINE)
     for dataset, pattern in settings:
         tuned = _pick(results, dataset, pattern, fixed=False)
@@ -470,15 +488,16 @@ def claims(results: list[JSON]) -> list[Claim]:
 
 def protocol(config: JSON) -> Table:
     """The paper's protocol (and its released code's) against the config that ran."""
-    datasets = list(config.get("datasets", []))
-    grid = ", ".join(f"{m:g}" for m in config.get("server_lr_multipliers", []))
+    config = _config(config)
+    datasets = list(config.datasets)
+    grid = ", ".join(f"{m:g}" for m in config.server_lr_multipliers)
     secondary = "digits" in datasets
     rows = [
         ProtocolRow(
             "model",
             "small CNNs per dataset",
             "multinomial logistic regression (60 → 10) on Synthetic"
-            + (f"; MLP 64-{config.get('hidden')}-10 on digits" if secondary else ""),
+            + (f"; MLP 64-{config.hidden}-10 on digits" if secondary else ""),
             "2 CPU cores and no image datasets offline. A convex model whose clients' "
             "objectives conflict makes the weighting matter and lets us compute the exact "
             "optima; absolute accuracies are not comparable to the paper's.",
@@ -487,10 +506,10 @@ def protocol(config: JSON) -> Table:
             "data",
             "FashionMNIST, SVHN, CIFAR-10/100, CINIC-10 split by Dirichlet(0.1) on labels "
             "(the released code draws a per-client label mix)",
-            f"FedProx Synthetic({config.get('synthetic_alpha')}, {config.get('synthetic_beta')}),"
+            f"FedProx Synthetic({config.synthetic_alpha}, {config.synthetic_beta}),"
             " one user per client (headline)"
             + (
-                f"; 8x8 digits by Dirichlet({config.get('dirichlet_alpha')}) on labels (secondary)"
+                f"; 8x8 digits by Dirichlet({config.dirichlet_alpha}) on labels (secondary)"
                 if secondary
                 else "; digits (secondary setting) only in the full preset"
             ),
@@ -501,14 +520,14 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "clients",
             "N = 250",
-            f"N = {config.get('n_clients')}",
+            f"N = {config.n_clients}",
             "time; N/Σp is still ~10 participants per round",
         ),
         ProtocolRow(
             "participation",
             "p_n = max(0.02, 0.1·C·⟨π_n, d⟩); Bernoulli, Markov (0.05), cyclic (period 100)",
-            f"the same; Markov rate {config.get('markov_rate')}, cyclic period "
-            f"{config.get('cyclic_period')} with a random phase per client and an on-window of "
+            f"the same; Markov rate {config.markov_rate}, cyclic period "
+            f"{config.cyclic_period} with a random phase per client and an on-window of "
             "round(period·p_n) rounds",
             "the released code's cyclic phase convention differs; the long-run frequencies "
             "are the same up to rounding",
@@ -517,7 +536,7 @@ def protocol(config: JSON) -> Table:
             "budget",
             "10,000 rounds (50,000 local iterations), local lr halved every 5,000 iterations "
             "after 50,000",
-            f"{config.get('rounds')} rounds, no decay",
+            f"{config.rounds} rounds, no decay",
             "time on 2 cores. At 1,000 rounds a client at the 0.02 floor takes part ~20 times, "
             "so FedAU's weight estimates are noisier than at 10,000; the gap between methods "
             "at a finite round count can exceed the long-run one (see the exact optima).",
@@ -525,9 +544,9 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "local training",
             "I = 5 SGD steps of batch 16, lr 0.1, minibatches by epoch shuffling",
-            f"I = {config.get('local_steps')} steps of batch {config.get('batch_size')}, lr "
-            f"{config.get('synthetic_local_lr')} on Synthetic"
-            + (f", {config.get('digits_local_lr')} on digits" if secondary else "")
+            f"I = {config.local_steps} steps of batch {config.batch_size}, lr "
+            f"{config.synthetic_local_lr} on Synthetic"
+            + (f", {config.digits_local_lr} on digits" if secondary else "")
             + "; minibatches drawn uniformly with replacement from the client's rows",
             "0.1 made Synthetic's local steps diverge on big clients (FedProx uses 0.01); "
             "sampling with replacement only changes the minibatch noise slightly",
@@ -546,7 +565,7 @@ def protocol(config: JSON) -> Table:
             "methods",
             "FedAU (K = ∞ and 50), average over participants, average over all, known p, "
             "MIFA, FedVARP",
-            ", ".join(config.get("methods", [])),
+            ", ".join(config.methods),
             "FedVARP is not run (time); MIFA stands for the memory-based methods",
         ),
         ProtocolRow(
@@ -558,10 +577,10 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "seeds",
             "5 (the README runs seeds 1-5)",
-            f"{config.get('seeds')} paired seeds (same split, probabilities, participation "
+            f"{config.seeds} paired seeds (same split, probabilities, participation "
             "stream, initial model and minibatches for every method)",
             "same as the paper"
-            if config.get("seeds", 0) >= 5
+            if config.seeds >= 5
             else "time (quick preset); the full preset runs 5. Claims whose interval "
             "straddles their threshold say how many seeds would resolve them",
         ),
@@ -570,16 +589,16 @@ def protocol(config: JSON) -> Table:
             "test accuracy on the dataset's test set",
             "per-user test accuracy averaged over users on Synthetic (every client counts "
             "equally, like the objective); pooled test accuracy on digits; final = mean of "
-            f"the last {config.get('final_window')} evaluations (every "
-            f"{config.get('eval_every')} rounds)",
+            f"the last {config.final_window} evaluations (every "
+            f"{config.eval_every} rounds)",
             "the pooled test set of Synthetic would be dominated by a few lognormal-large users",
         ),
         ProtocolRow(
             "exact optima",
             "not computed",
             f"minimizers of the true and the participation-weighted objectives (L-BFGS, "
-            f"{config.get('optimum_iterations')} iterations) for the first "
-            f"{config.get('optimum_seeds')} seed(s)",
+            f"{config.optimum_iterations} iterations) for the first "
+            f"{config.optimum_seeds} seed(s)",
             "bounds the achievable long-run effect (not in the paper)",
         ),
     ]
@@ -591,7 +610,7 @@ def protocol(config: JSON) -> Table:
 # --- figures -------------------------------------------------------------------------------------
 
 
-def _draw_curves(results: list[JSON], dataset: str):
+def _draw_curves(results: list[FedAUResult], dataset: str):
     def draw(fig) -> None:
         patterns = [p for d, p in _settings(results) if d == dataset]
         axes = fig.subplots(1, len(patterns), squeeze=False)[0]
@@ -599,9 +618,9 @@ def _draw_curves(results: list[JSON], dataset: str):
             per_seed = _pick(results, dataset, pattern, fixed=False)
             for i, method in enumerate(_methods(results, dataset, pattern)):
                 runs = [r[method] for r in per_seed]
-                length = min(len(r["test_acc"]) for r in runs)
-                acc = torch.tensor([r["test_acc"][:length] for r in runs], dtype=torch.float64)
-                ax.plot(runs[0]["rounds"][:length], acc.mean(0), color=f"C{i}", label=method)
+                length = min(len(r.test_acc) for r in runs)
+                acc = torch.tensor([r.test_acc[:length] for r in runs], dtype=torch.float64)
+                ax.plot(runs[0].rounds[:length], acc.mean(0), color=f"C{i}", label=method)
             ax.set(title=f"{dataset}, {pattern}", xlabel="round", ylabel="test acc (%)")
             low = min(line.get_ydata().min() for line in ax.get_lines()) if ax.get_lines() else 0
             ax.set_ylim(max(low, 30.0), 100.0)
@@ -610,19 +629,18 @@ def _draw_curves(results: list[JSON], dataset: str):
     return draw
 
 
-def _draw_weights(results: list[JSON]):
+def _draw_weights(results: list[FedAUResult]):
     def draw(fig) -> None:
-        settings = [s for s in (results[0].get("settings", []) if results else [])]
-        settings = [s for s in settings if s["fedau_weights"]]
+        settings = [s for s in results[0].settings if s.fedau_weights]
         axes = fig.subplots(1, max(1, len(settings)), squeeze=False)[0]
         for ax, s in zip(axes, settings, strict=False):
-            p = torch.tensor(s["probs"], dtype=torch.float64)
-            w = torch.tensor(s["fedau_weights"], dtype=torch.float64)
+            p = torch.tensor(s.probs, dtype=torch.float64)
+            w = torch.tensor(s.fedau_weights, dtype=torch.float64)
             seen = w > 0
             ax.loglog(1 / p[seen], w[seen], ".", ms=4)
             top = float((1 / p).max())
             ax.plot([1, top], [1, top], color="0.5", ls=":", lw=1)
-            ax.set(title=f"{s['dataset']}, {s['pattern']}", xlabel="1/p_n", ylabel="ω_n")
+            ax.set(title=f"{s.dataset}, {s.pattern}", xlabel="1/p_n", ylabel="ω_n")
 
     return draw
 
@@ -630,6 +648,7 @@ def _draw_weights(results: list[JSON]):
 def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
     """Accuracy curves per dataset (one panel per pattern) and FedAU's weights vs 1/p_n."""
     specs = []
+    results = _typed(results)
     for dataset in dict.fromkeys(d for d, _ in _settings(results)):
         specs.append(
             FigureSpec(
