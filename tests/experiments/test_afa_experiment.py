@@ -5,6 +5,7 @@ and the claims and protocol on real tiny results and on hand-made ones."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 
@@ -17,6 +18,7 @@ from meanwise.data.fedprox_synthetic import fedprox_synthetic
 from meanwise.experiments import get
 from meanwise.experiments.afa import (
     AFAConfig,
+    AFAResult,
     _aggregator,
     _simulate,
     _workers,
@@ -174,6 +176,15 @@ def test_predicted_fixed_point_solves_its_equation():
     assert objective(train, wd, uniform) - f_star < 1e-9
     starved = predicted_fixed_point(train, wd, w, None, start=x_star)
     assert objective(train, wd, starved) - f_star > 1e-4
+
+
+def test_results_round_trip_through_the_typed_records(tiny_runs):
+    """The report's typed records give back the JSON the runner caches, unchanged."""
+    for result in tiny_runs:
+        data = json.loads(json.dumps(dataclasses.asdict(result)))
+        typed = AFAResult.from_json(data)
+        assert typed == result and typed.speedup and typed.speedup[0].arrivals_per_round == 1
+        assert json.dumps(typed.to_json()) == json.dumps(data)
 
 
 def test_claims_and_protocol_on_tiny_results(tiny_runs):

@@ -45,7 +45,7 @@ against `FederatedSimulator`. The report side is in `afa_report`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,9 @@ from torch import Tensor, nn
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
 from meanwise.engine import ParameterLayout, draw_batches
+from meanwise.experiments.afa_results import AFAResult, AFARun
 from meanwise.experiments.base import cached_stage, seeded, torch_threads
-from meanwise.experiments.fedau import _client_mean
+from meanwise.experiments.fedau import client_mean
 from meanwise.federated import AFA_CD, AFA_CS, Aggregator, Anarchic, FedAvg
 
 __all__ = [
@@ -138,40 +139,6 @@ class AFAConfig:
         return cls(seeds=12, rounds=3000, average_rounds=500, eval_every=50)
 
 
-@dataclass
-class AFARun:
-    """One method (or one m of the speedup part): excess objective and test accuracy curves."""
-
-    method: str
-    arrivals_per_round: int
-    server_lr: float
-    rounds: list[int]
-    excess: list[float]
-    test_acc: list[float]
-    final_excess: float
-    final_test_acc: float
-    tail_average_excess: float = 0.0  # f − f* at the mean of the last average_rounds iterates
-    rounds_to_target: int | None = None  # None: never reached within the run
-    chosen: bool = False
-
-
-@dataclass
-class AFAResult:
-    seed: int
-    n_workers: int
-    optimum: float
-    initial_excess: float
-    arrival_counts: list[int]
-    local_steps: list[int]
-    mean_staleness: float
-    never_arrived: int = 0  # workers never accepted (only possible with discard_stale)
-    waited_rounds: int = 0  # rounds that waited for a worker at the delay bound
-    rejected_stale: int = 0  # updates discarded for staleness (discard_stale only)
-    predicted_bias: dict[str, float] = field(default_factory=dict)
-    runs: list[AFARun] = field(default_factory=list)
-    speedup: list[AFARun] = field(default_factory=list)
-
-
 # --- the objective, its minimizers and the predicted fixed points --------------------------------
 
 
@@ -197,7 +164,7 @@ def objective(train: FederatedDataset, weight_decay: float, flat: Tensor) -> flo
     loss = F.cross_entropy(
         train.features.double() @ weight.T + bias, train.labels, reduction="none"
     )
-    return _client_mean(train, loss) + _penalty(flat, weight_decay)
+    return client_mean(train, loss) + _penalty(flat, weight_decay)
 
 
 def _weighted(train: FederatedDataset, weight_decay: float, weights: Tensor):
@@ -497,9 +464,9 @@ def _evaluate(
             run_.test_acc.append(0.0)
             continue
         i = live.index(run_)
-        e = _client_mean(train, loss[i]) + _penalty(run_.x, config.weight_decay) - f_star
+        e = client_mean(train, loss[i]) + _penalty(run_.x, config.weight_decay) - f_star
         run_.excess.append(e if math.isfinite(e) else 1e30)
-        run_.test_acc.append(100.0 * _client_mean(test, predicted[i] == test.labels))
+        run_.test_acc.append(100.0 * client_mean(test, predicted[i] == test.labels))
         if run_.reached is None and e <= threshold:
             run_.reached = round_
 
@@ -606,14 +573,14 @@ def run(config: AFAConfig, seed: int) -> AFAResult:
                     )[0]
                 by_m = {s.arrivals: _as_record(s, train, f_star, config) for s in runs_m}
                 main = next(r for r in records if r.method == "AFA-CD" and r.chosen)
-                by_m[m_main] = AFARun(**{**asdict(main), "chosen": False})
+                by_m[m_main] = replace(main, chosen=False)
                 speedup = [by_m[m] for m in config.speedup_arrivals]
             cs = next((s for s in sims if s.method == "AFA-CS"), None)
             memory = None if cs is None else cs.aggregator.memory
             steps = _workers(config, seed, 1).fixed_steps
             return {
-                "runs": [asdict(r) for r in records],
-                "speedup": [asdict(r) for r in speedup],
+                "runs": [r.to_json() for r in records],
+                "speedup": [r.to_json() for r in speedup],
                 "counts": stats.counts.tolist(),
                 "never_arrived": int((stats.counts == 0).sum()),
                 "mean_staleness": stats.staleness_sum / config.rounds,
@@ -636,8 +603,8 @@ def run(config: AFAConfig, seed: int) -> AFAResult:
             waited_rounds=stage["waited_rounds"],
             rejected_stale=stage["rejected"],
             predicted_bias=stage["predicted"],
-            runs=[AFARun(**r) for r in stage["runs"]],
-            speedup=[AFARun(**r) for r in stage["speedup"]],
+            runs=[AFARun.from_json(r) for r in stage["runs"]],
+            speedup=[AFARun.from_json(r) for r in stage["speedup"]],
         )
 
 

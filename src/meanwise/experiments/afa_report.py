@@ -1,6 +1,6 @@
 """What the report says about experiment `afa`: the paper's claims, the paper's setting, our
 tables and figures, the claims with intervals and the protocol, from results in their JSON form
-(lists of dicts).
+(lists of dicts), read through the typed records of `afa_results`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
+from meanwise.experiments.afa_results import AFAResult, AFARun
+from meanwise.experiments.base import FigureSpec, Table, format_mean_std, from_json, mean_std
 from meanwise.experiments.claims import (
     Claim,
     ProtocolRow,
@@ -75,24 +76,35 @@ PUBLISHED = [
 _METHOD_ORDER = ("AFA-CD", "AFA-CS", "FedAvg")
 
 
-def _chosen(results: list[JSON]) -> dict[str, list[JSON]]:
+def _typed(results: list[JSON]) -> list[AFAResult]:
+    return [AFAResult.from_json(r) for r in results]
+
+
+def _config(config: JSON):
+    """The config that ran, typed (imported here: `afa` imports this module to register)."""
+    from meanwise.experiments.afa import AFAConfig
+
+    return from_json(AFAConfig, config)
+
+
+def _chosen(results: list[AFAResult]) -> dict[str, list[AFARun]]:
     """Each method's chosen run per seed (seed order kept, so lists pair by index)."""
-    out: dict[str, list[JSON]] = {}
+    out: dict[str, list[AFARun]] = {}
     for result in results:
-        for r in result.get("runs", []):
-            if r["chosen"]:
-                out.setdefault(r["method"], []).append(r)
+        for r in result.runs:
+            if r.chosen:
+                out.setdefault(r.method, []).append(r)
     return {m: out[m] for m in _METHOD_ORDER if m in out}
 
 
-def _paired(results: list[JSON], a: str, b: str) -> tuple[list[float], list[float]]:
+def _paired(results: list[AFAResult], a: str, b: str) -> tuple[list[float], list[float]]:
     """Tail-averaged excess of methods a and b on the seeds that ran both."""
     xs, ys = [], []
     for result in results:
-        chosen = {r["method"]: r for r in result.get("runs", []) if r["chosen"]}
+        chosen = {r.method: r for r in result.runs if r.chosen}
         if a in chosen and b in chosen:
-            xs.append(chosen[a]["tail_average_excess"])
-            ys.append(chosen[b]["tail_average_excess"])
+            xs.append(chosen[a].tail_average_excess)
+            ys.append(chosen[b].tail_average_excess)
     return xs, ys
 
 
@@ -101,57 +113,53 @@ def _logs(values: list[float]) -> list[float]:
     return [math.log(max(v, 1e-12)) for v in values]
 
 
-def _speedup(results: list[JSON]) -> dict[int, list[JSON]]:
-    out: dict[int, list[JSON]] = {}
+def _speedup(results: list[AFAResult]) -> dict[int, list[AFARun]]:
+    out: dict[int, list[AFARun]] = {}
     for result in results:
-        for r in result.get("speedup", []):
-            out.setdefault(r["arrivals_per_round"], []).append(r)
+        for r in result.speedup:
+            out.setdefault(r.arrivals_per_round, []).append(r)
     return dict(sorted(out.items()))
 
 
-def _predicted(results: list[JSON], method: str) -> list[float]:
+def _predicted(results: list[AFAResult], method: str) -> list[float]:
     # an excess objective is >= 0: a value a hair below is the L-BFGS tolerance of f*
-    return [
-        max(r["predicted_bias"][method], 0.0)
-        for r in results
-        if method in r.get("predicted_bias", {})
-    ]
+    return [max(r.predicted_bias[method], 0.0) for r in results if method in r.predicted_bias]
 
 
-def _ratio(results: list[JSON], method: str) -> list[float]:
+def _ratio(results: list[AFAResult], method: str) -> list[float]:
     """Tail-averaged excess / initial excess per seed (small = converged)."""
     out = []
     for result in results:
-        for r in result.get("runs", []):
-            if r["chosen"] and r["method"] == method:
-                out.append(r["tail_average_excess"] / result["initial_excess"])
+        for r in result.runs:
+            if r.chosen and r.method == method:
+                out.append(r.tail_average_excess / result.initial_excess)
     return out
 
 
-def _rounds_to_target(runs: list[JSON]) -> float | None:
+def _rounds_to_target(runs: list[AFARun]) -> float | None:
     """Mean over seeds of the rounds to the target; None if some seed never reached it."""
-    values = [r["rounds_to_target"] for r in runs]
+    values = [r.rounds_to_target for r in runs]
     if any(v is None for v in values):
         return None
     return sum(values) / len(values)
 
 
-def _speedup_slopes(results: list[JSON]) -> tuple[list[float], int]:
+def _speedup_slopes(results: list[AFAResult]) -> tuple[list[float], int]:
     """Per seed, the least-squares slope of log(rounds to target) on log m, and how many runs
     never reached the target (counted as reaching it at the last round: a censored value
     that can only flatten the slope)."""
     slopes, censored = [], 0
     for result in results:
-        runs = result.get("speedup", [])
+        runs = result.speedup
         if len(runs) < 2:
             continue
         xs, ys = [], []
         for r in runs:
-            reached = r["rounds_to_target"]
+            reached = r.rounds_to_target
             if reached is None:
                 censored += 1
-                reached = r["rounds"][-1] if r["rounds"] else 1
-            xs.append(math.log(r["arrivals_per_round"]))
+                reached = r.rounds[-1] if r.rounds else 1
+            xs.append(math.log(r.arrivals_per_round))
             ys.append(math.log(reached))
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((x - mx) ** 2 for x in xs)
@@ -163,23 +171,23 @@ def _speedup_slopes(results: list[JSON]) -> tuple[list[float], int]:
 def summarize(results: list[JSON]) -> list[Table]:
     """The method comparison (measured vs predicted bias), the CD − CS gap, the speedup in m,
     and the arrivals the workers produced."""
+    results = _typed(results)
     tables = []
     chosen = _chosen(results)
     if chosen:
         rows = [
             [
                 method,
-                format_mean_std([r["final_excess"] for r in runs], digits=4),
-                format_mean_std([r["tail_average_excess"] for r in runs], digits=4),
+                format_mean_std([r.final_excess for r in runs], digits=4),
+                format_mean_std([r.tail_average_excess for r in runs], digits=4),
                 format_mean_std(_predicted(results, method), digits=4),
                 format_mean_std(_ratio(results, method), digits=4),
-                format_mean_std([r["final_test_acc"] for r in runs]),
-                ", ".join(sorted({f"{r['server_lr']:.3g}" for r in runs}, key=float)),
+                format_mean_std([r.final_test_acc for r in runs]),
+                ", ".join(sorted({f"{r.server_lr:.3g}" for r in runs}, key=float)),
             ]
             for method, runs in chosen.items()
         ]
-        first = results[0]
-        rounds = next(iter(chosen.values()))[0]["rounds"]
+        rounds = next(iter(chosen.values()))[0].rounds
         tables.append(
             Table(
                 columns=[
@@ -192,7 +200,7 @@ def summarize(results: list[JSON]) -> list[Table]:
                     "server lr (base; halved on schedule)",
                 ],
                 rows=rows,
-                caption=f"{first.get('n_workers', '?')} anarchic workers, "
+                caption=f"{results[0].n_workers} anarchic workers, "
                 f"{rounds[-1] if rounds else '?'} rounds; last iterates = mean of the last "
                 "evaluations; iterate average = f − f* at the mean of the iterates of the last "
                 "averaging window (with the halved server rate this removes most of the "
@@ -208,9 +216,9 @@ def summarize(results: list[JSON]) -> list[Table]:
     if cd:
         gap_measured = [a - b for a, b in zip(cd, cs, strict=True)]
         gap_predicted = [
-            r["predicted_bias"]["AFA-CD"] - r["predicted_bias"]["AFA-CS"]
+            r.predicted_bias["AFA-CD"] - r.predicted_bias["AFA-CS"]
             for r in results
-            if {"AFA-CD", "AFA-CS"} <= set(r.get("predicted_bias", {}))
+            if {"AFA-CD", "AFA-CS"} <= set(r.predicted_bias)
         ]
         wins = sum(g > 0 for g in gap_measured)
         tables.append(
@@ -239,10 +247,10 @@ def summarize(results: list[JSON]) -> list[Table]:
             rows.append(
                 [
                     str(m),
-                    ", ".join(sorted({f"{r['server_lr']:.3g}" for r in runs}, key=float)),
+                    ", ".join(sorted({f"{r.server_lr:.3g}" for r in runs}, key=float)),
                     "not reached" if reached is None else f"{reached:.0f}",
                     ratio,
-                    format_mean_std([r["tail_average_excess"] for r in runs], digits=4),
+                    format_mean_std([r.tail_average_excess for r in runs], digits=4),
                 ]
             )
         slopes, censored = _speedup_slopes(results)
@@ -263,8 +271,8 @@ def summarize(results: list[JSON]) -> list[Table]:
                 f"−1; {censored} censored run(s)).",
             )
         )
-    if results and results[0].get("arrival_counts"):
-        counts = torch.tensor([r["arrival_counts"] for r in results], dtype=torch.float64)
+    if results and results[0].arrival_counts:
+        counts = torch.tensor([r.arrival_counts for r in results], dtype=torch.float64)
         per_seed_ratio = [
             float(c.max() / c.min()) if float(c.min()) > 0 else float("inf") for c in counts
         ]
@@ -275,23 +283,23 @@ def summarize(results: list[JSON]) -> list[Table]:
                     ["arrivals of the busiest / rarest worker", format_mean_std(per_seed_ratio)],
                     [
                         "workers never accepted (starved)",
-                        format_mean_std([r.get("never_arrived", 0) for r in results]),
+                        format_mean_std([r.never_arrived for r in results]),
                     ],
                     [
                         "rounds that waited for a worker at the delay bound",
-                        format_mean_std([r.get("waited_rounds", 0) for r in results]),
+                        format_mean_std([r.waited_rounds for r in results]),
                     ],
                     [
                         "updates discarded as too stale",
-                        format_mean_std([r.get("rejected_stale", 0) for r in results]),
+                        format_mean_std([r.rejected_stale for r in results]),
                     ],
                     [
                         "mean staleness of an arrival (versions)",
-                        format_mean_std([r["mean_staleness"] for r in results]),
+                        format_mean_std([r.mean_staleness for r in results]),
                     ],
                     [
                         "local steps K_i (first seed)",
-                        " ".join(str(k) for k in results[0]["local_steps"]),
+                        " ".join(str(k) for k in results[0].local_steps),
                     ],
                 ],
                 caption="How anarchic the workers were (the main comparison's m).",
@@ -301,13 +309,14 @@ def summarize(results: list[JSON]) -> list[Table]:
 
 
 def metrics(results: list[JSON]) -> dict[str, float]:
+    results = _typed(results)
     out: dict[str, float] = {}
     for method, runs in _chosen(results).items():
-        out[f"{method}.final_excess.mean"] = mean_std([r["final_excess"] for r in runs])[0]
-        out[f"{method}.tail_average_excess.mean"] = mean_std(
-            [r["tail_average_excess"] for r in runs]
-        )[0]
-        out[f"{method}.final_test_acc.mean"] = mean_std([r["final_test_acc"] for r in runs])[0]
+        out[f"{method}.final_excess.mean"] = mean_std([r.final_excess for r in runs])[0]
+        out[f"{method}.tail_average_excess.mean"] = mean_std([r.tail_average_excess for r in runs])[
+            0
+        ]
+        out[f"{method}.final_test_acc.mean"] = mean_std([r.final_test_acc for r in runs])[0]
     for m, runs in _speedup(results).items():
         reached = _rounds_to_target(runs)
         out[f"speedup.m{m}.rounds_to_target"] = float("nan") if reached is None else reached
@@ -316,6 +325,7 @@ def metrics(results: list[JSON]) -> dict[str, float]:
 
 def claims(results: list[JSON]) -> list[Claim]:
     """The paper's claims, each with a 95 % interval over seeds (paired where both arms ran)."""
+    results = _typed(results)
     out: list[Claim] = []
     chosen = _chosen(results)
     for method in ("AFA-CD", "AFA-CS"):
@@ -340,9 +350,9 @@ def claims(results: list[JSON]) -> list[Claim]:
     cd, cs = _paired(results, "AFA-CD", "AFA-CS")
     if cd:
         gaps = [
-            r["predicted_bias"]["AFA-CD"] - r["predicted_bias"]["AFA-CS"]
+            r.predicted_bias["AFA-CD"] - r.predicted_bias["AFA-CS"]
             for r in results
-            if {"AFA-CD", "AFA-CS"} <= set(r.get("predicted_bias", {}))
+            if {"AFA-CD", "AFA-CS"} <= set(r.predicted_bias)
         ]
         difference = mean_std([b - a for a, b in zip(cd, cs, strict=True)])[0]
         predicted = (
@@ -401,22 +411,22 @@ def claims(results: list[JSON]) -> list[Claim]:
 
 def protocol(config: JSON) -> Table:
     """The paper's protocol against ours, with the config that ran."""
-    c = config
-    seeds = c.get("seeds", "?")
-    rounds = c.get("rounds", "?")
+    c = _config(config)
+    seeds = c.seeds
+    rounds = c.rounds
     rows = [
         ProtocolRow(
             "model",
             "neural networks and convex models on real-world data (the paper's experiments)",
-            f"multinomial logistic regression (nn.Linear 60 → 10), L2 {c.get('weight_decay', '?')}",
+            f"multinomial logistic regression (nn.Linear 60 → 10), L2 {c.weight_decay}",
             "convex with an exact minimum f*, so each rule's bias is measurable as f − f* "
             "(the theorems' quantity); a network's bias would hide in its non-convexity",
         ),
         ProtocolRow(
             "data",
             "real-world datasets split heterogeneously over workers",
-            f"FedProx Synthetic({c.get('synthetic_alpha', '?')}, {c.get('synthetic_beta', '?')}), "
-            f"{c.get('n_workers', '?')} workers, one user each",
+            f"FedProx Synthetic({c.synthetic_alpha}, {c.synthetic_beta}), "
+            f"{c.n_workers} workers, one user each",
             "generated offline in seconds, strongly heterogeneous (what makes AFA-CD biased)",
         ),
         ProtocolRow(
@@ -428,11 +438,11 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "optimizer and schedule",
             "local SGD at η_L, server rate η (theory: η = sqrt(mK), η_L = 1/(sqrt(T) K))",
-            f"local SGD lr {c.get('local_lr', '?')}, batch {c.get('batch_size', '?')}; server "
+            f"local SGD lr {c.local_lr}, batch {c.batch_size}; server "
             "rate (K_max + 1)/2 × "
-            f"{list(c.get('server_lr_multipliers', []))} (FedAvg 1 ×), halved every "
-            f"{c.get('lr_halving', '?')} rounds; iterate average over the last "
-            f"{c.get('average_rounds', '?')} rounds",
+            f"{list(c.server_lr_multipliers)} (FedAvg 1 ×), halved every "
+            f"{c.lr_halving} rounds; iterate average over the last "
+            f"{c.average_rounds} rounds",
             "with a fixed rate the noise floor is ~10× the CD-vs-CS bias; the halving and "
             "the average bring it below. A fixed η_L keeps a small local-drift term for both "
             "rules",
@@ -440,12 +450,12 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "participation",
             "workers choose when to arrive; a round takes m arrivals; delays bounded by τ",
-            f"event-driven workers, log-speed spread {c.get('speed_spread', '?')}, log-idle "
-            f"spread {c.get('idle_spread', '?')}, m = {c.get('arrivals_per_round', '?')}, τ = "
-            f"{c.get('max_staleness', '?')}; "
+            f"event-driven workers, log-speed spread {c.speed_spread}, log-idle "
+            f"spread {c.idle_spread}, m = {c.arrivals_per_round}, τ = "
+            f"{c.max_staleness}; "
             + (
                 "updates staler than τ discarded (opt-in)"
-                if c.get("discard_stale")
+                if c.discard_stale
                 else "a round waits for a worker at the bound (every worker arrives)"
             ),
             "the paper assumes bounded delays and says nothing about discarding; waiting "
@@ -454,7 +464,7 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "local steps",
             "K_i chosen by each worker, arbitrary",
-            f"K_i fixed per worker, uniform in 1..{c.get('max_local_steps', '?')}",
+            f"K_i fixed per worker, uniform in 1..{c.max_local_steps}",
             "fixed per worker makes FedAvg's K_i weighting visible; any K_i is allowed by "
             "the theory",
         ),
@@ -473,8 +483,8 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "speedup",
             "linear speedup in m (and K) with η ∝ sqrt(mK)",
-            f"AFA-CD for m in {list(c.get('speedup_arrivals', []))}, server rate ∝ sqrt(m), "
-            f"rounds to {c.get('speedup_target', '?')} × the initial excess",
+            f"AFA-CD for m in {list(c.speedup_arrivals)}, server rate ∝ sqrt(m), "
+            f"rounds to {c.speedup_target} × the initial excess",
             "rounds to a target is the practical reading of the rate; K is not varied",
         ),
     ]
@@ -483,22 +493,23 @@ def protocol(config: JSON) -> Table:
 
 def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
     """Excess objective curves of the methods and of AFA-CD for every m."""
+    results = _typed(results)
 
     def draw(fig) -> None:
         left, right = fig.subplots(1, 2)
         for i, (method, runs) in enumerate(_chosen(results).items()):
-            length = min(len(r["excess"]) for r in runs)
-            curve = torch.tensor([r["excess"][:length] for r in runs]).mean(0)
-            left.semilogy(runs[0]["rounds"][:length], curve, color=f"C{i}", label=method)
+            length = min(len(r.excess) for r in runs)
+            curve = torch.tensor([r.excess[:length] for r in runs]).mean(0)
+            left.semilogy(runs[0].rounds[:length], curve, color=f"C{i}", label=method)
             predicted = _predicted(results, method)
             if predicted and mean_std(predicted)[0] > 0:
                 left.axhline(mean_std(predicted)[0], color=f"C{i}", ls=":", lw=1)
         left.set(title="f(x) − f* (mean over seeds; dotted: predicted bias)", xlabel="round")
         left.legend(fontsize=7)
         for i, (m, runs) in enumerate(_speedup(results).items()):
-            length = min(len(r["excess"]) for r in runs)
-            curve = torch.tensor([r["excess"][:length] for r in runs]).mean(0)
-            right.semilogy(runs[0]["rounds"][:length], curve, color=f"C{i}", label=f"m = {m}")
+            length = min(len(r.excess) for r in runs)
+            curve = torch.tensor([r.excess[:length] for r in runs]).mean(0)
+            right.semilogy(runs[0].rounds[:length], curve, color=f"C{i}", label=f"m = {m}")
         right.set(title="AFA-CD, m arrivals per round", xlabel="round")
         right.legend(fontsize=7)
 

@@ -88,6 +88,8 @@ __all__ = [
     "PATTERNS",
     "DATASETS",
     "base_server_lr",
+    "client_mean",
+    "client_means",
     "long_run_frequencies",
     "objective_optima",
     "run",
@@ -207,7 +209,7 @@ def _owners(data: FederatedDataset) -> Tensor:
 
 
 @torch.no_grad()
-def _client_means(data: FederatedDataset, per_example: Tensor) -> Tensor:
+def client_means(data: FederatedDataset, per_example: Tensor) -> Tensor:
     """1/N Σ_n (mean over client n's rows) of each column of `per_example` [rows, k], float64."""
     sums = torch.zeros(data.n_clients, per_example.shape[1], dtype=torch.float64)
     sums.index_add_(0, _owners(data), per_example.double())
@@ -215,9 +217,9 @@ def _client_means(data: FederatedDataset, per_example: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _client_mean(data: FederatedDataset, per_example: Tensor) -> float:
+def client_mean(data: FederatedDataset, per_example: Tensor) -> float:
     """1/N Σ_n (mean of `per_example` over client n's rows): every client counts equally."""
-    return float(_client_means(data, per_example.reshape(-1, 1))[0])
+    return float(client_means(data, per_example.reshape(-1, 1))[0])
 
 
 @torch.no_grad()
@@ -232,7 +234,7 @@ def _evaluate(
 
     train = task.train
     losses = F.cross_entropy(forward(train.features), train.labels, reduction="none")
-    objective = _client_mean(train, losses)
+    objective = client_mean(train, losses)
     features, labels = task.test
     accuracy = float((forward(features).argmax(-1) == labels).double().mean())
     if not math.isfinite(objective):
@@ -513,10 +515,10 @@ class LinearSweep:
         train = self.train
         log_p = torch.log_softmax(logits(train.features), dim=-1)
         losses = -log_p.gather(2, train.labels.view(-1, 1, 1).expand(-1, m, 1)).squeeze(2)
-        objective = _client_means(train, losses)
+        objective = client_means(train, losses)
         assert isinstance(task.test, FederatedDataset)
         correct = logits(task.test.features).argmax(-1) == task.test.labels[:, None]
-        accuracy = 100.0 * _client_means(task.test, correct)
+        accuracy = 100.0 * client_means(task.test, correct)
         return accuracy, torch.where(torch.isfinite(objective), objective, math.inf)
 
 
@@ -581,7 +583,7 @@ def _linear_metrics(task: _Task, weight: Tensor, bias: Tensor) -> dict[str, floa
     correct = (test.features.double() @ weight.T + bias).argmax(-1) == test.labels
     return {
         "objective": value,
-        "test_acc": 100.0 * _client_mean(test, correct),
+        "test_acc": 100.0 * client_mean(test, correct),
         "gradient_norm": float(grad.norm()),  # of the true objective: 0 at its minimizer
     }
 
