@@ -3,6 +3,7 @@ input shifts against exact pixel moves, invariants of the numbers (the WiSE-FT p
 two models, plain merges are the hand-averaged weights), and the claims / protocol contract."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from meanwise.experiments import get
 from meanwise.experiments.claims import validate_claim
 from meanwise.experiments.fisher_merging import (
     FisherMergingConfig,
+    FisherMergingResult,
     relative_error,
     run,
 )
@@ -129,42 +131,58 @@ def test_relative_error_by_hand():
     assert relative_error(estimate, exact) == pytest.approx(1 / 5)
 
 
+def test_results_round_trip_through_the_typed_records(tiny_runs):
+    """The report's typed records give back the JSON the runner caches, unchanged; a part that
+    did not run is {} on disk, as before the records existed."""
+    for result in (*tiny_runs, run(dataclasses.replace(TINY, multitask=False), 0)):
+        data = json.loads(json.dumps(result.to_json()))
+        assert data == json.loads(json.dumps(dataclasses.asdict(result) | _empty_parts(result)))
+        typed = FisherMergingResult.from_json(data)
+        assert typed == result
+        assert json.dumps(typed.to_json()) == json.dumps(data)
+    assert data["multitask"] == {} and typed.multitask is None
+
+
+def _empty_parts(result) -> dict:
+    return {part: {} for part in ("robust", "multitask") if getattr(result, part) is None}
+
+
 def test_wise_ft_path_ends_in_the_two_models(tiny_runs):
     """At λ = 0 both merge rules give the pre-trained model, at λ = 1 the fine-tuned one (the
     shared setting's copy 1, scored independently in part (a))."""
     a, _, _ = tiny_runs
-    shared_n2 = next(c for c in a.ensembling if c["head"] == "shared" and c["n_models"] == 2)
-    fine_tuned = shared_n2["individual_test_acc"][0]
+    shared_n2 = next(c for c in a.ensembling if c.head == "shared" and c.n_models == 2)
+    fine_tuned = shared_n2.individual_test_acc[0]
     for method in ("plain", "fisher"):
-        curve = a.robust["curves"][method]
+        curve = a.robust.curves[method]
         assert curve["id_test"][0] == pytest.approx(a.pretrained_test_acc["shared"])
         assert curve["id_test"][-1] == pytest.approx(fine_tuned)
         mean = [sum(curve[s][i] for s in ("rotated", "translated", "noisy")) / 3 for i in range(3)]
         assert curve["shift_test"] == pytest.approx(mean)
-    assert a.robust["lambdas"] == [0.0, 0.5, 1.0]
-    for method, lam in a.robust["chosen_lambda"].items():
-        i = a.robust["lambdas"].index(lam)
-        assert a.robust["at_chosen"][method]["id_test"] == a.robust["curves"][method]["id_test"][i]
+    assert a.robust.lambdas == [0.0, 0.5, 1.0]
+    for method, lam in a.robust.chosen_lambda.items():
+        i = a.robust.lambdas.index(lam)
+        assert a.robust.at_chosen[method]["id_test"] == a.robust.curves[method]["id_test"][i]
 
 
 def test_results_are_well_formed(tiny_runs):
     a, _, _ = tiny_runs
-    cells = [(c["head"], c["n_models"]) for c in a.ensembling]
+    cells = [(c.head, c.n_models) for c in a.ensembling]
     assert cells == [("fresh", 2), ("fresh", 3), ("shared", 2), ("shared", 3)]
     for cell in a.ensembling:
-        test = cell["test_acc"]
+        test = cell.test_acc
         assert all(0 <= v <= 100 for v in test.values())
-        individual = cell["individual_test_acc"]
+        individual = cell.individual_test_acc
         assert test["individual (mean)"] == pytest.approx(sum(individual) / len(individual))
         assert test["individual (best)"] == max(individual)
         assert test["target (copy 1)"] == individual[0]
-        for lam in cell["chosen_lambda"].values():
-            assert len(lam) == cell["n_models"] and sum(lam) == pytest.approx(1.0)
-    assert cell["candidates"] == 2 and a.ensembling[0]["candidates"] == 3  # Dirichlet / grid
+        for lam in cell.chosen_lambda.values():
+            assert len(lam) == cell.n_models and sum(lam) == pytest.approx(1.0)
+    assert cell.candidates == 2 and a.ensembling[0].candidates == 3  # Dirichlet / grid
     assert len(a.sampled_fisher) == 2
     for sampled in a.sampled_fisher.values():
-        assert sampled["draws"] == [1, 4] and all(e > 0 for e in sampled["relative_error"])
-    assert len(a.multitask["confidence"]) == 2 and a.multitask["fisher_total"][0] > 0
+        assert sampled.draws == [1, 4] and all(e > 0 for e in sampled.relative_error)
+    assert len(a.multitask.confidence) == 2 and a.multitask.fisher_total[0] > 0
 
 
 def test_plain_merge_is_the_hand_average_with_the_target_head():
@@ -244,6 +262,7 @@ def _fake(fisher: list[float], plain: list[float]) -> list[dict]:
             for m, v in (("plain", p), ("fisher", f))
         }  # fmt: skip
         results.append({
+            "seed": len(results),
             "ensembling": [{"head": "fresh", "n_models": 2, "test_acc": test,
                             "individual_test_acc": [p, p], "candidates": 51,
                             "chosen_lambda": {"plain": [0.5, 0.5], "fisher": [0.6, 0.4]}}],

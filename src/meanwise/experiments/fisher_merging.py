@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +54,14 @@ from meanwise.experiments.fisher_merging_models import (
     shifted_test_sets,
     subset,
     train_copies,
+)
+from meanwise.experiments.fisher_merging_results import (
+    EnsemblingCell,
+    FisherMergingResult,
+    MultitaskResult,
+    RobustResult,
+    SampledFisher,
+    TaskScores,
 )
 from meanwise.merging import average_merge, candidate_coefficients, diagonal_fisher, fisher_merge
 
@@ -160,23 +167,6 @@ class FisherMergingConfig:
     def full(cls) -> FisherMergingConfig:
         """More seeds, and twice the fine-tuning."""
         return cls(seeds=20, finetune_epochs=20, dirichlet_samples=50)
-
-
-@dataclass
-class FisherMergingResult:
-    seed: int
-    num_parameters: int = 0
-    # (a): one record per (head setting, N): test accuracy of every arm, the chosen λ, ...
-    ensembling: list[dict[str, Any]] = field(default_factory=list)
-    pretrained_test_acc: dict[str, float] = field(default_factory=dict)  # per head setting
-    # sampled vs exact Fisher of two fine-tuned models (the parameters each merge weights):
-    # {model: {"draws": [...], "relative_error": [...], "examples": n}}
-    sampled_fisher: dict[str, Any] = field(default_factory=dict)
-    # (b): λ grid, per method the curves, the λ chosen on validation and the scores there
-    robust: dict[str, Any] = field(default_factory=dict)
-    # extra: the multi-task merge and its confidence analysis
-    multitask: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -327,16 +317,22 @@ def _ensembling(config, splits, generator, result: FisherMergingResult) -> dict[
             test["individual (mean)"] = sum(individual) / n
             test["individual (best)"] = max(individual)
             result.ensembling.append(
-                {"head": head, "n_models": n, "test_acc": test, "individual_test_acc": individual,
-                 "chosen_lambda": chosen, "candidates": len(candidates),
-                 "disagreement": sum(disagreement) / len(disagreement)}
-            )  # fmt: skip
+                EnsemblingCell(
+                    head=head,
+                    n_models=n,
+                    test_acc=test,
+                    individual_test_acc=individual,
+                    chosen_lambda=chosen,
+                    candidates=len(candidates),
+                    disagreement=sum(disagreement) / len(disagreement),
+                )
+            )
     return {"pretrained_shared": [pretrained["shared"]], **copies}
 
 
 def _sampled_check(
     config, state: State, exact, splits: Splits, generator, keys: tuple[str, ...] | None
-) -> dict[str, Any]:
+) -> SampledFisher:
     """The sampled Fisher of one fine-tuned model against its exact Fisher (same examples).
 
     Its labels come from a generator of its own (derived from the seed's), so the check does not
@@ -348,13 +344,16 @@ def _sampled_check(
         sampled = _fisher(state, splits.finetune, config, keys, "sampled", s, own)
         errors.append(relative_error(sampled, exact))
     examples = min(config.fisher_examples, splits.finetune[1].shape[0])
-    return {"draws": draws, "relative_error": errors, "examples": examples}
+    return SampledFisher(draws=draws, relative_error=errors, examples=examples)
 
 
 # --- (b) robust fine-tuning ----------------------------------------------------------------------
 
 
-def _robust(config, splits, generator, pretrained: State, finetuned: State) -> dict[str, Any]:
+def _robust(
+    config, splits, generator, pretrained: State, finetuned: State
+) -> tuple[RobustResult, SampledFisher]:
+    """The λ curves of both rules and the sampled-Fisher check of the fine-tuned model."""
     shifted = shifted_test_sets(
         splits.test, splits.background, config.shift_degrees, config.shift_pixels,
         config.shift_noise, seed=config.split_seed + 1,
@@ -373,8 +372,7 @@ def _robust(config, splits, generator, pretrained: State, finetuned: State) -> d
             states, fishers, [lam, 1 - lam], floor=config.floor, preset="authors"
         ),
     }
-    out: dict[str, Any] = {"lambdas": grid, "curves": {}, "chosen_lambda": {}, "at_chosen": {},
-                           "sampled_fisher": sampled}  # fmt: skip
+    out = RobustResult(lambdas=grid, curves={}, chosen_lambda={}, at_chosen={})
     for method, merge in merges.items():
         curve: dict[str, list[float]] = {"val": [], "val_nll": [], "id_test": []}
         curve.update({name: [] for name in SHIFTS})
@@ -389,16 +387,16 @@ def _robust(config, splits, generator, pretrained: State, finetuned: State) -> d
         per_shift = zip(*(curve[s] for s in SHIFTS), strict=True)
         curve["shift_test"] = [sum(v) / len(SHIFTS) for v in per_shift]
         best = max(range(len(grid)), key=lambda i: (curve["val"][i], -curve["val_nll"][i]))
-        out["curves"][method] = curve
-        out["chosen_lambda"][method] = grid[best]
-        out["at_chosen"][method] = {k: curve[k][best] for k in ("id_test", "shift_test", *SHIFTS)}
-    return out
+        out.curves[method] = curve
+        out.chosen_lambda[method] = grid[best]
+        out.at_chosen[method] = {k: curve[k][best] for k in ("id_test", "shift_test", *SHIFTS)}
+    return out, sampled
 
 
 # --- extra: the multi-task merge -----------------------------------------------------------------
 
 
-def _multitask(config, splits, generator, pretrained: State) -> dict[str, Any]:
+def _multitask(config, splits, generator, pretrained: State) -> MultitaskResult:
     """One model per disjoint class group, all from the shared pre-trained model and its head,
     merged with equal weights; 10-way accuracy per group. Not an experiment of the paper."""
     tasks = config.multitask_tasks
@@ -422,18 +420,18 @@ def _multitask(config, splits, generator, pretrained: State) -> dict[str, Any]:
                                                  preset="authors"),
     }  # fmt: skip
     scored = {
-        name: {"task_acc": [accuracy(s, subset(splits.test, t)) for t in tasks],
-               "union_acc": accuracy(s, splits.test)}
+        name: TaskScores(task_acc=[accuracy(s, subset(splits.test, t)) for t in tasks],
+                         union_acc=accuracy(s, splits.test))
         for name, s in {**{f"task {i + 1} model": s for i, s in enumerate(states)},
                         **merges}.items()
     }  # fmt: skip
-    return {
-        "tasks": [list(t) for t in tasks],
-        "scored": scored,
-        "output_ensemble_union_acc": _ensemble_accuracy(states, splits.test),
-        "confidence": confidence,  # mean max-probability on each model's own Fisher data (%)
-        "fisher_total": fisher_total,  # Σ of each model's exact Fisher over all parameters
-    }
+    return MultitaskResult(
+        tasks=[list(t) for t in tasks],
+        scored=scored,
+        output_ensemble_union_acc=_ensemble_accuracy(states, splits.test),
+        confidence=confidence,  # mean max-probability on each model's own Fisher data (%)
+        fisher_total=fisher_total,  # Σ of each model's exact Fisher over all parameters
+    )
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -452,10 +450,8 @@ def run(config: FisherMergingConfig, seed: int) -> FisherMergingResult:
         models = _ensembling(config, splits, generator, result)
         pretrained = models["pretrained_shared"][0]
         # (b) reuses the shared setting's first copy: the pre-trained 10-way model fine-tuned
-        result.robust = _robust(config, splits, generator, pretrained, models["shared"][0])
-        result.sampled_fisher["(b) fine-tuned model, all parameters"] = result.robust.pop(
-            "sampled_fisher"
-        )
+        result.robust, sampled = _robust(config, splits, generator, pretrained, models["shared"][0])
+        result.sampled_fisher["(b) fine-tuned model, all parameters"] = sampled
         if config.multitask:
             result.multitask = _multitask(config, splits, generator, pretrained)
     result.seconds = time.perf_counter() - start

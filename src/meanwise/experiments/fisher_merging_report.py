@@ -1,13 +1,14 @@
 """What the report says about experiment `fisher-merging`: the paper's claims with intervals over
 seeds, our tables, the protocol comparison and the WiSE-FT figure. Everything reads results in
-their JSON form (lists of dicts, one per seed).
+their JSON form (lists of dicts, one per seed), read through the typed records of
+`fisher_merging_results`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
+from meanwise.experiments.base import FigureSpec, Table, format_mean_std, from_json, mean_std
 from meanwise.experiments.claims import (
     Claim,
     ProtocolRow,
@@ -15,6 +16,7 @@ from meanwise.experiments.claims import (
     protocol_table,
     t_interval,
 )
+from meanwise.experiments.fisher_merging_results import EnsemblingCell, FisherMergingResult
 
 __all__ = [
     "PAPER",
@@ -97,35 +99,47 @@ SHIFTS = ("rotated", "translated", "noisy")
 # --- grouping ----------------------------------------------------------------------------------
 
 
-def _cells(results: list[JSON]) -> list[tuple[str, int]]:
+def _typed(results: list[JSON]) -> list[FisherMergingResult]:
+    return [FisherMergingResult.from_json(r) for r in results]
+
+
+def _config(config: JSON):
+    """The config that ran, typed (imported here: `fisher_merging` imports this module to
+    register)."""
+    from meanwise.experiments.fisher_merging import FisherMergingConfig
+
+    return from_json(FisherMergingConfig, config)
+
+
+def _cells(results: list[FisherMergingResult]) -> list[tuple[str, int]]:
     """(head setting, N) in the order of the first seed's records."""
     if not results:
         return []
-    return [(c["head"], c["n_models"]) for c in results[0].get("ensembling", [])]
+    return [(c.head, c.n_models) for c in results[0].ensembling]
 
 
-def _cell(result: JSON, head: str, n: int) -> JSON | None:
-    for c in result.get("ensembling", []):
-        if c["head"] == head and c["n_models"] == n:
+def _cell(result: FisherMergingResult, head: str, n: int) -> EnsemblingCell | None:
+    for c in result.ensembling:
+        if c.head == head and c.n_models == n:
             return c
     return None
 
 
-def _arm(results: list[JSON], head: str, n: int, arm: str) -> list[float]:
+def _arm(results: list[FisherMergingResult], head: str, n: int, arm: str) -> list[float]:
     """Per-seed test accuracy of one arm (seeds lacking the cell are skipped together)."""
     cells = [_cell(r, head, n) for r in results]
-    return [c["test_acc"][arm] for c in cells if c is not None]
+    return [c.test_acc[arm] for c in cells if c is not None]
 
 
-def _robust_at(results: list[JSON], method: str, key: str) -> list[float]:
-    return [r["robust"]["at_chosen"][method][key] for r in results if r.get("robust")]
+def _robust_at(results: list[FisherMergingResult], method: str, key: str) -> list[float]:
+    return [r.robust.at_chosen[method][key] for r in results if r.robust]
 
 
-def _best_shift(result: JSON, method: str) -> tuple[float, float, float]:
+def _best_shift(result: FisherMergingResult, method: str) -> tuple[float, float, float]:
     """The oracle point of a curve: highest shifted test accuracy, its λ and its ID accuracy."""
-    curve = result["robust"]["curves"][method]
+    curve = result.robust.curves[method]
     i = max(range(len(curve["shift_test"])), key=lambda j: curve["shift_test"][j])
-    return curve["shift_test"][i], result["robust"]["lambdas"][i], curve["id_test"][i]
+    return curve["shift_test"][i], result.robust.lambdas[i], curve["id_test"][i]
 
 
 def frontier_mean(
@@ -142,10 +156,10 @@ def frontier_mean(
     return sum(heights) / len(heights)
 
 
-def _frontier(result: JSON, method: str) -> float:
+def _frontier(result: FisherMergingResult, method: str) -> float:
     """`frontier_mean` between the two shared endpoints: the pre-trained (λ = 0) and the
     fine-tuned (λ = 1) model's clean accuracy."""
-    curves = result["robust"]["curves"]
+    curves = result.robust.curves
     ends = [curves["plain"]["id_test"][0], curves["plain"]["id_test"][-1]]
     curve = curves[method]
     return frontier_mean(curve["id_test"], curve["shift_test"], min(ends), max(ends))
@@ -169,20 +183,21 @@ def _diff_text(method: list[float], baseline: list[float]) -> str:
 def summarize(results: list[JSON]) -> list[Table]:
     """(a) ensembling, (b) robust fine-tuning at the chosen λ and along the path, the sampled
     Fisher check, and the extra multi-task merge with its confidence analysis."""
+    results = _typed(results)
     if not results:
         return []
     n_seeds = len(results)
     tables = [_ensembling_table(results, n_seeds)]
-    if all(r.get("robust") for r in results):
+    if all(r.robust for r in results):
         tables += _robust_tables(results, n_seeds)
-    if all(r.get("sampled_fisher") for r in results):
+    if all(r.sampled_fisher for r in results):
         tables.append(_sampled_table(results))
-    if all(r.get("multitask") for r in results):
+    if all(r.multitask for r in results):
         tables += _multitask_tables(results, n_seeds)
     return tables
 
 
-def _ensembling_table(results: list[JSON], n_seeds: int) -> Table:
+def _ensembling_table(results: list[FisherMergingResult], n_seeds: int) -> Table:
     rows = []
     for head, n in _cells(results):
         cells = [f"{head}, N = {n}"]
@@ -195,10 +210,10 @@ def _ensembling_table(results: list[JSON], n_seeds: int) -> Table:
                 )
             )
         weights = [
-            _cell(r, head, n)["chosen_lambda"][m][0] for m in ("fisher", "plain") for r in results
+            _cell(r, head, n).chosen_lambda[m][0] for m in ("fisher", "plain") for r in results
         ]
         cells.append(f"{sum(weights) / len(weights):.2f}")
-        disagree = [_cell(r, head, n).get("disagreement", 0.0) for r in results]
+        disagree = [_cell(r, head, n).disagreement for r in results]
         cells.append(format_mean_std(disagree))
         rows.append(cells)
     first = results[0]
@@ -212,7 +227,7 @@ def _ensembling_table(results: list[JSON], n_seeds: int) -> Table:
             "copies disagree with copy 1 (% of test)",
         ],  # fmt: skip
         rows=rows,
-        caption=f"(a) Ensembling: N MLPs ({first.get('num_parameters', '?')} parameters) fine-"
+        caption=f"(a) Ensembling: N MLPs ({first.num_parameters} parameters) fine-"
         "tuned on the same clean 10-way task from one pre-trained model with different batch "
         "orders; 'fresh': body pre-trained on digit mod 5, a new head per copy; 'shared': the "
         "pre-trained 10-way model, head included. Merges: body merged, copy 1's head kept; Fisher "
@@ -224,14 +239,14 @@ def _ensembling_table(results: list[JSON], n_seeds: int) -> Table:
     )
 
 
-def _robust_tables(results: list[JSON], n_seeds: int) -> list[Table]:
+def _robust_tables(results: list[FisherMergingResult], n_seeds: int) -> list[Table]:
     keys = ("id_test", "shift_test", *SHIFTS)
 
     def endpoint(index: int) -> list[str]:
-        curve = [r["robust"]["curves"]["plain"] for r in results]
+        curve = [r.robust.curves["plain"] for r in results]
         return [format_mean_std([c[k][index] for c in curve]) for k in keys]
 
-    lam = {m: [r["robust"]["chosen_lambda"][m] for r in results] for m in ("plain", "fisher")}
+    lam = {m: [r.robust.chosen_lambda[m] for r in results] for m in ("plain", "fisher")}
     rows = [
         ["pre-trained (λ = 0)", "0", *endpoint(0)],
         ["fine-tuned (λ = 1)", "1", *endpoint(-1)],
@@ -288,16 +303,16 @@ def _robust_tables(results: list[JSON], n_seeds: int) -> list[Table]:
     return [chosen, oracle]
 
 
-def _sampled_table(results: list[JSON]) -> Table:
+def _sampled_table(results: list[FisherMergingResult]) -> Table:
     rows = []
-    for model, first in results[0]["sampled_fisher"].items():
-        records = [r["sampled_fisher"][model] for r in results]
-        for i, draws in enumerate(first["draws"]):
-            errors = [rec["relative_error"][i] for rec in records]
+    for model, first in results[0].sampled_fisher.items():
+        records = [r.sampled_fisher[model] for r in results]
+        for i, draws in enumerate(first.draws):
+            errors = [rec.relative_error[i] for rec in records]
             within = sum(e <= 0.10 for e in errors)
             rows.append([model, str(draws), format_mean_std(errors, 3), f"{max(errors):.3f}",
                          f"{within} of {len(errors)}"])  # fmt: skip
-        examples = first["examples"]
+        examples = first.examples
     return Table(
         columns=[
             "model (parameters)",
@@ -313,16 +328,16 @@ def _sampled_table(results: list[JSON]) -> Table:
     )
 
 
-def _multitask_tables(results: list[JSON], n_seeds: int) -> list[Table]:
-    first = results[0]["multitask"]
-    tasks = first["tasks"]
+def _multitask_tables(results: list[FisherMergingResult], n_seeds: int) -> list[Table]:
+    first = results[0].multitask
+    tasks = first.tasks
     rows = []
-    for name in first["scored"]:
-        runs = [r["multitask"]["scored"][name] for r in results]
-        rows.append([name, *[format_mean_std([run["task_acc"][i] for run in runs])
+    for name in first.scored:
+        runs = [r.multitask.scored[name] for r in results]
+        rows.append([name, *[format_mean_std([run.task_acc[i] for run in runs])
                              for i in range(len(tasks))],
-                     format_mean_std([run["union_acc"] for run in runs])])  # fmt: skip
-    ensemble = [r["multitask"]["output_ensemble_union_acc"] for r in results]
+                     format_mean_std([run.union_acc for run in runs])])  # fmt: skip
+    ensemble = [r.multitask.output_ensemble_union_acc for r in results]
     rows.append(["output ensemble", *[""] * len(tasks), format_mean_std(ensemble)])
     scores = Table(
         columns=[
@@ -340,16 +355,16 @@ def _multitask_tables(results: list[JSON], n_seeds: int) -> list[Table]:
     plain = "plain average"
     fisher = "Fisher (exact)"
     for i, task in enumerate(tasks):
-        conf = [r["multitask"]["confidence"][i] for r in results]
-        total = [r["multitask"]["fisher_total"][i] for r in results]
-        delta = [r["multitask"]["scored"][fisher]["task_acc"][i]
-                 - r["multitask"]["scored"][plain]["task_acc"][i] for r in results]  # fmt: skip
+        conf = [r.multitask.confidence[i] for r in results]
+        total = [r.multitask.fisher_total[i] for r in results]
+        delta = [r.multitask.scored[fisher].task_acc[i]
+                 - r.multitask.scored[plain].task_acc[i] for r in results]  # fmt: skip
         conf_rows.append([f"task {i + 1} {tuple(task)}", format_mean_std(conf),
                           format_mean_std(total, 3),
                           _diff_text(delta, [0.0] * len(delta))])  # fmt: skip
     agree = sum(
-        r["multitask"]["fisher_total"].index(max(r["multitask"]["fisher_total"]))
-        == r["multitask"]["confidence"].index(min(r["multitask"]["confidence"]))
+        r.multitask.fisher_total.index(max(r.multitask.fisher_total))
+        == r.multitask.confidence.index(min(r.multitask.confidence))
         for r in results
     )
     analysis = Table(
@@ -373,24 +388,25 @@ def _multitask_tables(results: list[JSON], n_seeds: int) -> list[Table]:
 
 
 def metrics(results: list[JSON]) -> dict[str, float]:
+    results = _typed(results)
     out: dict[str, float] = {}
     for head, n in _cells(results):
         for arm in ARMS:
             mean, std = mean_std(_arm(results, head, n, arm))
             key = f"ensembling.{head}.N{n}.{arm.replace(' ', '_')}"
             out[f"{key}.mean"], out[f"{key}.std"] = mean, std
-    if results and all(r.get("robust") for r in results):
+    if results and all(r.robust for r in results):
         for m in ("plain", "fisher"):
             for k in ("id_test", "shift_test"):
                 out[f"robust.{m}.{k}.mean"] = mean_std(_robust_at(results, m, k))[0]
-            out[f"robust.{m}.lambda.mean"] = mean_std(
-                [r["robust"]["chosen_lambda"][m] for r in results]
-            )[0]
-    if results and all(r.get("sampled_fisher") for r in results):
-        for i, model in enumerate(results[0]["sampled_fisher"]):
-            errors = [r["sampled_fisher"][model]["relative_error"][-1] for r in results]
+            out[f"robust.{m}.lambda.mean"] = mean_std([r.robust.chosen_lambda[m] for r in results])[
+                0
+            ]
+    if results and all(r.sampled_fisher for r in results):
+        for i, model in enumerate(results[0].sampled_fisher):
+            errors = [r.sampled_fisher[model].relative_error[-1] for r in results]
             out[f"sampled_fisher.{'ab'[i]}.relative_error.mean"] = mean_std(errors)[0]
-            draws = results[0]["sampled_fisher"][model]["draws"][-1]
+            draws = results[0].sampled_fisher[model].draws[-1]
             out[f"sampled_fisher.{'ab'[i]}.draws"] = float(draws)
     return out
 
@@ -404,6 +420,7 @@ def claims(results: list[JSON]) -> list[Claim]:
     in and out of distribution and over the whole path for robust fine-tuning.
     All arms share the seed's splits, models and candidates, so every claim is paired by seed.
     The multi-task extra is not a claim of the paper and is not listed."""
+    results = _typed(results)
     out: list[Claim] = []
     for head, n in _cells(results):
         if not _arm(results, head, n, "fisher (λ searched)"):
@@ -414,8 +431,8 @@ def claims(results: list[JSON]) -> list[Claim]:
             else "shared pre-trained head"
         )
         cells = [c for c in (_cell(r, head, n) for r in results) if c is not None]
-        disagree = sum(c.get("disagreement", 0.0) for c in cells) / len(cells)
-        target = sum(c["chosen_lambda"]["fisher"][0] for c in cells) / len(cells)
+        disagree = sum(c.disagreement for c in cells) / len(cells)
+        target = sum(c.chosen_lambda["fisher"][0] for c in cells) / len(cells)
         setting = (
             f"{n} copies fine-tuned on the same task, {heads}; they disagree with copy 1 on "
             f"{disagree:.2f} % of the test images."
@@ -439,7 +456,7 @@ def claims(results: list[JSON]) -> list[Claim]:
                     f"minus the plain average (same head handling), {how}; {setting}",
                 )
             )
-    robust = [r for r in results if r.get("robust")]
+    robust = [r for r in results if r.robust]
     if robust:
         settings = (
             ("shift_test", "under input shift", "mean accuracy (%) over the rotated, translated "
@@ -484,10 +501,10 @@ def claims(results: list[JSON]) -> list[Claim]:
 
 def protocol(config: JSON) -> Table:
     """The paper's protocol against the config that ran, row by row."""
-    c = config
-    hidden = c["hidden"]
-    sizes = ", ".join(str(n) for n in c["ensemble_sizes"])
-    lo, hi = c["shift_degrees"]
+    c = _config(config)
+    hidden = c.hidden
+    sizes = ", ".join(str(n) for n in c.ensemble_sizes)
+    lo, hi = c.shift_degrees
     rows = [
         ProtocolRow(
             "model",
@@ -500,9 +517,9 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "pre-training",
             "the public BERT / CLIP checkpoints (web-scale data)",
-            f"{c['pretrain_epochs']} epochs of Adam on {c['pretrain_fraction']:.0%} of the "
-            f"digits training images, each epoch redrawn with rotations ±{c['augment_degrees']:g}"
-            f"°, translations ±{c['augment_shift']:g} px and noise sd ≤ {c['augment_noise']:g} "
+            f"{c.pretrain_epochs} epochs of Adam on {c.pretrain_fraction:.0%} of the "
+            f"digits training images, each epoch redrawn with rotations ±{c.augment_degrees:g}"
+            f"°, translations ±{c.augment_shift:g} px and noise sd ≤ {c.augment_noise:g} "
             "(the 'broad' distribution); 10-way, and digit mod 5 for the fresh-head body",
             "a stand-in for a model pre-trained on a broader distribution than its fine-tuning "
             "data, as WiSE-FT requires; its in-distribution accuracy is lower than CLIP's "
@@ -512,10 +529,10 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "data",
             "GLUE RTE, MRPC, SST-2 (ensembling); ImageNet and its shifted test sets (WiSE-FT)",
-            f"scikit-learn digits 8×8 (fixed test split, {c['test_fraction']:.0%}); fine-tuning "
-            f"on the clean remaining images, {c['validation_fraction']:.0%} held out for "
+            f"scikit-learn digits 8×8 (fixed test split, {c.test_fraction:.0%}); fine-tuning "
+            f"on the clean remaining images, {c.validation_fraction:.0%} held out for "
             f"validation; shifted test sets: rotated {lo:g}–{hi:g}°, translated "
-            f"{c['shift_pixels']:g} px diagonally, Gaussian noise sd {c['shift_noise']:g}",
+            f"{c.shift_pixels:g} px diagonally, Gaussian noise sd {c.shift_noise:g}",
             "offline and fast; the shifts are synthetic input shifts (the labels are unchanged), "
             "not natural distribution shifts such as ImageNet-R/Sketch.",
         ),
@@ -523,8 +540,8 @@ def protocol(config: JSON) -> Table:
             "budget",
             "the checkpoints' own fine-tuning runs (BERT: five community checkpoints per task "
             "from the Hugging Face hub; CLIP: WiSE-FT's ImageNet fine-tune, 10 epochs)",
-            f"pre-training {c['pretrain_epochs']} epochs, fine-tuning {c['finetune_epochs']} "
-            f"epochs; {max(c['ensemble_sizes'])} copies per head setting differing in batch "
+            f"pre-training {c.pretrain_epochs} epochs, fine-tuning {c.finetune_epochs} "
+            f"epochs; {max(c.ensemble_sizes)} copies per head setting differing in batch "
             "order (and, with fresh heads, in head initialization)",
             "time on 2 CPU cores; the copies differ less than independently fine-tuned BERT "
             "checkpoints, which leaves less for any merge to gain over one model.",
@@ -533,7 +550,7 @@ def protocol(config: JSON) -> Table:
             "optimizer and schedule",
             "as the checkpoints were trained (BERT's usual AdamW with warm-up and linear decay; "
             "WiSE-FT: AdamW with a cosine schedule)",
-            f"Adam, lr {c['lr']:g}, batch {c['batch_size']}, constant, no weight decay",
+            f"Adam, lr {c.lr:g}, batch {c.batch_size}, constant, no weight decay",
             "a small MLP trains stably without a schedule; the merge methods do not depend on "
             "how the endpoints were trained, only on where they end up.",
         ),
@@ -548,9 +565,9 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "Fisher",
             "exact diagonal Fisher on 4096 training examples per model, inference mode",
-            f"exact Fisher on up to {c['fisher_examples']} examples (all fine-tuning images; "
+            f"exact Fisher on up to {c.fisher_examples} examples (all fine-tuning images; "
             "for the pre-trained model of (b), draws from its broad distribution), eval mode; "
-            f"a sampled Fisher ({c['sampled_draws']} draws per example) is only checked "
+            f"a sampled Fisher ({c.sampled_draws} draws per example) is only checked "
             "against it",
             "our fine-tuning split is smaller than 4096 images; the estimate is exact in the "
             "label sum, so only the examples limit it.",
@@ -559,7 +576,7 @@ def protocol(config: JSON) -> Table:
             "merge options",
             "floor max(F, 1e-6) on the target only, normalized Fishers, body merged and "
             "target's head kept",
-            f'the same (`preset="authors"`, floor {c["floor"]:g}, `keep_target=["head"]` '
+            f'the same (`preset="authors"`, floor {c.floor:g}, `keep_target=["head"]` '
             "in (a); in (b) the head is shared and merged, the fine-tuned model is the target)",
             "same as the paper",
         ),
@@ -567,11 +584,11 @@ def protocol(config: JSON) -> Table:
             "coefficients",
             "searched on 4096 held-out examples: 51-point grid (2 models), Dirichlet samples "
             "(more); the plain average gets the same search",
-            f"validation split (≈ {round(1347 * c['validation_fraction'])} images): "
-            f"{c['grid_points']}-point grid for N = 2, {c['dirichlet_samples']} Dirichlet(1) "
+            f"validation split (≈ {round(1347 * c.validation_fraction)} images): "
+            f"{c.grid_points}-point grid for N = 2, {c.dirichlet_samples} Dirichlet(1) "
             "samples otherwise, the same candidates for both methods; ties in accuracy broken "
             "by validation loss. Equal weights reported beside. (b): λ on a "
-            f"{c['lambdas']}-point grid by clean validation accuracy",
+            f"{c.lambdas}-point grid by clean validation accuracy",
             "a smaller validation set makes the chosen coefficients noisier (accuracy moves in "
             "steps of one image); the loss tie-break keeps the grid's first point from winning "
             "ties by position.",
@@ -579,7 +596,7 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "runs / seeds",
             "one run per setting (public checkpoints)",
-            f"{c['seeds']} seeds; a seed draws the pre-training / fine-tuning / validation split, "
+            f"{c.seeds} seeds; a seed draws the pre-training / fine-tuning / validation split, "
             "the initial weights and the batch orders; every claim is paired by seed",
             "cheap models allow an interval over seeds instead of a single run.",
         ),
@@ -596,22 +613,22 @@ def protocol(config: JSON) -> Table:
 # --- figures -------------------------------------------------------------------------------------
 
 
-def _draw_curves(results: list[JSON]):
+def _draw_curves(results: list[FisherMergingResult]):
     def draw(fig) -> None:
         import numpy as np
 
         id_ax, shift_ax, tradeoff_ax = fig.subplots(1, 3)
-        lambdas = results[0]["robust"]["lambdas"]
+        lambdas = results[0].robust.lambdas
         for i, method in enumerate(("plain", "fisher")):
             label = {"plain": "plain interpolation", "fisher": "Fisher (authors' preset)"}[method]
-            clean = np.array([r["robust"]["curves"][method]["id_test"] for r in results])
-            shifted = np.array([r["robust"]["curves"][method]["shift_test"] for r in results])
+            clean = np.array([r.robust.curves[method]["id_test"] for r in results])
+            shifted = np.array([r.robust.curves[method]["shift_test"] for r in results])
             for ax, values in ((id_ax, clean), (shift_ax, shifted)):
                 mean = values.mean(0)
                 std = values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
                 ax.plot(lambdas, mean, color=f"C{i}", label=label)
                 ax.fill_between(lambdas, mean - std, mean + std, color=f"C{i}", alpha=0.2)
-            chosen = float(np.mean([r["robust"]["chosen_lambda"][method] for r in results]))
+            chosen = float(np.mean([r.robust.chosen_lambda[method] for r in results]))
             for ax in (id_ax, shift_ax):
                 ax.axvline(chosen, color=f"C{i}", ls=":", lw=1)
             tradeoff_ax.plot(clean.mean(0), shifted.mean(0), color=f"C{i}", marker="o", ms=2,
@@ -626,7 +643,8 @@ def _draw_curves(results: list[JSON]):
 
 
 def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
-    if not results or not all(r.get("robust") for r in results):
+    results = _typed(results)
+    if not results or not all(r.robust for r in results):
         return []
     n = len(results)
     return [

@@ -25,6 +25,7 @@ from typing import Any
 from meanwise import __version__
 from meanwise.experiments.base import (
     Experiment,
+    JSONRecord,
     atomic_write_text,
     current_show_progress,
     progress,
@@ -58,8 +59,11 @@ class ExperimentRun:
 
 
 def _to_json(value: Any, what: str) -> Any:
-    """`value` (a dataclass or plain data) as parsed JSON, so cached and fresh data match."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    """`value` (a typed result, a dataclass or plain data) as parsed JSON, so cached and fresh
+    data match."""
+    if isinstance(value, JSONRecord):
+        value = value.to_json()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     try:
         return json.loads(json.dumps(value))
