@@ -5,6 +5,7 @@ on real and hand-made results, and the protocol table names the config that ran.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -15,7 +16,9 @@ from meanwise.experiments import get
 from meanwise.experiments import social_implicit_report as report
 from meanwise.experiments.claims import status_from_interval, validate_claim
 from meanwise.experiments.social_implicit import (
+    ShiftPoint,
     SocialImplicitConfig,
+    SocialImplicitResult,
     constant_velocity,
     run,
     sampling_seeds,
@@ -70,6 +73,21 @@ def test_tiny_run_is_deterministic_and_well_formed(tiny_runs):
     for predictor in (split.trained, split.constant_velocity):
         assert set(predictor) == {"ade", "fde", "amd", "amv", "kde_nll"}
         assert all(math.isfinite(v) for v in predictor.values())
+
+
+def test_results_round_trip_through_the_typed_records(tiny_runs):
+    """The report's typed records give back the JSON the runner caches, unchanged."""
+    for result in tiny_runs:
+        data = json.loads(json.dumps(dataclasses.asdict(result)))
+        typed = SocialImplicitResult.from_json(data)
+        assert typed == result and isinstance(typed.splits[0].shift[0][0], ShiftPoint)
+        assert json.dumps(typed.to_json()) == json.dumps(data)
+    released = _results(_split(0.3, 0.6, released=RELEASED, sampling=[(0.3, 0.6)]))[0]
+    typed = SocialImplicitResult.from_json(released)
+    assert typed.splits[0].released_sampling[0].fde == 0.6
+    assert json.dumps(typed.to_json()["splits"][0]["released_sampling"]) == json.dumps(
+        released["splits"][0]["released_sampling"]
+    )
 
 
 def test_sampling_seeds_are_distinct_across_runs_and_two_apart():

@@ -24,10 +24,9 @@ the last finished epoch; each finished split is a cached stage. The report side 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +34,12 @@ from torch import Tensor
 
 from meanwise.experiments import base
 from meanwise.experiments.base import cached_stage, progress, torch_threads
+from meanwise.experiments.social_implicit_results import (
+    SamplingPoint,
+    ShiftPoint,
+    SocialImplicitResult,
+    SplitResult,
+)
 from meanwise.trajectory.data import SPLITS, Scene, load_split, resolve_data_dir
 from meanwise.trajectory.evaluate import evaluate_scenes
 from meanwise.trajectory.social_implicit import SocialImplicit
@@ -46,6 +51,8 @@ __all__ = [
     "SocialImplicitResult",
     "SplitResult",
     "ShiftPoint",
+    "SamplingPoint",
+    "eth_ucy_root",
     "run",
     "run_split",
     "load_data",
@@ -153,66 +160,11 @@ class SocialImplicitConfig:
         )
 
 
-@dataclass
-class ShiftPoint:
-    """Metrics of the probed model's samples moved by `offset` metres (along the diagonal), at
-    one sampling seed."""
-
-    offset: float
-    ade: float
-    fde: float
-    amd: float
-    amv: float
-
-
-@dataclass
-class SplitResult:
-    """One split: data sizes, training curves and the metrics of each predictor on test."""
-
-    split: str
-    data: str  # "eth_ucy" or "synthetic"
-    train_scenes: int
-    val_scenes: int
-    test_scenes: int
-    test_pedestrians: int
-    epochs: int
-    scenes_per_epoch: int
-    accumulate: int
-    best_epoch: int
-    train_loss: list[float]
-    val_ade: list[float]
-    val_fde: list[float]
-    train_seconds: float
-    trained: dict[str, float]
-    constant_velocity: dict[str, float]
-    released: dict[str, float] | None = None
-    # the released weights' best-of-K ADE/FDE at each probe sampling seed: [{seed, ade, fde}]
-    released_sampling: list[dict[str, float]] = field(default_factory=list)
-    # the shift probe: one list of points (one per offset) per sampling seed
-    shift: list[list[ShiftPoint]] = field(default_factory=list)
-    shift_model: str = "trained"  # "released" (the authors' weights) or "trained" (ours)
-    shift_scenes: int = 0
-    # the released weights' validation ADE/FDE, as each epoch of ours is validated
-    released_val_ade: float | None = None
-    released_val_fde: float | None = None
-    # data="auto" found no ETH/UCY folder: the synthetic crowd stood in (said in the report)
-    data_missing: bool = False
-    dtype: str = "float64"
-
-
-@dataclass
-class SocialImplicitResult:
-    seed: int
-    num_parameters: int = 0
-    samples: int = 20
-    distribution_samples: int = 50
-    splits: list[SplitResult] = field(default_factory=list)
-
-
 # --- data ----------------------------------------------------------------------------------------
 
 
-def _eth_ucy_root(config: SocialImplicitConfig) -> Path | None:
+def eth_ucy_root(config: SocialImplicitConfig) -> Path | None:
+    """The data folder holding ETH/UCY for this config on this machine, or None."""
     root = resolve_data_dir(config.data_dir or None)
     if root is None:
         return None
@@ -221,7 +173,7 @@ def _eth_ucy_root(config: SocialImplicitConfig) -> Path | None:
 
 def load_data(config: SocialImplicitConfig, split: str, seed: int) -> tuple[str, dict]:
     """("eth_ucy" | "synthetic", {"train", "val", "test": scenes}) for one split."""
-    root = _eth_ucy_root(config) if config.data != "synthetic" else None
+    root = eth_ucy_root(config) if config.data != "synthetic" else None
     if config.data == "eth_ucy" and root is None:
         raise ValueError(
             "data='eth_ucy' but no ETH/UCY folder was found: set data_dir or $MEANWISE_DATA_DIR"
@@ -256,7 +208,7 @@ def _metrics(sample, scenes: list[Scene], config: SocialImplicitConfig, seed: in
 
 
 def _released_model(config: SocialImplicitConfig, split: str) -> SocialImplicit | None:
-    root = _eth_ucy_root(config)
+    root = eth_ucy_root(config)
     folder = None if root is None else root / "social_implicit_checkpoints" / split
     if folder is None or not (folder / "val_best.pth").is_file():
         return None
@@ -339,9 +291,7 @@ def run_split(config: SocialImplicitConfig, split: str, seed: int) -> SplitResul
             m = evaluate_scenes(
                 _sampler(released), test, samples=config.samples, seed=sampling_seed
             )
-            result.released_sampling.append(
-                {"seed": sampling_seed, "ade": m["ade"], "fde": m["fde"]}
-            )
+            result.released_sampling.append(SamplingPoint(sampling_seed, m["ade"], m["fde"]))
     probed = _sampler(released if released is not None else model)
     result.shift_model = "released" if released is not None else "trained"
     probe = test[: config.shift_scenes] if config.shift_scenes else test
@@ -376,7 +326,7 @@ def run(config: SocialImplicitConfig, seed: int) -> SocialImplicitResult:
         samples=config.samples,
         distribution_samples=config.distribution_samples,
     )
-    found = config.data != "synthetic" and _eth_ucy_root(config) is not None
+    found = config.data != "synthetic" and eth_ucy_root(config) is not None
     if config.data == "auto" and not found:
         print(f"meanwise: social-implicit: {MISSING_DATA}.", file=sys.stderr)
     with torch_threads(config.num_threads):
@@ -384,10 +334,9 @@ def run(config: SocialImplicitConfig, seed: int) -> SocialImplicitResult:
             # the data in the key: a stage cached without the data is not reused once it is found
             stage = cached_stage(
                 f"split-{split}-{'eth_ucy' if found else 'synthetic'}",
-                lambda s=split: dataclasses.asdict(run_split(config, s, seed)),
+                lambda s=split: run_split(config, s, seed).to_json(),
             )
-            stage["shift"] = [[ShiftPoint(**p) for p in points] for points in stage["shift"]]
-            result.splits.append(SplitResult(**stage))
+            result.splits.append(SplitResult.from_json(stage))
             if result.splits[-1].data == "synthetic":
                 break  # the synthetic crowd has one split; repeating it would add nothing
     return result

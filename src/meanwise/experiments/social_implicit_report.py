@@ -1,16 +1,16 @@
 """What the report says about experiment `social-implicit`: claim, published numbers, our tables,
 figures, the claims (each with its status from a 95 % interval over seeds) and the "paper
-protocol vs ours" table. Everything here reads results in their JSON form (lists of dicts), so a
-report can be rebuilt from cached results.
+protocol vs ours" table. The public functions take results in their JSON form (lists of dicts),
+so a report can be rebuilt from cached results, and read them through the typed records of
+`social_implicit_results`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
+from meanwise.experiments.base import FigureSpec, Table, format_mean_std, from_json, mean_std
 from meanwise.experiments.claims import (
     Claim,
     ProtocolRow,
@@ -18,6 +18,11 @@ from meanwise.experiments.claims import (
     paired_claim,
     protocol_table,
     threshold_claim,
+)
+from meanwise.experiments.social_implicit_results import (
+    ShiftPoint,
+    SocialImplicitResult,
+    SplitResult,
 )
 
 __all__ = [
@@ -36,6 +41,9 @@ __all__ = [
 ]
 
 JSON = dict[str, Any]
+
+if TYPE_CHECKING:
+    from meanwise.experiments.social_implicit import SocialImplicitConfig
 
 PAPER = (
     "Mohamed et al., Social-Implicit: Rethinking Trajectory Prediction Evaluation and The "
@@ -103,57 +111,86 @@ PUBLISHED = [
 ]
 
 _METRICS = ("ade", "fde", "amd", "amv", "kde_nll")
+_SHIFT_METRICS = ("ade", "fde", "amd", "amv")
 _SHIFT_MODEL = {"released": "the authors' released weights", "trained": "our trained model"}
 
 
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _by_split(results: list[JSON]) -> dict[str, list[JSON]]:
-    out: dict[str, list[JSON]] = {}
+def _typed(results: list[JSON]) -> list[SocialImplicitResult]:
+    return [SocialImplicitResult.from_json(r) for r in results]
+
+
+def _config(config: JSON):
+    """The config that ran, typed (imported here: `social_implicit` imports this module to
+    register)."""
+    from meanwise.experiments.social_implicit import SocialImplicitConfig
+
+    return from_json(SocialImplicitConfig, config)
+
+
+def _by_split(results: list[SocialImplicitResult]) -> dict[str, list[SplitResult]]:
+    out: dict[str, list[SplitResult]] = {}
     for result in results:
-        for split in result.get("splits", []):
-            out.setdefault(split["split"], []).append(split)
+        for split in result.splits:
+            out.setdefault(split.split, []).append(split)
     return out
 
 
-def _values(runs: list[JSON], predictor: str, metric: str) -> list[float]:
-    return [r[predictor][metric] for r in runs if r.get(predictor) is not None]
+def _metrics_of(run: SplitResult, predictor: str) -> dict[str, float] | None:
+    """One predictor's test metrics: "trained", "constant_velocity" or "released" (None
+    where the released weights were not evaluated)."""
+    if predictor == "trained":
+        return run.trained
+    if predictor == "constant_velocity":
+        return run.constant_velocity
+    if predictor == "released":
+        return run.released
+    raise ValueError(f"unknown predictor {predictor!r}")
 
 
-def _mean(runs: list[JSON], predictor: str, metric: str) -> float | None:
+def _values(runs: list[SplitResult], predictor: str, metric: str) -> list[float]:
+    metrics = [_metrics_of(r, predictor) for r in runs]
+    return [m[metric] for m in metrics if m is not None]
+
+
+def _mean(runs: list[SplitResult], predictor: str, metric: str) -> float | None:
     values = _values(runs, predictor, metric)
     return mean_std(values)[0] if values else None
 
 
-def _cell(runs: list[JSON], predictor: str, metric: str, digits: int = 3) -> str:
+def _cell(runs: list[SplitResult], predictor: str, metric: str, digits: int = 3) -> str:
     values = _values(runs, predictor, metric)
     return format_mean_std(values, digits) if values else "n/a"
 
 
-def _probes(runs: list[JSON]) -> list[list[JSON]]:
+def _probes(runs: list[SplitResult]) -> list[list[ShiftPoint]]:
     """Every shift probe of these runs (one per sampling seed of every seed), each a list of
     points, one per offset."""
-    return [points for r in runs for points in r.get("shift") or [] if points]
+    return [points for r in runs for points in r.shift if points]
 
 
-def _shift_mean(runs: list[JSON]) -> list[JSON]:
+def _metric(point: ShiftPoint, metric: str) -> float:
+    """`point`'s "ade", "fde", "amd" or "amv" (the probe's tables loop over the four)."""
+    return {"ade": point.ade, "fde": point.fde, "amd": point.amd, "amv": point.amv}[metric]
+
+
+def _shift_mean(runs: list[SplitResult]) -> list[ShiftPoint]:
     """The shift probe averaged over its sampling seeds and seeds, point by point."""
     probes = _probes(runs)
     if not probes:
         return []
     out = []
     for i, first in enumerate(probes[0]):
-        out.append(
-            {"offset": first["offset"]}
-            | {m: mean_std([p[i][m] for p in probes])[0] for m in ("ade", "fde", "amd", "amv")}
-        )
+        mean = {m: mean_std([_metric(p[i], m) for p in probes])[0] for m in _SHIFT_METRICS}
+        out.append(ShiftPoint(offset=first.offset, **mean))
     return out
 
 
-def _ratio(points: list[JSON], index: int, metric: str) -> float:
-    base = points[0][metric]
-    return points[index][metric] / base if base else float("inf")
+def _ratio(points: list[ShiftPoint], index: int, metric: str) -> float:
+    base = _metric(points[0], metric)
+    return _metric(points[index], metric) / base if base else float("inf")
 
 
 # --- tables and metrics --------------------------------------------------------------------------
@@ -161,11 +198,12 @@ def _ratio(points: list[JSON], index: int, metric: str) -> float:
 
 def summarize(results: list[JSON]) -> list[Table]:
     """Per split: every predictor's test metrics; the shift probe; the training runs."""
+    results = _typed(results)
     tables = []
     seeds = len(results)
-    k = results[0].get("samples", 20) if results else 20
-    kd = results[0].get("distribution_samples", "?") if results else "?"
-    if any(split.get("data_missing") for r in results for split in r.get("splits", [])):
+    k = results[0].samples if results else 20
+    kd = results[0].distribution_samples if results else "?"
+    if any(split.data_missing for r in results for split in r.splits):
         from meanwise.experiments.social_implicit import MISSING_DATA
 
         tables.append(
@@ -179,10 +217,10 @@ def summarize(results: list[JSON]) -> list[Table]:
     for split, runs in _by_split(results).items():
         first = runs[0]
         rows = [
-            [f"Social-Implicit, ours ({first['epochs']} epochs)"]
+            [f"Social-Implicit, ours ({first.epochs} epochs)"]
             + [_cell(runs, "trained", m) for m in _METRICS],
         ]
-        if any(r.get("released") for r in runs):
+        if any(r.released for r in runs):
             rows.append(
                 ["Social-Implicit, released weights"]
                 + [_cell(runs, "released", m) for m in _METRICS]
@@ -193,11 +231,11 @@ def summarize(results: list[JSON]) -> list[Table]:
             rows.append(["Social-Implicit, published", f"{ade:.2f}", f"{fde:.2f}", "", "", ""])
         data = (
             "ETH/UCY leave-one-out"
-            if first["data"] == "eth_ucy"
+            if first.data == "eth_ucy"
             else "the synthetic crowd (social-force pedestrians"
             + (
                 ", no ETH/UCY folder found: `meanwise trajectory fetch-data` downloads it)"
-                if first.get("data_missing")
+                if first.data_missing
                 else ")"
             )
         )
@@ -205,8 +243,8 @@ def summarize(results: list[JSON]) -> list[Table]:
             Table(
                 columns=["Predictor", "ADE", "FDE", f"AMD (K={kd})", f"AMV (K={kd})", "KDE-NLL"],
                 rows=rows,
-                caption=f"{split}: {data}; test {first['test_scenes']} scenes / "
-                f"{first['test_pedestrians']} pedestrians. ADE/FDE best of {k} per pedestrian "
+                caption=f"{split}: {data}; test {first.test_scenes} scenes / "
+                f"{first.test_pedestrians} pedestrians. ADE/FDE best of {k} per pedestrian "
                 f"(metres); AMD/AMV/KDE-NLL from {kd} samples per scene (the paper uses 1000, "
                 f"so these are not comparable with its AMD/AMV). Mean ± std over {seeds} "
                 "seed(s). Constant velocity: the last observed step repeated; "
@@ -230,14 +268,14 @@ def summarize(results: list[JSON]) -> list[Table]:
                         "AMV ×",
                     ],
                     rows=[
-                        [f"{p['offset']:.2f}"]
-                        + [f"{p[m]:.3f}" for m in ("ade", "fde", "amd", "amv")]
+                        [f"{p.offset:.2f}"]
+                        + [f"{_metric(p, m):.3f}" for m in _SHIFT_METRICS]
                         + [f"{_ratio(points, i, m):.2f}" for m in ("ade", "fde", "amd", "amv")]
                         for i, p in enumerate(points)
                     ],
                     caption=f"{split}: shift probe on "
-                    f"{_SHIFT_MODEL.get(first.get('shift_model'), 'our trained model')}, first "
-                    f"{first['shift_scenes']} test scenes; every sample moved by the offset "
+                    f"{_SHIFT_MODEL.get(first.shift_model, 'our trained model')}, first "
+                    f"{first.shift_scenes} test scenes; every sample moved by the offset "
                     "along the diagonal (same draws at every offset); mean over "
                     f"{len(_probes(runs))} sampling seed(s); × = relative to offset 0.",
                 )
@@ -247,19 +285,19 @@ def summarize(results: list[JSON]) -> list[Table]:
                 columns=["seed", "train scenes", "scenes / epoch", "epochs", "best epoch",
                          "best val ADE", "train s"],
                 rows=[
-                    [str(seed), str(r["train_scenes"]), str(r["scenes_per_epoch"]),
-                     str(r["epochs"]), str(r["best_epoch"] + 1), f"{min(r['val_ade']):.3f}",
-                     f"{r['train_seconds']:.0f}"]
-                    for seed, r in zip((res["seed"] for res in results), runs, strict=False)
+                    [str(seed), str(r.train_scenes), str(r.scenes_per_epoch),
+                     str(r.epochs), str(r.best_epoch + 1), f"{min(r.val_ade):.3f}",
+                     f"{r.train_seconds:.0f}"]
+                    for seed, r in zip((res.seed for res in results), runs, strict=False)
                 ],
                 caption=f"{split}: training (IMLE, K = 20, SGD lr 1.0, StepLR(45, 0.1), "
-                f"{first['accumulate']} scenes per step (the paper: 128), the seven "
-                f"augmentations, {first.get('dtype', 'float64')}, batched steps); val "
-                f"{first['val_scenes']} scenes"
+                f"{first.accumulate} scenes per step (the paper: 128), the seven "
+                f"augmentations, {first.dtype}, batched steps); val "
+                f"{first.val_scenes} scenes"
                 + (
-                    f"; the released weights' val ADE/FDE {first['released_val_ade']:.3f}/"
-                    f"{first['released_val_fde']:.3f} (same protocol)."
-                    if first.get("released_val_ade") is not None
+                    f"; the released weights' val ADE/FDE {first.released_val_ade:.3f}/"
+                    f"{first.released_val_fde:.3f} (same protocol)."
+                    if first.released_val_ade is not None
                     else "."
                 ),
             )
@@ -270,7 +308,7 @@ def summarize(results: list[JSON]) -> list[Table]:
 def metrics(results: list[JSON]) -> dict[str, float]:
     """Headline numbers, flat, for scripts that read results.json."""
     out: dict[str, float] = {}
-    for split, runs in _by_split(results).items():
+    for split, runs in _by_split(_typed(results)).items():
         for predictor in ("trained", "released", "constant_velocity"):
             for m in _METRICS:
                 value = _mean(runs, predictor, m)
@@ -279,7 +317,7 @@ def metrics(results: list[JSON]) -> dict[str, float]:
         points = _shift_mean(runs)
         if len(points) > 1:
             for m in ("ade", "fde", "amd", "amv"):
-                out[f"{split}.shift.{m}_ratio_at_{points[-1]['offset']:g}m"] = _ratio(points, -1, m)
+                out[f"{split}.shift.{m}_ratio_at_{points[-1].offset:g}m"] = _ratio(points, -1, m)
     return out
 
 
@@ -291,9 +329,9 @@ PAPER_TRAINING = {"epochs": 50, "max_train_scenes": 0, "accumulate": 128}
 PUBLISHED_PARAMETERS = 5800  # "5.8K parameters"
 
 
-def _data_text(first: JSON) -> str:
-    if first["data"] == "eth_ucy":
-        return f"ETH/UCY {first['split'].upper()} leave-one-out test set"
+def _data_text(first: SplitResult) -> str:
+    if first.data == "eth_ucy":
+        return f"ETH/UCY {first.split.upper()} leave-one-out test set"
     return (
         "the synthetic social-force crowd (no ETH/UCY folder was found on this machine, so "
         "nothing here is about the paper's data)"
@@ -306,21 +344,21 @@ def _rel_gap_percent(ade: float, fde: float, split: str) -> float:
     return 100 * max(abs(ade / pub_ade - 1), abs(fde / pub_fde - 1))
 
 
-def _is_paper_training(first: JSON) -> bool:
+def _is_paper_training(first: SplitResult) -> bool:
     return (
-        first["epochs"] >= PAPER_TRAINING["epochs"]
-        and first["scenes_per_epoch"] >= first["train_scenes"]
-        and first["accumulate"] == PAPER_TRAINING["accumulate"]
+        first.epochs >= PAPER_TRAINING["epochs"]
+        and first.scenes_per_epoch >= first.train_scenes
+        and first.accumulate == PAPER_TRAINING["accumulate"]
     )
 
 
-def _split_claims(split: str, runs: list[JSON], samples: int, kd: Any) -> list[Claim]:
+def _split_claims(split: str, runs: list[SplitResult], samples: int, kd: Any) -> list[Claim]:
     first = runs[0]
     n = len(runs)
     data = _data_text(first)
     training = (
-        f"{first['epochs']} epochs of {first['scenes_per_epoch']} of {first['train_scenes']} "
-        f"training scenes, {first['accumulate']} scenes per SGD step"
+        f"{first.epochs} epochs of {first.scenes_per_epoch} of {first.train_scenes} "
+        f"training scenes, {first.accumulate} scenes per SGD step"
     )
     out: list[Claim] = []
     for metric in ("ade", "fde"):
@@ -343,11 +381,11 @@ def _split_claims(split: str, runs: list[JSON], samples: int, kd: Any) -> list[C
         )
     if split in PUBLISHED_ADE_FDE:
         pub_ade, pub_fde = PUBLISHED_ADE_FDE[split]
-        sampling = [x for r in runs for x in r.get("released_sampling") or []]
+        sampling = [x for r in runs for x in r.released_sampling]
         if sampling:
-            gaps = [_rel_gap_percent(x["ade"], x["fde"], split) for x in sampling]
-            mean_ade = sum(x["ade"] for x in sampling) / len(sampling)
-            mean_fde = sum(x["fde"] for x in sampling) / len(sampling)
+            gaps = [_rel_gap_percent(x.ade, x.fde, split) for x in sampling]
+            mean_ade = sum(x.ade for x in sampling) / len(sampling)
+            mean_fde = sum(x.fde for x in sampling) / len(sampling)
             out.append(
                 threshold_claim(
                     f"{split}: the authors' released weights reproduce the published ADE/FDE "
@@ -366,7 +404,7 @@ def _split_claims(split: str, runs: list[JSON], samples: int, kd: Any) -> list[C
                     "evaluation of these weights gives about the same gap (REFERENCES.md).",
                 )
             )
-        gaps = [_rel_gap_percent(r["trained"]["ade"], r["trained"]["fde"], split) for r in runs]
+        gaps = [_rel_gap_percent(r.trained["ade"], r.trained["fde"], split) for r in runs]
         claim = threshold_claim(
             f"{split}: Social-Implicit trained with the paper's recipe reaches the published "
             f"ADE/FDE {pub_ade:.2f}/{pub_fde:.2f} within {100 * APPROACH_TOLERANCE:.0f} %",
@@ -395,10 +433,10 @@ def _split_claims(split: str, runs: list[JSON], samples: int, kd: Any) -> list[C
 
     probes = _probes(runs)
     if probes and len(probes[0]) > 1:
-        who = _SHIFT_MODEL.get(first.get("shift_model"), "our trained model")
-        offset = probes[0][-1]["offset"]
-        amd = [p[-1]["amd"] / p[0]["amd"] for p in probes]
-        best = [max(p[-1]["ade"] / p[0]["ade"], p[-1]["fde"] / p[0]["fde"]) for p in probes]
+        who = _SHIFT_MODEL.get(first.shift_model, "our trained model")
+        offset = probes[0][-1].offset
+        amd = [p[-1].amd / p[0].amd for p in probes]
+        best = [max(p[-1].ade / p[0].ade, p[-1].fde / p[0].fde) for p in probes]
         out.append(
             paired_claim(
                 f"{split}: AMD reacts more than best-of-{samples} ADE/FDE to a predicted "
@@ -411,13 +449,13 @@ def _split_claims(split: str, runs: list[JSON], samples: int, kd: Any) -> list[C
                 detail=f"Per sampling seed ({len(probes)} in all, paired: the same draws at "
                 f"every offset): AMD at a {offset:g} m shift over AMD unshifted, minus the "
                 f"larger of the same ratios for ADE and FDE. Probed model: {who}; the first "
-                f"{first['shift_scenes']} scenes of {data}; AMD from {kd} samples per scene. "
+                f"{first.shift_scenes} scenes of {data}; AMD from {kd} samples per scene. "
                 f"Means: AMD ×{sum(amd) / len(amd):.2f}, max(ADE, FDE) "
                 f"×{sum(best) / len(best):.2f}. The paper argues this point; the constant-offset "
                 "probe is ours.",
             )
         )
-        amv_change = max(abs(point["amv"] / p[0]["amv"] - 1) for p in probes for point in p)
+        amv_change = max(abs(point.amv / p[0].amv - 1) for p in probes for point in p)
         out.append(
             deterministic_claim(
                 f"{split}: AMV measures the predicted spread only: a constant shift leaves it "
@@ -438,12 +476,13 @@ def claims(results: list[JSON]) -> list[Claim]:
     """Per split: trained vs constant velocity (ADE, FDE), the released weights and our
     training vs the published numbers (ETH/UCY only), AMD vs ADE/FDE under a shift, AMV's
     shift invariance; and the model's parameter count."""
+    results = _typed(results)
     if not results:
         return []
-    samples = results[0].get("samples", 20)
-    kd = results[0].get("distribution_samples", "?")
+    samples = results[0].samples
+    kd = results[0].distribution_samples
     out: list[Claim] = []
-    parameters = results[0].get("num_parameters")
+    parameters = results[0].num_parameters
     if parameters:
         out.append(
             deterministic_claim(
@@ -463,17 +502,15 @@ def claims(results: list[JSON]) -> list[Claim]:
 # --- protocol ------------------------------------------------------------------------------------
 
 
-def _data_that_runs(config: JSON) -> str:
+def _data_that_runs(config: SocialImplicitConfig) -> str:
     """Which data a run with `config` uses on this machine (the claims' details say which data
     each split actually ran on)."""
-    if config.get("data") == "synthetic":
-        return "the synthetic social-force crowd (data='synthetic')"
-    from meanwise.experiments.social_implicit import SocialImplicitConfig, _eth_ucy_root
+    from meanwise.experiments.social_implicit import eth_ucy_root
 
-    known = {f.name for f in dataclasses.fields(SocialImplicitConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known}
+    if config.data == "synthetic":
+        return "the synthetic social-force crowd (data='synthetic')"
     try:
-        root = _eth_ucy_root(SocialImplicitConfig(**values))
+        root = eth_ucy_root(config)
     except ValueError as error:  # a data_dir that is not a folder here
         return f"not found on this machine ({error})"
     if root is not None:
@@ -487,16 +524,14 @@ def _data_that_runs(config: JSON) -> str:
 
 def protocol(config: JSON) -> Table:
     """The paper's protocol against the config that ran, row by row, with why each differs."""
-    c = config
-    splits = ", ".join(s.upper() for s in c["splits"])
+    c = _config(config)
+    splits = ", ".join(s.upper() for s in c.splits)
     short = (
-        c["epochs"] < PAPER_TRAINING["epochs"]
-        or c["max_train_scenes"] != 0
-        or c["accumulate"] != PAPER_TRAINING["accumulate"]
+        c.epochs < PAPER_TRAINING["epochs"]
+        or c.max_train_scenes != 0
+        or c.accumulate != PAPER_TRAINING["accumulate"]
     )
-    scenes = (
-        "every scene" if not c["max_train_scenes"] else f"at most {c['max_train_scenes']} scenes"
-    )
+    scenes = "every scene" if not c.max_train_scenes else f"at most {c.max_train_scenes} scenes"
     rows = [
         ProtocolRow(
             "data",
@@ -522,8 +557,8 @@ def protocol(config: JSON) -> Table:
             "training budget",
             "50 epochs over every training scene, gradients accumulated over 128 scenes, the "
             "learning rate x0.1 after 45 epochs",
-            f"{c['epochs']} epochs over {scenes} per epoch, {c['accumulate']} scenes per step, "
-            f"x0.1 after {c.get('lr_step_epochs', 45)} epochs",
+            f"{c.epochs} epochs over {scenes} per epoch, {c.accumulate} scenes per step, "
+            f"x0.1 after {c.lr_step_epochs} epochs",
             (
                 "CPU time (the quick preset fits in ~5 minutes of 2 cores). Fewer epochs can "
                 "leave our model short of the published numbers; a shortfall then checks our "
@@ -545,12 +580,12 @@ def protocol(config: JSON) -> Table:
             "optimizer and schedule",
             "SGD lr 1.0, StepLR(45 epochs, ×0.1); IMLE with K = 20 (the nearest sample of the "
             "scene); L1 + weighted distance / angle / triplet terms; seven augmentations",
-            f"the same (meanwise.trajectory.train), {c.get('dtype', 'float64')}; the angle "
+            f"the same (meanwise.trajectory.train), {c.dtype}; the angle "
             "term as atan2 clamped to the reference's range (the same values, finite "
             "gradients in float32); the best epoch on validation ADE is kept (the reference: "
             "validation loss, 5 % threshold)",
             "same as the paper"
-            if c.get("dtype", "float64") == "float64"
+            if c.dtype == "float64"
             else "float32 for CPU time (~2x faster); a test checks that float32 and float64 "
             "training follow each other (1e-4 over six steps)",
         ),
@@ -558,12 +593,12 @@ def protocol(config: JSON) -> Table:
             "runs / seeds",
             "one trained model per split (the released weights); no seeds or intervals "
             "recorded in REFERENCES.md",
-            f"{c['seeds']} training seed(s) per split; {c['probe_seeds']} sampling seeds per "
+            f"{c.seeds} training seed(s) per split; {c.probe_seeds} sampling seeds per "
             "run for the fixed predictors (the released weights, the shift probe)",
             "claims on our training need ≥ 2 training seeds for an interval"
             + (
                 " (the quick preset trains one, for time: those claims stay unresolved)"
-                if c["seeds"] < 2
+                if c.seeds < 2
                 else ""
             )
             + "; a fixed model's only randomness is its sampling, so its claims' intervals are "
@@ -572,10 +607,10 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "metrics",
             "best-of-20 ADE/FDE per pedestrian (metres); AMD / AMV / KDE-NLL from 1000 samples",
-            f"best-of-{c['samples']} ADE/FDE per pedestrian; AMD / AMV / KDE-NLL from "
-            f"{c['distribution_samples']} samples per scene",
+            f"best-of-{c.samples} ADE/FDE per pedestrian; AMD / AMV / KDE-NLL from "
+            f"{c.distribution_samples} samples per scene",
             "same as the paper"
-            if c["distribution_samples"] >= 1000
+            if c.distribution_samples >= 1000
             else "CPU time (a mixture fit per step and pedestrian): AMD/AMV at fewer samples "
             "are noisier and not comparable with the paper's values; the shift probe compares "
             "them only with themselves.",
@@ -591,8 +626,8 @@ def protocol(config: JSON) -> Table:
             "AMD/AMV argument",
             "best-of-N ADE/FDE barely notices a distribution that has moved away from the "
             "truth; AMD / AMV judge the whole distribution (argued in the paper)",
-            f"a probe: every sample moved by {', '.join(f'{o:g}' for o in c['shift_offsets'])} "
-            f"m along the diagonal on the first {c['shift_scenes'] or 'all'} test scenes, the "
+            f"a probe: every sample moved by {', '.join(f'{o:g}' for o in c.shift_offsets)} "
+            f"m along the diagonal on the first {c.shift_scenes or 'all'} test scenes, the "
             "same draws at every offset; on the released weights (our trained model on the "
             "synthetic crowd)",
             "our test of the paper's argument: a constant offset is the simplest moved "
@@ -605,14 +640,18 @@ def protocol(config: JSON) -> Table:
 # --- figures -------------------------------------------------------------------------------------
 
 
-def _draw_shift(split: str, points: list[JSON]):
+def _draw_shift(split: str, points: list[ShiftPoint]):
     def draw(fig) -> None:
         best, dist, rel = fig.subplots(1, 3)
-        offsets = [p["offset"] for p in points]
+        offsets = [p.offset for p in points]
         for i, m in enumerate(("ade", "fde")):
-            best.plot(offsets, [p[m] for p in points], "o-", color=f"C{i}", label=m.upper())
+            best.plot(
+                offsets, [_metric(p, m) for p in points], "o-", color=f"C{i}", label=m.upper()
+            )
         for i, m in enumerate(("amd", "amv")):
-            dist.plot(offsets, [p[m] for p in points], "s-", color=f"C{i + 2}", label=m.upper())
+            dist.plot(
+                offsets, [_metric(p, m) for p in points], "s-", color=f"C{i + 2}", label=m.upper()
+            )
         for i, m in enumerate(("ade", "fde", "amd", "amv")):
             rel.plot(
                 offsets,
@@ -630,16 +669,16 @@ def _draw_shift(split: str, points: list[JSON]):
     return draw
 
 
-def _draw_training(by_split: dict[str, list[JSON]]):
+def _draw_training(by_split: dict[str, list[SplitResult]]):
     def draw(fig) -> None:
         loss_ax, ade_ax = fig.subplots(1, 2)
         for i, (split, runs) in enumerate(by_split.items()):
             for j, r in enumerate(runs):
-                epochs = range(1, len(r["train_loss"]) + 1)
+                epochs = range(1, len(r.train_loss) + 1)
                 label = split if j == 0 else None
-                loss_ax.plot(epochs, r["train_loss"], ".-", color=f"C{i}", label=label)
-                ade_ax.plot(epochs, r["val_ade"], ".-", color=f"C{i}", label=label)
-            released = runs[0].get("released_val_ade")
+                loss_ax.plot(epochs, r.train_loss, ".-", color=f"C{i}", label=label)
+                ade_ax.plot(epochs, r.val_ade, ".-", color=f"C{i}", label=label)
+            released = runs[0].released_val_ade
             if released is not None:
                 ade_ax.axhline(
                     released,
@@ -658,6 +697,7 @@ def _draw_training(by_split: dict[str, list[JSON]]):
 
 def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
     """The shift probe per split, and the training curves."""
+    results = _typed(results)
     specs = []
     by_split = _by_split(results)
     for split, runs in by_split.items():
@@ -667,7 +707,7 @@ def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
                 FigureSpec(
                     f"shift-{split}",
                     f"{split}: every sample of "
-                    f"{_SHIFT_MODEL.get(runs[0].get('shift_model'), 'our trained model')} moved "
+                    f"{_SHIFT_MODEL.get(runs[0].shift_model, 'our trained model')} moved "
                     "by a constant offset (mean over sampling seeds). "
                     "Left, best-of-N ADE/FDE; middle, AMD/AMV; right, each relative to the "
                     "unshifted value.",
