@@ -1,6 +1,7 @@
 """Experiment `frame-averaging` on a tiny config: determinism, resume, report parts, claims."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -11,6 +12,8 @@ from meanwise.experiments.base import runner_context
 from meanwise.experiments.claims import status_from_interval, validate_claim
 from meanwise.experiments.frame_averaging import (
     FrameAveragingConfig,
+    FrameAveragingResult,
+    NormalsRun,
     equivariance_error,
     nbody_data,
     run,
@@ -63,6 +66,15 @@ def test_same_seed_identical_other_seed_different(tiny_runs):
     fa_other = {r.model: r for r in c.nbody}["FA-GNN"]
     assert fa.train_mse != fa_other.train_mse
     assert [r.model for r in a.nbody] == list(TINY.models)
+
+
+def test_results_round_trip_through_the_typed_records(tiny_runs):
+    """The report's typed records give back the JSON the runner caches, unchanged."""
+    for result in tiny_runs:
+        data = json.loads(json.dumps(dataclasses.asdict(result)))
+        typed = FrameAveragingResult.from_json(data)
+        assert typed == result and isinstance(typed.normals[0], NormalsRun)
+        assert json.dumps(typed.to_json()) == json.dumps(data)
 
 
 def test_results_follow_the_papers_selection_rule(tiny_runs):
@@ -171,7 +183,8 @@ def _fake(mse: dict[str, list[float]], normals=(5.0, 5.0, 5.0, 40.0), train_size
             "nbody": [
                 {"model": m, "test_mse": v[s], "equivariance_error": 1e-7 * (1 + s),
                  "best_epoch": 9, "epochs_run": 10, "parameters": 1, "seconds": 1.0,
-                 "eval_epochs": [9], "val_mse": [v[s]], "train_mse": [v[s]]}
+                 "eval_epochs": [9], "val_mse": [v[s]], "train_mse": [v[s]],
+                 "best_val_mse": v[s], "test_mse_curve": [v[s]], "stopped_early": False}
                 for m, v in mse.items()
             ],
             "normals": [

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,11 @@ from torch import Tensor, nn
 from meanwise.atomic_io import atomic_torch_save
 from meanwise.experiments import base
 from meanwise.experiments.base import cached_stage, progress, seeded, torch_threads
+from meanwise.experiments.frame_averaging_results import (
+    FrameAveragingResult,
+    NBodyRun,
+    NormalsRun,
+)
 from meanwise.symmetry import FrameAveraging
 from meanwise.symmetry.models import FAGNN, GNN, LinearDynamics
 from meanwise.symmetry.nbody import NBodySplit, make_nbody_splits
@@ -146,47 +151,6 @@ class FrameAveragingConfig:
         return cls()
 
 
-@dataclass
-class NBodyRun:
-    """One model on n-body: curves every `eval_every` epochs and the paper's selection."""
-
-    model: str
-    parameters: int
-    epochs_run: int
-    best_epoch: int
-    best_val_mse: float
-    test_mse: float  # at the best validation epoch
-    eval_epochs: list[int]
-    train_mse: list[float]
-    val_mse: list[float]
-    test_mse_curve: list[float]
-    equivariance_error: float
-    stopped_early: bool
-    seconds: float
-
-
-@dataclass
-class NormalsRun:
-    """One normal estimator: mean unoriented angle error (degrees), aligned and rotated."""
-
-    model: str
-    aligned_error_deg: float
-    rotated_error_deg: float
-    equivariance_error: float
-    train_loss: list[float]
-    seconds: float
-
-
-@dataclass
-class FrameAveragingResult:
-    seed: int
-    train_size: int = 0
-    epochs_cap: int = 0
-    degenerate_test_fraction: float = 0.0
-    nbody: list[NBodyRun] = field(default_factory=list)
-    normals: list[NormalsRun] = field(default_factory=list)
-
-
 # --- (a) n-body --------------------------------------------------------------------------------
 
 
@@ -253,7 +217,7 @@ def equivariance_error(
 
 def _checkpoint_path(key: str) -> Path | None:
     """Where a long training run keeps its checkpoint: next to the runner's stage files."""
-    stage_dir = base._current().stage_dir
+    stage_dir = base.current_stage_dir()
     return None if stage_dir is None else stage_dir / f"{key}.pt"
 
 
@@ -446,14 +410,14 @@ def run(config: FrameAveragingConfig, seed: int) -> FrameAveragingResult:
         result.degenerate_test_fraction = _degenerate_fraction(config)
         for name in progress(config.models, desc=f"seed {seed} n-body"):
             stage = cached_stage(
-                f"nbody-{name}", lambda m=name: asdict(train_nbody(m, config, seed))
+                f"nbody-{name}", lambda m=name: train_nbody(m, config, seed).to_json()
             )
-            result.nbody.append(NBodyRun(**stage))
+            result.nbody.append(NBodyRun.from_json(stage))
         for name in progress(config.normal_models, desc=f"seed {seed} normals"):
             stage = cached_stage(
-                f"normals-{name}", lambda m=name: asdict(train_normals(m, config, seed))
+                f"normals-{name}", lambda m=name: train_normals(m, config, seed).to_json()
             )
-            result.normals.append(NormalsRun(**stage))
+            result.normals.append(NormalsRun.from_json(stage))
     return result
 
 

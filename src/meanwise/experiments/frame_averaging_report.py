@@ -1,14 +1,14 @@
 """What the report says about experiment `frame-averaging`: claim, published numbers, our tables,
-figures, the claims (each with a 95 % interval over seeds) and the protocol table. Everything
-here reads results in their JSON form (lists of dicts), so a report can be rebuilt from cached
-results.
+figures, the claims (each with a 95 % interval over seeds) and the protocol table. The public
+functions take results in their JSON form (lists of dicts), so a report can be rebuilt from cached
+results, and read them through the typed records of `frame_averaging_results`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from meanwise.experiments.base import FigureSpec, Table, format_mean_std, mean_std
+from meanwise.experiments.base import FigureSpec, Table, format_mean_std, from_json, mean_std
 from meanwise.experiments.claims import (
     Claim,
     ProtocolRow,
@@ -16,11 +16,20 @@ from meanwise.experiments.claims import (
     protocol_table,
     threshold_claim,
 )
+from meanwise.experiments.frame_averaging_results import (
+    FrameAveragingResult,
+    NBodyRun,
+    NormalsRun,
+)
 
 __all__ = ["PAPER", "CLAIM", "PUBLISHED", "PUBLISHED_MSE", "summarize", "metrics", "figures",
            "claims", "protocol"]  # fmt: skip
 
 JSON = dict[str, Any]
+Run = TypeVar("Run", NBodyRun, NormalsRun)
+
+if TYPE_CHECKING:
+    from meanwise.experiments.frame_averaging import FrameAveragingConfig
 
 PAPER = "Puny et al., Frame Averaging for Invariant and Equivariant Network Design, ICLR 2022"
 
@@ -57,24 +66,36 @@ PUBLISHED = [
 ]
 
 
-def _nbody_by_model(results: list[JSON]) -> dict[str, list[JSON]]:
-    by_model: dict[str, list[JSON]] = {}
+def _typed(results: list[JSON]) -> list[FrameAveragingResult]:
+    return [FrameAveragingResult.from_json(r) for r in results]
+
+
+def _config(config: JSON):
+    """The config that ran, typed (imported here: `frame_averaging` imports this module to
+    register)."""
+    from meanwise.experiments.frame_averaging import FrameAveragingConfig
+
+    return from_json(FrameAveragingConfig, config)
+
+
+def _nbody_by_model(results: list[FrameAveragingResult]) -> dict[str, list[NBodyRun]]:
+    by_model: dict[str, list[NBodyRun]] = {}
     for result in results:
-        for run in result.get("nbody", []):
-            by_model.setdefault(run["model"], []).append(run)
+        for run in result.nbody:
+            by_model.setdefault(run.model, []).append(run)
     return by_model
 
 
-def _normals_by_model(results: list[JSON]) -> dict[str, list[JSON]]:
-    by_model: dict[str, list[JSON]] = {}
+def _normals_by_model(results: list[FrameAveragingResult]) -> dict[str, list[NormalsRun]]:
+    by_model: dict[str, list[NormalsRun]] = {}
     for result in results:
-        for run in result.get("normals", []):
-            by_model.setdefault(run["model"], []).append(run)
+        for run in result.normals:
+            by_model.setdefault(run.model, []).append(run)
     return by_model
 
 
-def _mean(runs: list[JSON], key: str) -> float:
-    return mean_std([r[key] for r in runs])[0]
+def _mean(values: list[float]) -> float:
+    return mean_std(values)[0]
 
 
 def _format_sci(values: list[float]) -> str:
@@ -85,24 +106,25 @@ def _format_sci(values: list[float]) -> str:
 
 def summarize(results: list[JSON]) -> list[Table]:
     """Our n-body table beside the published MSE, and the normal-estimation table."""
+    results = _typed(results)
     tables = []
     by_model = _nbody_by_model(results)
     if by_model:
         first = results[0]
-        ranking = sorted(by_model, key=lambda m: _mean(by_model[m], "test_mse"))
+        ranking = sorted(by_model, key=lambda m: _mean([r.test_mse for r in by_model[m]]))
         rows = []
         for model, runs in by_model.items():
             published = PUBLISHED_MSE.get(model)
             rows.append(
                 [
                     model,
-                    format_mean_std([r["test_mse"] for r in runs], 4),
+                    format_mean_std([r.test_mse for r in runs], 4),
                     "" if published is None else f"{published:.4f}",
                     str(ranking.index(model) + 1),
-                    _format_sci([r["equivariance_error"] for r in runs]),
-                    ", ".join(f"{r['best_epoch'] + 1}/{r['epochs_run']}" for r in runs),
-                    str(runs[0]["parameters"]),
-                    f"{_mean(runs, 'seconds'):.0f}",
+                    _format_sci([r.equivariance_error for r in runs]),
+                    ", ".join(f"{r.best_epoch + 1}/{r.epochs_run}" for r in runs),
+                    str(runs[0].parameters),
+                    f"{_mean([r.seconds for r in runs]):.0f}",
                 ]
             )
         tables.append(
@@ -118,12 +140,12 @@ def summarize(results: list[JSON]) -> list[Table]:
                     "seconds / run",
                 ],
                 rows=rows,
-                caption=f"n-body, {first.get('train_size', '?')} training systems, at most "
-                f"{first.get('epochs_cap', '?')} epochs (the paper: 3,000 and up to 10,000); "
+                caption=f"n-body, {first.train_size} training systems, at most "
+                f"{first.epochs_cap} epochs (the paper: 3,000 and up to 10,000); "
                 "test MSE at the best validation epoch; mean ± std over "
                 f"{len(results)} seed(s). Equivariance error: ‖f(Qx+b) − (Q f(x)+b)‖/‖f(x)‖ "
                 "over test systems, Q random in O(3), float32. "
-                f"{100 * first.get('degenerate_test_fraction', 0.0):.1f}% of the test systems "
+                f"{100 * first.degenerate_test_fraction:.1f}% of the test systems "
                 "have a relative eigengap below 0.01 (their 5-point PCA frame is nearly "
                 "degenerate, so float32 rounding shows up as equivariance error there).",
             )  # fmt: skip
@@ -133,10 +155,10 @@ def summarize(results: list[JSON]) -> list[Table]:
         rows = [
             [
                 model,
-                format_mean_std([r["aligned_error_deg"] for r in runs], 2),
-                format_mean_std([r["rotated_error_deg"] for r in runs], 2),
-                _format_sci([r["equivariance_error"] for r in runs]),
-                f"{_mean(runs, 'seconds'):.0f}",
+                format_mean_std([r.aligned_error_deg for r in runs], 2),
+                format_mean_std([r.rotated_error_deg for r in runs], 2),
+                _format_sci([r.equivariance_error for r in runs]),
+                f"{_mean([r.seconds for r in runs]):.0f}",
             ]
             for model, runs in normals.items()
         ]
@@ -162,16 +184,17 @@ def summarize(results: list[JSON]) -> list[Table]:
 
 def metrics(results: list[JSON]) -> dict[str, float]:
     """Headline numbers, flat, for scripts that read results.json."""
+    results = _typed(results)
     out: dict[str, float] = {}
     for model, runs in _nbody_by_model(results).items():
-        mean, std = mean_std([r["test_mse"] for r in runs])
+        mean, std = mean_std([r.test_mse for r in runs])
         out[f"nbody.{model}.test_mse.mean"] = mean
         out[f"nbody.{model}.test_mse.std"] = std
-        out[f"nbody.{model}.equivariance_error"] = _mean(runs, "equivariance_error")
-        out[f"nbody.{model}.epochs_run"] = _mean(runs, "epochs_run")
+        out[f"nbody.{model}.equivariance_error"] = _mean([r.equivariance_error for r in runs])
+        out[f"nbody.{model}.epochs_run"] = _mean([r.epochs_run for r in runs])
     for model, runs in _normals_by_model(results).items():
-        out[f"normals.{model}.aligned_error_deg"] = _mean(runs, "aligned_error_deg")
-        out[f"normals.{model}.rotated_error_deg"] = _mean(runs, "rotated_error_deg")
+        out[f"normals.{model}.aligned_error_deg"] = _mean([r.aligned_error_deg for r in runs])
+        out[f"normals.{model}.rotated_error_deg"] = _mean([r.rotated_error_deg for r in runs])
     return out
 
 
@@ -208,37 +231,37 @@ GNN_BUDGET_FINDING_WHY = (
 )
 
 
-def _runs_by_seed(results: list[JSON], part: str) -> dict[str, dict[int, JSON]]:
-    """{model: {seed: run}} for part "nbody" or "normals"."""
-    out: dict[str, dict[int, JSON]] = {}
-    for index, result in enumerate(results):
-        seed = int(result.get("seed", index))
-        for run in result.get(part, []):
-            out.setdefault(run["model"], {})[seed] = run
+def _runs_by_seed(runs: list[tuple[int, list[Run]]]) -> dict[str, dict[int, Run]]:
+    """{model: {seed: run}} from (seed, that seed's runs of one part)."""
+    out: dict[str, dict[int, Run]] = {}
+    for seed, part in runs:
+        for run in part:
+            out.setdefault(run.model, {})[seed] = run
     return out
 
 
-def _paired(arms: dict[str, dict[int, JSON]], a: str, b: str) -> list[int]:
+def _paired(arms: dict[str, dict[int, Run]], a: str, b: str) -> list[int]:
     """The seeds both arms ran, in order (pairing by seed)."""
     if a not in arms or b not in arms:
         return []
     return sorted(set(arms[a]) & set(arms[b]))
 
 
-def _scale(results: list[JSON]) -> str:
+def _scale(results: list[FrameAveragingResult]) -> str:
     first = results[0]
     return (
-        f"{first.get('train_size', '?')} training systems, at most "
-        f"{first.get('epochs_cap', '?')} epochs (the paper: 3,000 and up to 10,000)"
+        f"{first.train_size} training systems, at most "
+        f"{first.epochs_cap} epochs (the paper: 3,000 and up to 10,000)"
     )
 
 
 def claims(results: list[JSON]) -> list[Claim]:
     """Each claim this experiment tests, with a 95 % interval over seeds (paired by seed)."""
+    results = _typed(results)
     out: list[Claim] = []
     if not results:
         return out
-    nbody = _runs_by_seed(results, "nbody")
+    nbody = _runs_by_seed([(r.seed, r.nbody) for r in results])
     scale = _scale(results)
     for method, baseline in (("FA-GNN", "GNN"), ("GNN", "Linear")):
         seeds = _paired(nbody, method, baseline)
@@ -247,8 +270,8 @@ def claims(results: list[JSON]) -> list[Claim]:
         out.append(
             paired_claim(
                 f"{method} has a lower n-body test MSE than {baseline}",
-                [nbody[method][s]["test_mse"] for s in seeds],
-                [nbody[baseline][s]["test_mse"] for s in seeds],
+                [nbody[method][s].test_mse for s in seeds],
+                [nbody[baseline][s].test_mse for s in seeds],
                 paper_effect=PUBLISHED_MSE[method] - PUBLISHED_MSE[baseline],
                 direction="less",
                 unit="MSE",
@@ -263,7 +286,7 @@ def claims(results: list[JSON]) -> list[Claim]:
         out.append(
             threshold_claim(
                 "FA-GNN is E(3)-equivariant up to float32 rounding",
-                [fa[s]["equivariance_error"] for s in seeds],
+                [fa[s].equivariance_error for s in seeds],
                 threshold=EQUIVARIANCE_TOLERANCE,
                 paper_effect=None,
                 direction="less",
@@ -275,13 +298,13 @@ def claims(results: list[JSON]) -> list[Claim]:
                 "degenerate 5-point frames.",
             )
         )
-        if min(int(r.get("train_size", 0)) for r in results) >= 3000:
+        if min(r.train_size for r in results) >= 3000:
             # the level is only comparable on the paper's data size; the quick preset's 500
             # systems and few epochs cannot test it (see the protocol table)
             out.append(
                 threshold_claim(
                     "FA-GNN reaches the published n-body test MSE (.0057)",
-                    [fa[s]["test_mse"] for s in seeds],
+                    [fa[s].test_mse for s in seeds],
                     threshold=FA_GNN_LEVEL,
                     paper_effect=PUBLISHED_MSE["FA-GNN"],
                     direction="less",
@@ -290,14 +313,14 @@ def claims(results: list[JSON]) -> list[Claim]:
                     f"{FA_GNN_LEVEL} (the paper's .0057 + 5 %); {scale}.",
                 )
             )
-    normals = _runs_by_seed(results, "normals")
+    normals = _runs_by_seed([(r.seed, r.normals) for r in results])
     if "FA-PointNet" in normals:
         fa = normals["FA-PointNet"]
         seeds = sorted(fa)
         out.append(
             threshold_claim(
                 "FA-PointNet's normal error on unseen rotations equals its aligned error",
-                [abs(fa[s]["rotated_error_deg"] - fa[s]["aligned_error_deg"]) for s in seeds],
+                [abs(fa[s].rotated_error_deg - fa[s].aligned_error_deg) for s in seeds],
                 threshold=ROTATION_TOLERANCE_DEG,
                 paper_effect=None,
                 direction="less",
@@ -311,8 +334,8 @@ def claims(results: list[JSON]) -> list[Claim]:
     seeds = _paired(normals, "FA-PointNet", "PointNet")
     if seeds:
 
-        def degradation(run: JSON) -> float:
-            return run["rotated_error_deg"] - run["aligned_error_deg"]
+        def degradation(run: NormalsRun) -> float:
+            return run.rotated_error_deg - run.aligned_error_deg
 
         out.append(
             paired_claim(
@@ -329,17 +352,17 @@ def claims(results: list[JSON]) -> list[Claim]:
     return out
 
 
-def _lr(config: JSON, model: str) -> str:
-    rates = {name: rate for name, rate in config.get("lr", [])}
+def _lr(config: FrameAveragingConfig, model: str) -> str:
+    rates = dict(config.lr)
     return "?" if model not in rates else f"{rates[model]:g}"
 
 
-def _data_draw_row(c: JSON) -> ProtocolRow:
+def _data_draw_row(c: FrameAveragingConfig) -> ProtocolRow:
     paper = (
         "the published files: 10,000 training systems (the first 3,000 used), 2,000 "
         "validation, 2,000 test, drawn by np.random.seed(43); Linear reaches .0819"
     )
-    if c.get("data_draw", "egnn") == "egnn":
+    if c.data_draw == "egnn":
         return ProtocolRow(
             "data draw",
             paper,
@@ -355,7 +378,7 @@ def _data_draw_row(c: JSON) -> ProtocolRow:
     return ProtocolRow(
         "data draw",
         paper,
-        f"fresh systems of the same distribution (data_seed {c['data_seed']})",
+        f"fresh systems of the same distribution (data_seed {c.data_seed})",
         "a different draw: the least-squares Linear model's test MSE over data seeds 0-5 is "
         ".0864-.0911 (standard error of one 2,000-system test mean ≈ .003, heavy-tailed)",
     )
@@ -363,12 +386,12 @@ def _data_draw_row(c: JSON) -> ProtocolRow:
 
 def protocol(config: JSON) -> Table:
     """The paper's (EGNN's) n-body protocol against the config that ran, row by row."""
-    c = config
-    patience_epochs = c["patience"] * c["eval_every"]
+    c = _config(config)
+    patience_epochs = c.patience * c.eval_every
     early_stop = (
         "none"
-        if c["patience"] * c["eval_every"] >= c["epochs"]
-        else f"after {c['patience']} evaluations ({patience_epochs} epochs) without a better "
+        if c.patience * c.eval_every >= c.epochs
+        else f"after {c.patience} evaluations ({patience_epochs} epochs) without a better "
         "validation MSE"
     )
     rows = [
@@ -395,15 +418,15 @@ def protocol(config: JSON) -> Table:
             "data size",
             "3,000 training systems (the first 3,000 of 10,000 generated with NumPy seed 43), "
             "2,000 validation, 2,000 test",
-            f"{c['train_size']:,} / {c['val_size']:,} / {c['test_size']:,} ("
+            f"{c.train_size:,} / {c.val_size:,} / {c.test_size:,} ("
             + (
                 "the first of EGNN's systems"
-                if c.get("data_draw", "egnn") == "egnn"
-                else f"data_seed {c['data_seed']}"
+                if c.data_draw == "egnn"
+                else f"data_seed {c.data_seed}"
             )
             + ", the same for every seed)",
             "same as the paper"
-            if (c["train_size"], c["val_size"], c["test_size"]) == (3000, 2000, 2000)
+            if (c.train_size, c.val_size, c.test_size) == (3000, 2000, 2000)
             else "quick preset: CPU time on 2 shared cores; fewer systems raise every "
             "learned model's MSE, the plain GNN's most (no symmetry to share data across "
             "orientations)",
@@ -414,20 +437,16 @@ def protocol(config: JSON) -> Table:
             "4 residual message-passing layers (SiLU), 60 hidden channels read as 20 "
             "3-vectors, edge features [q_i q_j, ‖x_i − x_j‖²], frame averaging (8 E(3) PCA "
             "frame elements) inside every layer",
-            f"{c['layers']} layers, {c['fa_hidden']} hidden",
-            "same as the paper"
-            if (c["layers"], c["fa_hidden"]) == (4, 60)
-            else "smaller, for time",
+            f"{c.layers} layers, {c.fa_hidden} hidden",
+            "same as the paper" if (c.layers, c.fa_hidden) == (4, 60) else "smaller, for time",
         ),
         ProtocolRow(
             "GNN baseline",
             "EGNN's GNN: embedding Linear(6, 64) of [x, v], 4 residual GCL layers (edge MLP "
             "on [h_i, h_j, q_i q_j], sum over neighbours, node MLP), SiLU, decoder "
             "64 → 64 → 3 predicting positions directly",
-            f"the same, {c['layers']} layers, {c['gnn_hidden']} hidden",
-            "same as the paper"
-            if (c["layers"], c["gnn_hidden"]) == (4, 64)
-            else "smaller, for time",
+            f"the same, {c.layers} layers, {c.gnn_hidden} hidden",
+            "same as the paper" if (c.layers, c.gnn_hidden) == (4, 64) else "smaller, for time",
         ),
         ProtocolRow(
             "Linear baseline",
@@ -438,11 +457,11 @@ def protocol(config: JSON) -> Table:
             "optimizer",
             "Adam, weight decay 1e-12, batch 100; lr FA-GNN 1e-3, GNN 1e-3 (EGNN README), "
             "Linear 5e-4 (EGNN default); constant lr, MSE loss on positions",
-            f"Adam, weight decay {c['weight_decay']:g}, batch {c['batch_size']}; lr FA-GNN "
+            f"Adam, weight decay {c.weight_decay:g}, batch {c.batch_size}; lr FA-GNN "
             f"{_lr(c, 'FA-GNN')}, GNN {_lr(c, 'GNN')}, Linear {_lr(c, 'Linear')}",
             (
                 "same as the paper"
-                if c["batch_size"] == 100
+                if c.batch_size == 100
                 else "quick preset: batch 50 "
                 "gives twice the updates for the same CPU time on a small training set; "
             )
@@ -453,7 +472,7 @@ def protocol(config: JSON) -> Table:
             "training budget",
             "up to 10,000 epochs, validation every 5, test MSE at the best validation epoch; "
             "no early stopping",
-            f"at most {c['epochs']} epochs, validation every {c['eval_every']}, test MSE at "
+            f"at most {c.epochs} epochs, validation every {c.eval_every}, test MSE at "
             f"the best validation epoch; early stop: {early_stop}",
             "CPU time: one FA-GNN epoch on 3,000 systems takes ~8 s on one core (10,000 "
             "epochs ≈ 22 h per seed). Fewer epochs can only raise the MSE of a model whose "
@@ -468,7 +487,7 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "runs",
             "one run per model, no interval",
-            f"{c['seeds']} seed(s) per model (initialisation and batch order); claims from a "
+            f"{c.seeds} seed(s) per model (initialisation and batch order); claims from a "
             "95 % t interval over seeds, paired by seed",
             "the contract of this report; the paper's numbers carry no seed spread",
         ),
@@ -481,7 +500,7 @@ def protocol(config: JSON) -> Table:
             "equivariance",
             "exact by construction (no measured number)",
             f"measured: relative error under random O(3) rotations + translations on "
-            f"{c['equivariance_systems']} test systems, float32",
+            f"{c.equivariance_systems} test systems, float32",
             "an empirical check of the theorem; float32 rounding, amplified on nearly "
             "degenerate 5-point frames, is the expected residue",
         ),
@@ -489,10 +508,10 @@ def protocol(config: JSON) -> Table:
             "normal estimation",
             "normal estimation on ABC CAD shapes (PointNet and DGCNN backbones; aligned or "
             "rotated training, aligned or rotated test)",
-            f"synthetic spheres, ellipsoids and tori ({c['normal_train_shapes']} training / "
-            f"{c['normal_test_shapes']} test shapes, {c['normal_points']} points), a "
-            f"PointNet-style network of width {c['normal_width']} and its FrameAveraging "
-            f"('E3', 'vector', stochastic frames while training) version, {c['normal_epochs']}"
+            f"synthetic spheres, ellipsoids and tori ({c.normal_train_shapes} training / "
+            f"{c.normal_test_shapes} test shapes, {c.normal_points} points), a "
+            f"PointNet-style network of width {c.normal_width} and its FrameAveraging "
+            f"('E3', 'vector', stochastic frames while training) version, {c.normal_epochs}"
             " epochs, trained on axis-aligned shapes only",
             "no ABC data offline; this tests only the aligned-train / rotated-test "
             "invariance, not the paper's error levels",
@@ -500,7 +519,7 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "hardware",
             "GPU",
-            f"CPU, {c['num_threads']} thread(s)",
+            f"CPU, {c.num_threads} thread(s)",
             "the machine here; results are deterministic per seed on one machine",
         ),
     ]
@@ -509,14 +528,14 @@ def protocol(config: JSON) -> Table:
     )
 
 
-def _draw_curves(results: list[JSON]):
+def _draw_curves(results: list[FrameAveragingResult]):
     def draw(fig) -> None:
         val_ax, train_ax = fig.subplots(1, 2)
         for i, (model, runs) in enumerate(_nbody_by_model(results).items()):
             run = runs[0]
-            epochs = [e + 1 for e in run["eval_epochs"]]
-            val_ax.plot(epochs, run["val_mse"], color=f"C{i}", label=f"{model} (ours)")
-            train_ax.plot(epochs, run["train_mse"], color=f"C{i}", label=model)
+            epochs = [e + 1 for e in run.eval_epochs]
+            val_ax.plot(epochs, run.val_mse, color=f"C{i}", label=f"{model} (ours)")
+            train_ax.plot(epochs, run.train_mse, color=f"C{i}", label=model)
             if model in PUBLISHED_MSE:
                 val_ax.axhline(PUBLISHED_MSE[model], color=f"C{i}", ls=":", lw=1)
         val_ax.set(title="validation MSE (dotted: paper's test MSE)", xlabel="epoch",
@@ -527,13 +546,13 @@ def _draw_curves(results: list[JSON]):
     return draw
 
 
-def _draw_normals(results: list[JSON]):
+def _draw_normals(results: list[FrameAveragingResult]):
     def draw(fig) -> None:
         ax = fig.subplots(1, 1)
         normals = _normals_by_model(results)
         names = list(normals)
-        aligned = [_mean(normals[m], "aligned_error_deg") for m in names]
-        rotated = [_mean(normals[m], "rotated_error_deg") for m in names]
+        aligned = [_mean([r.aligned_error_deg for r in normals[m]]) for m in names]
+        rotated = [_mean([r.rotated_error_deg for r in normals[m]]) for m in names]
         xs = range(len(names))
         ax.bar([x - 0.2 for x in xs], aligned, width=0.4, label="aligned (as trained)")
         ax.bar([x + 0.2 for x in xs], rotated, width=0.4, label="randomly rotated")
@@ -546,6 +565,7 @@ def _draw_normals(results: list[JSON]):
 
 def figures(config: JSON, results: list[JSON]) -> list[FigureSpec]:
     """n-body learning curves (first seed) and the normal-estimation bars."""
+    results = _typed(results)
     specs = []
     if _nbody_by_model(results):
         specs.append(
