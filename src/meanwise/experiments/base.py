@@ -3,9 +3,12 @@
 An experiment is a function of a config dataclass and a seed that returns a result dataclass.
 Everything the report needs beyond the raw results is part of the `Experiment` record: the
 paper's claim and published numbers, and functions that turn our results into tables, figures
-and a plain-language verdict. Those functions take the results in their JSON form (the output of
-`dataclasses.asdict`, lists of dicts), because the runner caches results as JSON and must be able
-to rebuild a report from the cache without rerunning anything.
+and a plain-language verdict. Those functions take the results in their JSON form (lists of
+dicts), because the runner caches results as JSON and must be able to rebuild a report from the
+cache without rerunning anything; they read them through typed records: each experiment's
+result dataclasses are `JSONRecord`s (in `<experiment>_results.py`), whose `from_json` rebuilds
+the nested dataclasses and refuses unknown or missing keys, and whose `to_json` is exactly the
+JSON the runner caches (so results.json is the same with or without the typed form).
 
 Long experiments report progress and checkpoint finer than per seed through two context-scoped
 helpers, `progress` and `cached_stage`; the runner switches them on, and without a runner they
