@@ -135,6 +135,7 @@ _MEASURED = """\
 import os, runpy, sys
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` does
 try:
     runpy.run_path(script, run_name="__main__")
 finally:

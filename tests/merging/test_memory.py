@@ -1,8 +1,9 @@
 """The streaming merge's memory is bounded by design: for every key it allocates one buffer per
 file read (model i, Fisher i) and no other full-size tensor, and at most 4 such buffers (Fisher
-merge: numerator, denominator, the member and the Fisher being added) or 2 (average) are alive
-at once, whatever the number of models. So the peak is <= 4 x the largest tensor + a constant,
-within the issue's (models + 2) x largest bound for every n >= 2.
+merge: numerator, denominator, the member and the Fisher being added), 3 (task arithmetic: the
+base, the sum of task vectors, the member) or 2 (average) are alive at once, whatever the number
+of models. So the peak is <= 4 x the largest tensor + a constant, within the issue's (models +
+2) x largest bound for every n >= 2.
 
 Two independent counts, neither from RSS: torch's profiler lists every op that allocates at
 least a quarter of the largest tensor (only the reads may), and weak references to the read
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from meanwise.merging import merge_checkpoints, save_safetensors
+from meanwise.merging import TaskArithmetic, merge_checkpoints, save_safetensors
 from meanwise.merging.checkpoints import SafetensorsFile, SafetensorsWriter
 
 SHAPE = (500, 400)  # 800 kB in float32: the largest tensor
@@ -34,7 +35,7 @@ def _files(tmp_path, n):
 
 
 @pytest.mark.parametrize("n", [2, 5])
-@pytest.mark.parametrize("method", ["fisher", "average"])
+@pytest.mark.parametrize("method", ["fisher", "average", "task_arithmetic"])
 def test_live_full_size_buffers_are_bounded(tmp_path, monkeypatch, n, method):
     models, fishers = _files(tmp_path, n)
     reads: list[weakref.ref] = []
@@ -58,9 +59,14 @@ def test_live_full_size_buffers_are_bounded(tmp_path, monkeypatch, n, method):
     monkeypatch.setattr(SafetensorsFile, "get", get)
     monkeypatch.setattr(SafetensorsWriter, "write", write)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        merge_checkpoints(models, fishers if method == "fisher" else None, tmp_path / "out")
+        merge_checkpoints(
+            models,
+            fishers if method == "fisher" else None,
+            tmp_path / "out",
+            method=TaskArithmetic(0.5) if method == "task_arithmetic" else None,
+        )
     assert len(reads) == (2 * n if method == "fisher" else n)  # every file read once
-    assert peak[0] <= (4 if method == "fisher" else 2) <= n + 2
+    assert peak[0] <= {"fisher": 4, "average": 2, "task_arithmetic": 3}[method] <= n + 2
     large = [
         (e.name, e.self_cpu_memory_usage)
         for e in prof.events()
@@ -72,13 +78,13 @@ def test_live_full_size_buffers_are_bounded(tmp_path, monkeypatch, n, method):
 
 def test_in_memory_inputs_are_never_modified(tmp_path):
     """In memory (fisher_merge) the accumulation copies first: the caller's tensors survive."""
-    from meanwise.merging import average_merge, fisher_merge
+    from meanwise.merging import MergeOptions, average_merge, fisher_merge
 
     g = torch.Generator().manual_seed(1)
     states = [{"w": torch.randn(5, 3, generator=g)} for _ in range(3)]
     fishers = [{"w": torch.rand(5, 3, generator=g)} for _ in range(3)]
     before = [{k: v.clone() for k, v in s.items()} for s in states + fishers]
-    fisher_merge(states, fishers, [0.2, 0.3, 0.5], preset="authors")
+    fisher_merge(states, fishers, [0.2, 0.3, 0.5], options=MergeOptions.from_preset("authors"))
     average_merge(states, [0.2, 0.3, 0.5])
     for old, new in zip(before, states + fishers, strict=True):
         assert torch.equal(old["w"], new["w"])

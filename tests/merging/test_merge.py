@@ -50,7 +50,9 @@ def test_closed_form_with_floor_max_and_add():
     fishers[1]["w"][0, 0] = 0.0  # floored
     lambdas = [0.2, 0.5, 0.3]
     for mode, fn in (("max", lambda i, f: f.clamp_min(1e-3)), ("add", lambda i, f: f + 1e-3)):
-        merged = fisher_merge(states, fishers, lambdas, floor=1e-3, floor_mode=mode)
+        merged = fisher_merge(
+            states, fishers, lambdas, options=MergeOptions(floor=1e-3, floor_mode=mode)
+        )
         for key in ("w", "b"):
             torch.testing.assert_close(
                 merged[key], by_hand(states, fishers, lambdas, fn, key), rtol=1e-12, atol=0
@@ -62,7 +64,9 @@ def test_favor_target_floors_only_model_zero():
     states, fishers = _states(2)
     fishers[0]["w"].zero_()
     fishers[1]["w"][:2].zero_()
-    merged = fisher_merge(states, fishers, [0.5, 0.5], floor=1e-2, favor_target=True)
+    merged = fisher_merge(
+        states, fishers, [0.5, 0.5], options=MergeOptions(floor=1e-2, favor_target=True)
+    )
     fn = lambda i, f: f.clamp_min(1e-2) if i == 0 else f  # noqa: E731
     torch.testing.assert_close(merged["w"], by_hand(states, fishers, [0.5, 0.5], fn, "w"))
     # where the donor's Fisher is zero, the target wins outright
@@ -73,7 +77,7 @@ def test_unit_fisher_is_plain_averaging_through_the_kernel():
     states, _ = _states()
     ones = [{k: torch.ones_like(v) for k, v in s.items() if k != "steps"} for s in states]
     lambdas = [1.0, 2.0, 3.0]
-    merged = fisher_merge(states, ones, lambdas, floor=0.0)
+    merged = fisher_merge(states, ones, lambdas, options=MergeOptions(floor=0.0))
     plain = average_merge(states, lambdas)
     for key in ("w", "b"):
         expected = weighted_average([s[key] for s in states], torch.tensor(lambdas))
@@ -86,26 +90,28 @@ def test_normalize_divides_lambda_by_the_global_fisher_norm():
     fishers[1] = {k: 1000.0 * v for k, v in fishers[1].items()}  # another scale
     lambdas = [0.4, 0.6]
     norms = [math.sqrt(sum(float(v.square().sum()) for v in f.values())) for f in fishers]
-    merged = fisher_merge(states, fishers, lambdas, floor=0.0, normalize=True)
+    unscaled = MergeOptions(floor=0.0, normalize=True)
+    merged = fisher_merge(states, fishers, lambdas, options=unscaled)
     scaled = [lam / n for lam, n in zip(lambdas, norms, strict=True)]
     for key in ("w", "b"):
         expected = by_hand(states, fishers, scaled, lambda i, f: f, key)
         torch.testing.assert_close(merged[key], expected, rtol=1e-12, atol=0)
     # normalization makes the merge invariant to each Fisher's scale
     rescaled = [{k: 7.0 * v for k, v in fishers[0].items()}, fishers[1]]
-    again = fisher_merge(states, rescaled, lambdas, floor=0.0, normalize=True)
+    again = fisher_merge(states, rescaled, lambdas, options=unscaled)
     torch.testing.assert_close(again["w"], merged["w"], rtol=1e-12, atol=0)
 
 
 def test_authors_preset_is_max_floor_on_target_and_normalized():
     states, fishers = _states(2)
-    a = fisher_merge(states, fishers, [0.3, 0.7], preset="authors")
-    b = fisher_merge(
-        states, fishers, [0.3, 0.7], floor=1e-6, floor_mode="max", favor_target=True,
-        normalize=True,
-    )  # fmt: skip
+    a = fisher_merge(states, fishers, [0.3, 0.7], options=MergeOptions.from_preset("authors"))
+    written = MergeOptions(floor=1e-6, floor_mode="max", favor_target=True, normalize=True)
+    b = fisher_merge(states, fishers, [0.3, 0.7], options=written)
+    with pytest.warns(DeprecationWarning, match=r"MergeOptions.from_preset\('authors'"):
+        legacy = fisher_merge(states, fishers, [0.3, 0.7], preset="authors")  # the old spelling
     for key in a:
         assert torch.equal(a[key], b[key])
+        assert torch.equal(legacy[key], a[key])
     assert MergeOptions.from_preset("authors") == MergeOptions(1e-6, "max", True, True)
 
 
@@ -123,9 +129,14 @@ def test_explicit_options_override_the_preset(explicit):
     lambdas = [0.3, 0.7]
     written = {"floor": 1e-6, "floor_mode": "max", "favor_target": True, "normalize": True,
                "missing": "average", **explicit}  # fmt: skip
-    got = fisher_merge(states, fishers, lambdas, preset="authors", **explicit)
-    expected = fisher_merge(states, fishers, lambdas, **written)
-    default = fisher_merge(states, fishers, lambdas, preset="authors")
+    got = fisher_merge(
+        states, fishers, lambdas, options=MergeOptions.from_preset("authors", **explicit)
+    )
+    expected = fisher_merge(states, fishers, lambdas, options=MergeOptions(**written))
+    default = fisher_merge(states, fishers, lambdas, options=MergeOptions.from_preset("authors"))
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        legacy = fisher_merge(states, fishers, lambdas, preset="authors", **explicit)
+    assert all(torch.equal(legacy[k], got[k]) for k in got)  # the old flat keywords still work
     changes = any(not torch.equal(got[k], default[k]) for k in ("w", "b"))
     assert changes or explicit == {"missing": "error"}  # missing only matters without Fishers
     norms = [math.sqrt(sum(float(v.square().sum()) for v in f.values())) for f in fishers]
@@ -151,7 +162,9 @@ def test_corner_coefficients_give_that_model_and_never_nan(lambdas, winner, floo
     for f in fishers:  # zero Fishers somewhere in both models, an all-zero tensor in one
         f["w"][0].zero_()
     fishers[1]["b"].zero_()
-    merged = fisher_merge(states, fishers, lambdas, floor=floor, favor_target=favor_target)
+    merged = fisher_merge(
+        states, fishers, lambdas, options=MergeOptions(floor=floor, favor_target=favor_target)
+    )
     for key in ("w", "b"):
         assert torch.isfinite(merged[key]).all()
         torch.testing.assert_close(merged[key], states[winner][key], rtol=1e-12, atol=1e-15)
@@ -161,7 +174,7 @@ def test_all_zero_fishers_fall_back_to_the_lambda_average():
     states, fishers = _states(3)
     zeros = [{k: torch.zeros_like(v) for k, v in f.items()} for f in fishers]
     lambdas = [0.5, 0.25, 0.25]
-    merged = fisher_merge(states, zeros, lambdas, floor=0.0)
+    merged = fisher_merge(states, zeros, lambdas, options=MergeOptions(floor=0.0))
     plain = average_merge(states, lambdas)
     for key in ("w", "b"):
         torch.testing.assert_close(merged[key], plain[key], rtol=1e-12, atol=0)
@@ -174,7 +187,7 @@ def test_missing_fisher_keys_average_or_raise():
     expected = 0.25 * states[0]["b"] + 0.75 * states[1]["b"]
     torch.testing.assert_close(merged["b"], expected, rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match=r"\['b'\] have no Fisher"):
-        fisher_merge(states, partial, missing="error")
+        fisher_merge(states, partial, options=MergeOptions(missing="error"))
 
 
 def test_keep_target_merges_the_body_and_keeps_the_target_head():
@@ -226,9 +239,9 @@ def test_errors_name_the_tensor_and_argument():
     with pytest.raises(ValueError, match="not all be zero"):
         fisher_merge(states, fishers, [0.0, 0.0])
     with pytest.raises(ValueError, match="floor_mode"):
-        fisher_merge(states, fishers, floor_mode="min")
+        fisher_merge(states, fishers, options=MergeOptions(floor_mode="min"))
     with pytest.raises(ValueError, match="preset"):
-        fisher_merge(states, fishers, preset="fusionbench")
+        fisher_merge(states, fishers, options=MergeOptions.from_preset("fusionbench"))
     with pytest.raises(ValueError, match="fishers has 1 dicts"):
         fisher_merge(states, fishers[:1])
     with pytest.raises(ValueError, match="fishers\\[0\\] has keys \\['steps'\\] of integer"):
@@ -239,7 +252,7 @@ def test_errors_name_the_tensor_and_argument():
         fisher_merge(other, fishers)
     zero = [{k: torch.zeros_like(v) for k, v in f.items()} for f in fishers]
     with pytest.raises(ValueError, match="fishers\\[0\\] is zero"):
-        fisher_merge(states, zero, normalize=True)
+        fisher_merge(states, zero, options=MergeOptions(normalize=True))
 
 
 def test_candidates_grid_and_dirichlet():

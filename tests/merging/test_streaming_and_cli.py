@@ -75,9 +75,7 @@ def test_streaming_merge_is_bit_identical_to_fisher_merge(tmp_path, normalize):
     )
     assert len(summary.files) > 2 and summary.files[-1] == "model.safetensors.index.json"
     merged = load_state_dict(tmp_path / "out")
-    expected = fisher_merge(
-        states, fishers, lambdas, floor=1e-3, favor_target=True, normalize=normalize
-    )
+    expected = fisher_merge(states, fishers, lambdas, options=options)
     assert list(merged) == list(expected)
     for key in expected:
         assert torch.equal(merged[key], expected[key]), key
@@ -184,7 +182,8 @@ def test_cli_fisher_then_merge_end_to_end(tmp_path, monkeypatch, capsys):
     assert cli.main(["merge", "merge.yaml", "--out", "merged"]) == 0
     merged = load_state_dict(tmp_path / "merged")
     fishers = [load_state_dict(tmp_path / f"f{i}.safetensors") for i in range(2)]
-    expected_merge = fisher_merge(weights, fishers, [2 / 3, 1 / 3], preset="authors")
+    authors = MergeOptions.from_preset("authors")
+    expected_merge = fisher_merge(weights, fishers, [2 / 3, 1 / 3], options=authors)
     for key in expected_merge:
         torch.testing.assert_close(merged[key], expected_merge[key], rtol=1e-6, atol=1e-7)
     assert "merged 4 tensors" in capsys.readouterr().err

@@ -27,7 +27,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -594,13 +594,3 @@ def parse_size(value: int | str) -> int:
     if result < 1:
         raise ValueError(f"a size must be positive; got {value!r}")
     return result
-
-
-def spec_of(tensor: Tensor) -> TensorSpec:
-    """The spec of an existing tensor."""
-    return TensorSpec(tensor.dtype, tuple(tensor.shape))
-
-
-def specs_in(checkpoint: Checkpoint, keys: Sequence[str]) -> dict[str, TensorSpec]:
-    """Specs of `keys` in file-independent order (as given)."""
-    return {key: checkpoint.spec(key) for key in keys}

@@ -79,7 +79,7 @@ def _tensor_batches(inputs: Tensor, targets: Tensor | None, size: int) -> Iterat
 
 def _check_finite_tensors(tensors: dict[str, Tensor], what: str) -> None:
     """Refuse NaN/inf in a file's floating tensors: they would make the whole Fisher NaN."""
-    from meanwise.merging.merge import is_finite
+    from meanwise.merging.pipeline import is_finite
 
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not is_finite(tensor):
@@ -295,14 +295,14 @@ def _run_merge(args: argparse.Namespace) -> int:
     config = load_merge_config(args.config)
     summary = merge_checkpoints(
         [m.path for m in config.models],
-        [m.fisher for m in config.models] if config.method == "fisher" else None,
+        [m.fisher for m in config.models] if config.merge_method.uses_fishers else None,
         args.out,
         coefficients=[m.weight for m in config.models],
-        options=config.options,
         dtype=config.dtype,
         max_shard_bytes=config.out_shard_size,
         keep_target=config.keep_target,
         overwrite=args.overwrite,
+        method=config.merge_method,
     )
     print(
         f"meanwise: merged {summary.tensors} tensors ({summary.total_bytes / 1e6:.1f} MB, "

@@ -1,6 +1,6 @@
 """The YAML config of `meanwise merge`, in the spirit of mergekit's.
 
-    method: fisher                 # or: average (merge_method is accepted too)
+    method: fisher                 # or: average, task_arithmetic (merge_method works too)
     models:
       - path: finetuned-a/         # safetensors file, sharded folder or torch state dict
         fisher: fisher-a.safetensors
@@ -11,15 +11,18 @@
     dtype: bfloat16                # output dtype of floating tensors (default: the inputs')
     out_shard_size: 5GB            # bytes or '500MB', '2GiB' (default 5GB)
     keep_target: [classifier]      # keys/prefixes copied from the first model (its head)
-    parameters:                    # fisher only; defaults shown
+    parameters:                    # the method's; fisher's, with their defaults:
       floor: 1.0e-6
       floor_mode: max              # max(F, floor) (authors) or add: F + floor (FusionBench)
       favor_target: false
       normalize: false
       missing: average             # tensors without a Fisher: average, or error
       preset: authors              # optional: floor_mode max, favor_target, normalize
+                                   # task_arithmetic's: scale: 1.0
 
-Relative paths are relative to the YAML file. The first model is the target.
+Relative paths are relative to the YAML file. The first model is the target (for
+task_arithmetic: the pre-trained base, and the weights are absolute, default 1). The methods and
+their parameters are those registered in `meanwise.merging.methods`.
 """
 
 from __future__ import annotations
@@ -32,11 +35,10 @@ from typing import Any
 import torch
 
 from meanwise.merging.checkpoints import parse_size
-from meanwise.merging.merge import MergeOptions
+from meanwise.merging.methods import MergeMethod, merge_methods, method_class
 
 __all__ = ["ModelEntry", "MergeConfig", "load_merge_config", "parse_merge_config", "DTYPE_NAMES"]
 
-METHODS = ("fisher", "average")
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -49,7 +51,6 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 _TOP_KEYS = {"method", "merge_method", "models", "dtype", "out_shard_size", "keep_target",
              "parameters"}  # fmt: skip
 _MODEL_KEYS = {"path", "model", "fisher", "weight", "parameters"}
-_PARAMETER_KEYS = {"floor", "floor_mode", "favor_target", "normalize", "missing", "preset"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class MergeConfig:
     dtype: torch.dtype | None
     out_shard_size: int
     keep_target: tuple[str, ...]
-    options: MergeOptions
+    merge_method: MergeMethod
 
 
 def _unknown(found: Mapping, allowed: set[str], where: str) -> None:
@@ -75,7 +76,7 @@ def _unknown(found: Mapping, allowed: set[str], where: str) -> None:
         raise ValueError(f"{where}: unknown keys {extra}; allowed: {sorted(allowed)}")
 
 
-def _model(entry: Any, i: int, base: Path, method: str) -> ModelEntry:
+def _model(entry: Any, i: int, base: Path, kind: type[MergeMethod]) -> ModelEntry:
     where = f"models[{i}]"
     if isinstance(entry, str):
         entry = {"path": entry}
@@ -97,11 +98,11 @@ def _model(entry: Any, i: int, base: Path, method: str) -> ModelEntry:
     fisher = entry.get("fisher")
     if fisher is not None and not isinstance(fisher, str):
         raise ValueError(f"{where}.fisher must be a path (string); got {fisher!r}")
-    if method == "fisher" and fisher is None:
-        raise ValueError(f"{where}.fisher is required with method: fisher")
+    if kind.uses_fishers and fisher is None:
+        raise ValueError(f"{where}.fisher is required with method: {kind.name}")
     return ModelEntry(
         path=base / path,
-        fisher=base / fisher if (fisher is not None and method == "fisher") else None,
+        fisher=base / fisher if (fisher is not None and kind.uses_fishers) else None,
         weight=float(weight),
     )
 
@@ -113,12 +114,11 @@ def parse_merge_config(data: Any, base_dir: Path | str = ".") -> MergeConfig:
     _unknown(data, _TOP_KEYS, "merge config")
     base = Path(base_dir)
     method = data.get("method", data.get("merge_method", "fisher"))
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    kind = method_class(method)  # "method must be one of ..." for an unknown name
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise ValueError("models must be a non-empty list of {path, fisher, weight}")
-    entries = tuple(_model(m, i, base, method) for i, m in enumerate(models))
+    entries = tuple(_model(m, i, base, kind) for i, m in enumerate(models))
     if sum(e.weight for e in entries) <= 0:
         raise ValueError("models: the weights must not all be zero")
     dtype_name = data.get("dtype")
@@ -132,17 +132,21 @@ def parse_merge_config(data: Any, base_dir: Path | str = ".") -> MergeConfig:
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, Mapping):
         raise ValueError("parameters must be a mapping")
-    _unknown(parameters, _PARAMETER_KEYS, "parameters")
-    if method == "average" and parameters:
-        raise ValueError(f"parameters {sorted(parameters)} apply to method: fisher only")
-    overrides = {k: v for k, v in parameters.items() if k != "preset"}
+    unknown = sorted(set(parameters) - set(kind.parameter_names()))
+    if unknown:
+        owners = [
+            m for m in merge_methods() if set(unknown) <= set(method_class(m).parameter_names())
+        ]
+        if owners:
+            raise ValueError(f"parameters {unknown} apply to method: {' or '.join(owners)} only")
+        raise ValueError(
+            f"parameters: unknown keys {unknown}; allowed for method {method}: "
+            f"{sorted(kind.parameter_names())}"
+        )
     try:
-        options = MergeOptions.from_preset(parameters.get("preset"), **overrides)
+        merge_method = kind.from_parameters(dict(parameters))
     except (TypeError, ValueError) as error:
         raise ValueError(f"parameters: {error}") from None
-    for flag in ("favor_target", "normalize"):
-        if not isinstance(getattr(options, flag), bool):
-            raise ValueError(f"parameters.{flag} must be true or false")
     try:
         shard = parse_size(data.get("out_shard_size", "5GB"))
     except (TypeError, ValueError) as error:
@@ -153,7 +157,7 @@ def parse_merge_config(data: Any, base_dir: Path | str = ".") -> MergeConfig:
         dtype=None if dtype_name is None else DTYPE_NAMES[dtype_name],
         out_shard_size=shard,
         keep_target=tuple(keep),
-        options=options,
+        merge_method=merge_method,
     )
 
 
