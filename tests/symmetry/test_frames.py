@@ -1,8 +1,9 @@
 """PCA frames and FrameAveraging against the invariances they must have.
 
 Oracles: random orthogonal/rotation matrices from scipy (an implementation independent of
-ours), hand-made permutations and translations, closed-form canonical coordinates, and
-symmetric point sets (cube, regular polygon, whitened blob) whose covariance is degenerate.
+ours), `meanwise.testing.assert_equivariant` (its own group elements and error measure are
+tested in tests/test_testing.py), closed-form canonical coordinates, and symmetric point sets
+(cube, regular polygon, whitened blob) whose covariance is degenerate.
 """
 
 import warnings
@@ -20,6 +21,7 @@ from meanwise.symmetry import (
     pca_frames,
     relative_eigengaps,
 )
+from meanwise.testing import assert_equivariant, equivariance_error
 
 SIZES = (3, 17, 300, 2048)
 
@@ -80,14 +82,6 @@ class InvariantBackbone(PointBackbone):
         per_point = super().forward(x, mask)
         m = torch.ones(x.shape[:2], dtype=x.dtype) if mask is None else mask.to(x.dtype)
         return (per_point * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)  # [B, 4]
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm())
-
-
-def _masked(x, mask):
-    return x * mask.unsqueeze(-1)
 
 
 # --- groups and frame structure ----------------------------------------------------------------
@@ -179,26 +173,16 @@ def test_weighted_centroid_and_integer_weights_equal_repeated_points():
      if o != "position" or parse_group(g).translations],
 )  # fmt: skip
 def test_fa_is_symmetric_on_batched_masked_clouds(group, output):
+    """E(d) on the coordinates and S_N on the point order at once, padding included: each
+    cloud gets its own (R, t) and its own permutation of all N slots (the mask moves along)."""
     spec = parse_group(group)
     d = spec.dim
     backbone = InvariantBackbone(d, 4) if output == "invariant" else PointBackbone(d, d)
     fa = FrameAveraging(backbone, group, output, on_degenerate="raise")
     points, mask = _padded_batch(d, seed=d + len(group))
-    for trial in range(2):
-        q = _orthogonal(d, 10 * trial + d, proper=spec.proper)
-        shift = torch.randn(d) if spec.translations else torch.zeros(d)
-        moved = points @ q.T + shift
-        perm = torch.stack([torch.randperm(points.shape[1]) for _ in range(points.shape[0])])
-        moved = torch.gather(moved, 1, perm.unsqueeze(-1).expand_as(moved))
-        moved_mask = torch.gather(mask, 1, perm)
-        out, out_moved = fa(points, mask), fa(moved, moved_mask)
-        if output == "invariant":
-            expected = out
-        else:
-            expected = out @ q.T + (shift if output == "position" else 0.0)
-            expected = torch.gather(expected, 1, perm.unsqueeze(-1).expand_as(expected))
-            out_moved, expected = _masked(out_moved, moved_mask), _masked(expected, moved_mask)
-        assert _relative(out_moved, expected) <= 1e-5
+    moved = "node position" if spec.translations else "node vector"
+    out = output if output == "invariant" else f"node {output}"
+    assert_equivariant(fa, (group, "Sn"), [(points, moved)], out, mask=mask, tolerance=1e-5)
 
 
 def test_backbone_sees_all_frame_elements_in_one_call():
@@ -225,10 +209,11 @@ def test_vector_inputs_are_rotated_not_centred_and_scalars_pass_through():
     v = torch.randn(4, 5, 3, generator=g)
     charges = torch.randn(4, 5, generator=g)
     fa = FrameAveraging(Dynamics(), "E3", "position", vector_inputs=["velocities"])
-    q, b = _orthogonal(3, 5, proper=False), torch.tensor([1.0, -2.0, 0.5])
-    out = fa(x, velocities=v, charges=charges)
-    moved = fa(x @ q.T + b, velocities=v @ q.T, charges=charges)
-    assert _relative(moved, out @ q.T + b) <= 1e-5
+    assert_equivariant(
+        fa, ("E3", "Sn"), [(x, "node position")], "node position",
+        keyword_inputs={"velocities": (v, "node vector"), "charges": (charges, "node")},
+        tolerance=1e-5,
+    )  # fmt: skip
     with pytest.raises(ValueError, match="vector inputs"):
         fa(x, charges=charges)
 
@@ -290,17 +275,13 @@ def test_good_clouds_raise_no_warning():
 
 
 def _cube_equivariance_error(on_degenerate: str, samples: int = 1) -> float:
+    """The worst relative SO(3)-equivariance error of a 'vector' FA over 3 random rotations."""
     fa = FrameAveraging(
         PointBackbone(3, 3), "E3", "vector", on_degenerate=on_degenerate,
         degenerate_samples=samples, generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     cube = _cube().double().unsqueeze(0)
-    fa.double()
-    errors = []
-    for seed in range(3):
-        q = _orthogonal(3, seed, proper=True, dtype=torch.float64)
-        errors.append(_relative(fa(cube @ q.T), fa(cube) @ q.T))
-    return max(errors)
+    return equivariance_error(fa.double(), "SO3", [(cube, "vector")], "vector", trials=3).error
 
 
 def test_plain_pca_frame_breaks_on_a_cube_and_expansion_restores_symmetry_on_average():

@@ -9,6 +9,7 @@ from torch import nn
 from meanwise.symmetry import pca_frames, relative_eigengaps
 from meanwise.symmetry.frame_averaging import reframe
 from meanwise.symmetry.models import FAGNN, GNN, GraphConv, LinearDynamics, edge_features
+from meanwise.testing import assert_equivariant
 
 
 def _systems(count: int, seed: int, min_gap: float = 0.0):
@@ -83,8 +84,8 @@ def test_fa_gnn_is_e3_and_permutation_equivariant_in_float32():
         good = ~(flagged | model.degenerate)
         expected = out[good] @ rotation.T + shift
         assert float((moved[good] - expected).norm() / expected.norm()) <= 1e-5
-    perm = torch.randperm(5)
-    torch.testing.assert_close(model(x[:, perm], v[:, perm], q[:, perm]), out[:, perm])
+    particles = [(x, "node"), (v, "node"), (q, "node")]
+    assert_equivariant(model, "Sn", particles, "node", tolerance=1e-5)
 
 
 @torch.no_grad()
@@ -92,12 +93,14 @@ def test_plain_gnn_is_permutation_equivariant_but_not_rotation_equivariant():
     torch.manual_seed(5)
     model = GNN()
     x, v, q = _systems(16, seed=6)
+    assert_equivariant(model, "Sn", [(x, "node"), (v, "node"), (q, "node")], "node")
+    # the whole batch, one rotation from scipy, is off by more than 1 %
     out = model(x, v, q)
-    perm = torch.randperm(5)
-    torch.testing.assert_close(model(x[:, perm], v[:, perm], q[:, perm]), out[:, perm])
     rotation = torch.as_tensor(ortho_group.rvs(3, random_state=0), dtype=torch.float32)
     moved = model(x @ rotation.T, v @ rotation.T, q)
     assert float((moved - out @ rotation.T).norm() / out.norm()) > 1e-2
+    with pytest.raises(AssertionError, match=r"not equivariant under O\(3\)"):
+        assert_equivariant(model, "O3", [(x, "vector"), (v, "vector"), (q, "invariant")], "vector")
 
 
 def test_linear_dynamics_closed_form_and_fa_gnn_size():

@@ -105,11 +105,14 @@ class PermutationFrames:
 
     def sample(self, generator: torch.Generator | None = None) -> PermutationFrames:
         """One order per graph, uniform over its real elements (the stochastic mode)."""
-        counts = self.weights.sum(0).long()  # [B]
+        # drawn on the CPU (the generator's device), then indexed on the frames' device
+        counts = self.weights.sum(0).long().cpu()  # [B]
         pick = (torch.rand(counts.shape, generator=generator) * counts).long()
         pick = torch.minimum(pick, counts - 1)
-        chosen = self.orders[pick, torch.arange(len(pick))].unsqueeze(0)
-        return PermutationFrames(chosen, torch.ones(1, len(pick)), self.exact, self.mask)
+        device = self.orders.device
+        chosen = self.orders[pick.to(device), torch.arange(len(pick), device=device)]
+        weights = torch.ones(1, len(pick), device=device)
+        return PermutationFrames(chosen.unsqueeze(0), weights, self.exact, self.mask)
 
     def average(self, values: Tensor) -> Tensor:
         """[F, B, ...] → [B, ...], weighting out the padding elements."""
@@ -177,6 +180,9 @@ def permutation_frames(
         features = torch.cat([extra, features], -1)
     keys = torch.round(features / tol).to(torch.int64)
     keys = torch.cat([(~mask).long().unsqueeze(-1), keys], -1)  # padding sorts last
+    # the sorts and block enumeration below are a Python loop per graph: done on the CPU, the
+    # resulting table moved to the adjacency's device once
+    keys = keys.cpu()
     batch, n = mask.shape
     orders, exact = [], []
     for b in range(batch):
@@ -200,7 +206,10 @@ def permutation_frames(
         table[: len(graph_orders), b] = torch.tensor(graph_orders)
         table[len(graph_orders) :, b] = table[0, b]  # padding: any valid order, weight 0
         weights[: len(graph_orders), b] = 1.0
-    return PermutationFrames(table, weights, torch.tensor(exact), mask)
+    device = a.device
+    return PermutationFrames(
+        table.to(device), weights.to(device), torch.tensor(exact, device=device), mask
+    )
 
 
 class GIN(nn.Module):
