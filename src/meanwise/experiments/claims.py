@@ -232,6 +232,12 @@ class Claim:
         record["ci95"] = list(self.ci95)
         return record
 
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Claim:
+        """The claim a results.json record holds (checked against the contract first)."""
+        validate_claim(record)
+        return cls(**{**record, "ci95": (record["ci95"][0], record["ci95"][1])})
+
 
 def validate_claim(record: dict[str, Any]) -> None:
     """Raise ValueError naming the field unless `record` follows the claims contract."""

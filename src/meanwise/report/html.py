@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from meanwise.atomic_io import atomic_write_text
+from meanwise.experiments.claims import Claim
 
 __all__ = ["INDEX_FILE", "render_html", "write_html"]
 
@@ -73,23 +74,23 @@ def _number(x: Any) -> str:
     return f"{x:+.3g}" if abs(x) < 1000 else f"{x:+.0f}"
 
 
-def _effect(claim: dict[str, Any]) -> str:
-    lo, hi = claim["ci95"]
-    return f"{_number(claim['effect'])} [{_number(lo)}, {_number(hi)}]"
+def _effect(claim: Claim) -> str:
+    lo, hi = claim.ci95
+    return f"{_number(claim.effect)} [{_number(lo)}, {_number(hi)}]"
 
 
-def _claims(claims: list[dict[str, Any]]) -> str:
-    if not claims:
+def _claims(records: list[dict[str, Any]]) -> str:
+    if not records:
         return '<p class="error">This experiment stated no testable claims.</p>'
     rows = "".join(
         "<tr>"
-        f"<td>{escape(c['claim'])}</td><td>{_status(c['status'])}</td>"
+        f"<td>{escape(c.claim)}</td><td>{_status(c.status)}</td>"
         f'<td class="num">{escape(_effect(c))}</td>'
-        f'<td class="num">{escape(_number(c["paper_effect"]))}</td>'
-        f'<td class="num">{int(c["n_seeds"])}</td><td>{escape(c["test"])}</td>'
-        f'<td class="detail">{escape(c["detail"])}</td>'
+        f'<td class="num">{escape(_number(c.paper_effect))}</td>'
+        f'<td class="num">{c.n_seeds}</td><td>{escape(c.test)}</td>'
+        f'<td class="detail">{escape(c.detail)}</td>'
         "</tr>"
-        for c in claims
+        for c in map(Claim.from_json, records)
     )
     return (
         '<table class="claims"><thead><tr><th>claim</th><th>status</th>'
@@ -100,22 +101,25 @@ def _claims(claims: list[dict[str, Any]]) -> str:
 
 def _summary(experiments: dict[str, Any]) -> str:
     """The page's opening table: every claim of every paper, its status, effect and interval."""
+    claims = {
+        name: [Claim.from_json(c) for c in e.get("claims", [])] for name, e in experiments.items()
+    }
     rows = []
-    for name, entry in experiments.items():
-        for c in entry.get("claims", []):
+    for name, found in claims.items():
+        for c in found:
             rows.append(
                 f'<tr><td><a href="#{escape(name, quote=True)}">{escape(name)}</a></td>'
-                f"<td>{escape(c['claim'])}</td><td>{_status(c['status'])}</td>"
+                f"<td>{escape(c.claim)}</td><td>{_status(c.status)}</td>"
                 f'<td class="num">{escape(_effect(c))}</td>'
-                f'<td class="num">{escape(_number(c["paper_effect"]))}</td>'
-                f'<td class="num">{int(c["n_seeds"])}</td></tr>'
+                f'<td class="num">{escape(_number(c.paper_effect))}</td>'
+                f'<td class="num">{c.n_seeds}</td></tr>'
             )
     if not rows:
         return ""
     counts = {s: 0 for s in _STATUS_LABEL}
-    for entry in experiments.values():
-        for c in entry.get("claims", []):
-            counts[c["status"]] = counts.get(c["status"], 0) + 1
+    for found in claims.values():
+        for c in found:
+            counts[c.status] = counts.get(c.status, 0) + 1
     tally = ", ".join(f"{n} {_STATUS_LABEL[s]}" for s, n in counts.items())
     return (
         "<h2>Every claim at a glance</h2>"
