@@ -9,7 +9,7 @@ updates per second and as ratios:
 - ``meanwise sequential``: the simulator's fallback path (functional_call + autograd per client);
 - ``meanwise vmap``: ``functional_call`` + ``vmap(grad)`` over the stacked clients;
 - ``meanwise vectorized``: what the simulator runs for this model (a Linear/ReLU stack: batched
-  matmuls, ``train_stacked``);
+  matmuls, ``LocalTrainer(..., execution="stacked")``);
 - ``Flower``: flwr 1.42's simulation (Ray backend, 2 CPUs, one actor per CPU), a ServerApp that
   sends the global model to every node each round, a ClientApp running the same 10 SGD steps
   (``meanwise.federated.flower.local_training_client_app``). Its start-up (Ray, actors, the
@@ -43,14 +43,9 @@ from _timing import machine_info, time_interleaved  # benchmarks/_timing.py, the
 from meanwise.atomic_io import atomic_write_json
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
+from meanwise.engine import LocalTrainer, ParameterLayout, Population, draw_batches
 from meanwise.federated import FedAU, FederatedSimulator, LocalTraining
 from meanwise.federated.participation import Bernoulli
-from meanwise.functional.local_training import (
-    draw_batches,
-    train_sequential,
-    train_stacked,
-    train_vectorized,
-)
 
 STEPS, BATCH, LR = 10, 32, 0.05
 
@@ -67,7 +62,17 @@ def bench_clients(n_clients: int, repeats: int) -> dict[str, float]:
     steps = torch.full((n_clients,), STEPS)
     index, valid = draw_batches(data, clients, STEPS, BATCH, torch.Generator().manual_seed(0))
     local = LocalTraining("sgd", lr=LR, steps=STEPS, batch_size=BATCH)
-    start = {k: v.detach().expand(n_clients, *v.shape) for k, v in model.named_parameters()}
+    layout = ParameterLayout.of(model)
+    start = layout.flatten(dict(model.named_parameters())).detach().expand(n_clients, -1)
+    trainers = {
+        execution: LocalTrainer(model, local, F.cross_entropy, execution=execution)
+        for execution in ("sequential", "vmap", "stacked")
+    }
+
+    def train(execution: str) -> torch.Tensor:
+        population = Population.zeros_state(layout, start, local.state_slots)
+        return trainers[execution].train(population, data, index, valid, steps).params
+
     global_state = copy.deepcopy(model.state_dict())
     worker = mlp()
 
@@ -82,13 +87,13 @@ def bench_clients(n_clients: int, repeats: int) -> dict[str, float]:
                 opt.step()
 
     def sequential() -> None:
-        train_sequential(model, start, {}, data, index, valid, steps, local, F.cross_entropy)
+        train("sequential")
 
     def vmapped() -> None:
-        train_vectorized(model, start, data, index, valid, steps, local, F.cross_entropy)
+        train("vmap")
 
     def vectorized() -> None:
-        train_stacked(model, start, data, index, valid, steps, local, F.cross_entropy)
+        train("stacked")
 
     turns = {
         "loop": loop,

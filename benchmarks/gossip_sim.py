@@ -34,8 +34,8 @@ import json
 import torch
 
 from _timing import machine_info, time_interleaved  # benchmarks/_timing.py, the shared timing loop
+from meanwise.engine import LocalTraining
 from meanwise.experiments.base import atomic_write_text
-from meanwise.functional.local_training import LocalTraining
 from meanwise.gossip import GossipProtocol, GossipSimulator, MergeRule, random_regular
 from meanwise.gossip.distributed import measure_exchange
 from meanwise.gossip.reference import PerNodeGossip

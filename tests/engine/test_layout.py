@@ -13,7 +13,6 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from meanwise.average import element_variance, member_variance
 from meanwise.engine.layout import ParameterLayout, layer_variances
-from meanwise.federated.simulator import flatten, unflatten
 
 
 def _net() -> nn.Module:
@@ -35,7 +34,7 @@ def test_flat_vector_is_torchs_parameters_to_vector():
         torch.testing.assert_close(tensor, dict(other.named_parameters())[name], rtol=0, atol=0)
 
 
-def test_batched_rows_and_the_old_helpers_agree():
+def test_batched_rows_and_the_layout_of_stacked_tensors():
     model = _net()
     layout = ParameterLayout.of(model)
     stacked = {k: torch.stack([v.detach() * s for s in (1.0, -2.0, 0.5)]) for k, v in
@@ -45,10 +44,17 @@ def test_batched_rows_and_the_old_helpers_agree():
     for s, scale in enumerate((1.0, -2.0, 0.5)):
         expected = parameters_to_vector(model.parameters()).detach() * scale
         torch.testing.assert_close(rows[s], expected, rtol=0, atol=0)
-    assert torch.equal(flatten(stacked, batch_dims=1), rows)
-    like = dict(model.named_parameters())
-    for name, tensor in unflatten(rows, like).items():
+    # the layout read off the stacked tensors themselves (their first axis is the batch)
+    assert ParameterLayout.of_tensors(stacked, batch_dims=1) == layout
+    for name, tensor in layout.unflatten(rows).items():
         assert torch.equal(tensor, stacked[name])
+    with pytest.raises(ValueError, match=r"share their first 1 \(batch\) axes"):
+        ParameterLayout.of_tensors({"a": torch.zeros(3, 2), "b": torch.zeros(4)}, batch_dims=1)
+    with pytest.raises(ValueError, match="batch_dims must be an int >= 0"):
+        ParameterLayout.of_tensors(stacked, batch_dims=-1)
+    assert layout.with_dtype(torch.float32).shapes == layout.shapes
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        layout.with_dtype(torch.int64)
 
 
 def test_bad_input_is_refused_by_name():

@@ -1,4 +1,5 @@
-"""What the simulators share: one parameter layout, local training, one run loop.
+"""What the simulators share: one parameter layout, populations of stacked models, one local
+trainer over a registry of rules, one run loop.
 
 Dependencies point downward: this package imports only ``meanwise.average``,
 ``meanwise.atomic_io``, ``meanwise.functional`` and ``meanwise.data``; ``federated`` and
@@ -7,39 +8,37 @@ Dependencies point downward: this package imports only ``meanwise.average``,
 
 from meanwise.engine.layout import ParameterLayout, layer_variances
 from meanwise.engine.local_training import (
-    RULES,
+    EXECUTIONS,
+    ClientData,
     FlatClientData,
-    LocalRule,
-    LocalTraining,
+    LocalTrainer,
+    data_on,
     draw_batches,
-    register_rule,
-    registered_rules,
     stack_blocker,
     train_sequential,
-    train_stacked,
-    train_stacked_flat,
-    train_stacked_stateful,
-    train_vectorized,
     train_vectorized_stateful,
 )
 from meanwise.engine.loop import Checkpointable, CheckpointedLoop, LoopSettings, evaluate_models
+from meanwise.engine.population import Population
+from meanwise.engine.rules import RULES, LocalRule, LocalTraining, register_rule, registered_rules
 
 __all__ = [
     "ParameterLayout",
     "layer_variances",
+    "Population",
     "RULES",
+    "EXECUTIONS",
+    "ClientData",
     "FlatClientData",
     "LocalRule",
     "LocalTraining",
+    "LocalTrainer",
+    "data_on",
     "draw_batches",
     "register_rule",
     "registered_rules",
     "stack_blocker",
     "train_sequential",
-    "train_stacked",
-    "train_stacked_flat",
-    "train_stacked_stateful",
-    "train_vectorized",
     "train_vectorized_stateful",
     "Checkpointable",
     "CheckpointedLoop",

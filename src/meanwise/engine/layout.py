@@ -47,16 +47,33 @@ class ParameterLayout:
         return ParameterLayout.of_tensors(dict(model.named_parameters()), what="model")
 
     @staticmethod
-    def of_tensors(tensors: Mapping[str, Tensor], what: str = "tensors") -> ParameterLayout:
-        """The layout of a dict of (unbatched) tensors, in its key order."""
+    def of_tensors(
+        tensors: Mapping[str, Tensor], what: str = "tensors", *, batch_dims: int = 0
+    ) -> ParameterLayout:
+        """The layout of a dict of tensors, in its key order; with ``batch_dims`` the leading
+        axes (stacked models ``[S, *shape]``) are not part of the parameters' shapes."""
         if not tensors:
             raise ValueError(f"{what} has no parameters")
+        if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
+            raise ValueError(f"batch_dims must be an int >= 0; got {batch_dims!r}")
         dtypes = {t.dtype for t in tensors.values()}
         if len(dtypes) != 1:
             raise ValueError(f"all parameters must share one dtype; got {sorted(map(str, dtypes))}")
-        return ParameterLayout(
-            tuple(tensors), tuple(tuple(t.shape) for t in tensors.values()), dtypes.pop()
-        )
+        lead = {tuple(t.shape[:batch_dims]) for t in tensors.values()}
+        short = [k for k, t in tensors.items() if t.dim() < batch_dims]
+        if short or len(lead) != 1:
+            raise ValueError(
+                f"{what} must share their first {batch_dims} (batch) axes; got leading shapes "
+                f"{sorted(lead)}" + (f" ({short[:3]} have fewer axes)" if short else "")
+            )
+        shapes = tuple(tuple(t.shape[batch_dims:]) for t in tensors.values())
+        return ParameterLayout(tuple(tensors), shapes, dtypes.pop())
+
+    def with_dtype(self, dtype: torch.dtype) -> ParameterLayout:
+        """The same names and shapes in ``dtype`` (a model simulated in another precision)."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
+        return self if dtype == self.dtype else ParameterLayout(self.names, self.shapes, dtype)
 
     # Cached (the layout is frozen): the simulator reads these in every training and merge
     # call, and recomputing them was a visible part of a small call's fixed cost.

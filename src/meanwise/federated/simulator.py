@@ -26,14 +26,14 @@ from torch import Tensor, nn
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.engine.layout import ParameterLayout
 from meanwise.engine.local_training import (
+    LocalTrainer,
     LocalTraining,
+    data_on,
     draw_batches,
     stack_blocker,
-    train_sequential,
-    train_stacked,
-    train_vectorized,
 )
 from meanwise.engine.loop import CheckpointedLoop, LoopSettings, evaluate_models
+from meanwise.engine.population import Population
 from meanwise.federated.aggregators import Aggregator
 from meanwise.federated.participation import Anarchic, ParticipationProcess
 
@@ -64,23 +64,49 @@ def vmap_blocker(model: nn.Module) -> str | None:
 
 
 def flatten(params: dict[str, Tensor], batch_dims: int = 0) -> Tensor:
-    """``[*batch, P]`` from a dict of ``[*batch, *shape]`` tensors, in its key order.
-
-    Kept for callers of the old helper; new code holds a
-    :class:`~meanwise.engine.layout.ParameterLayout` (``FederatedSimulator.layout``)."""
-    if not params:
-        raise ValueError("params is empty")
-    first = next(iter(params.values()))
-    layout = ParameterLayout(
-        tuple(params), tuple(tuple(p.shape[batch_dims:]) for p in params.values()), first.dtype
-    )
+    """``[*batch, P]`` from a dict of ``[*batch, *shape]`` tensors, in its key order: the old
+    helper, now ``ParameterLayout.of_tensors(params, batch_dims=...).flatten(...)``."""
+    layout = ParameterLayout.of_tensors(params, "params", batch_dims=batch_dims)
     return layout.flatten(params, batch_dims=batch_dims)
 
 
 def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Views of ``flat [..., P]`` shaped like ``like``'s (unbatched) parameters (kept for
-    callers of the old helper: ``ParameterLayout.of_tensors(like).unflatten(flat)``)."""
+    """The old helper, now ``ParameterLayout.of_tensors(like).unflatten(flat)``."""
     return ParameterLayout.of_tensors(like, what="like").unflatten(flat)
+
+
+# The AdaHessian probes' stream, apart from the minibatches' (a second generator seeded from
+# the simulator's seed; an odd constant keeps the two seeds distinct)
+_PROBE_SEED_OFFSET = 0x5DEECE66D
+
+
+def _run_length(num_rounds: int | None, rounds: int | None, unit: str = "rounds") -> int:
+    """``num_rounds``, or the deprecated ``rounds=`` keyword (with a DeprecationWarning)."""
+    if rounds is not None:
+        if num_rounds is not None:
+            raise TypeError(f"pass num_{unit} only (rounds= is its deprecated spelling)")
+        warnings.warn(
+            f"run({unit}=...) is deprecated; use run(num_{unit}=...)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return rounds
+    if num_rounds is None:
+        raise TypeError(f"run() needs num_{unit}")
+    return num_rounds
+
+
+def _test_on(test: tuple[Tensor, Tensor], device: torch.device, dtype: torch.dtype):
+    features, labels = test
+    if features.is_floating_point():
+        features = features.to(device=device, dtype=dtype)
+    return features.to(device), labels.to(device)
+
+
+def _buffer_on(buffer: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # integer buffers (BatchNorm's num_batches_tracked) keep their dtype
+    moved = buffer.to(device=device, dtype=dtype if buffer.is_floating_point() else None)
+    return moved.clone() if moved is buffer else moved
 
 
 class FederatedSimulator(LoopSettings):
@@ -100,9 +126,14 @@ class FederatedSimulator(LoopSettings):
             caught when it happens; either way a warning says why and the sequential loop
             runs), True (vmap failures raise), ``"vmap"`` (never the batched-matmul path that
             Linear/activation stacks otherwise take, see
-            :func:`~meanwise.functional.local_training.train_stacked`) or False.
+            :class:`~meanwise.engine.local_training.LocalTrainer`'s ``"stacked"``
+            execution) or False.
         chunk_bytes: the vectorized path trains clients in chunks whose gathered minibatch per
             local step is about this large (see ``CHUNK_BYTES``); results do not depend on it.
+        device, dtype: where and in which floating dtype the models, optimizer state and
+            data live (the data are copied there once, unless they already are); by default
+            those of ``model``'s parameters. Minibatches are drawn on the CPU, so a run draws
+            the same ones on every device.
     """
 
     def __init__(
@@ -122,6 +153,8 @@ class FederatedSimulator(LoopSettings):
         seed: int = 0,
         vectorize: bool | str = "auto",
         chunk_bytes: int = CHUNK_BYTES,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         n = train.n_clients
         for name, other in (("aggregator", aggregator), ("participation", participation)):
@@ -143,17 +176,24 @@ class FederatedSimulator(LoopSettings):
                 "(the biased baseline of the AFA paper)",
                 stacklevel=2,
             )
+        start = Population.of_model(model, 1, device=device, dtype=dtype)
+        self.layout = start.layout
+        self.device = start.device
         self.model = model
-        self.train = train
+        self.train = data_on(train, self.device, self.layout.dtype)
         self.aggregator = aggregator
         self.participation = participation
         self.local = local
-        self.test = test
+        self.test = None if test is None else _test_on(test, self.device, self.layout.dtype)
         self.loss_fn = loss_fn
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.layout = ParameterLayout.of(model)
-        self.x = self.layout.flatten({k: v.detach() for k, v in model.named_parameters()}).clone()
-        self.buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+        # AdaHessian's Hutchinson probes (only a rule that needs them draws from it)
+        self.probe_generator = torch.Generator().manual_seed(int(seed) + _PROBE_SEED_OFFSET)
+        self.x = start.params[0].clone()
+        self.buffers = {
+            k: _buffer_on(v.detach(), self.device, self.layout.dtype)
+            for k, v in model.named_buffers()
+        }
         self.round = 0
         # stale global models for anarchic workers: history[s] is the model s versions ago
         depth = participation.max_staleness + 1 if isinstance(participation, Anarchic) else 1
@@ -161,7 +201,7 @@ class FederatedSimulator(LoopSettings):
         self.history_depth = depth
         self.vectorize = vectorize
         self.chunk_bytes = chunk_bytes
-        # Linear/activation stacks on flat features train with batched matmuls (train_stacked):
+        # Linear/activation stacks on flat features train with batched matmuls ("stacked"):
         # the same rule and minibatches as vmap, without its per-operation dispatch, which
         # dominated rounds of a few small clients (fedau/afa experiments: several times faster)
         self.stacked = (
@@ -179,6 +219,15 @@ class FederatedSimulator(LoopSettings):
             self.vectorized = bool(vectorize)
         if vectorize == "vmap":
             self.stacked = False
+        self._trainers: dict[str, LocalTrainer] = {}
+
+    def _trainer(self, execution: str) -> LocalTrainer:
+        if execution not in self._trainers:
+            self._trainers[execution] = LocalTrainer(
+                self.model, self.local, self.loss_fn, execution=execution,
+                generator=self.probe_generator,
+            )  # fmt: skip
+        return self._trainers[execution]
 
     # -- one round ---------------------------------------------------------------------------
 
@@ -213,10 +262,12 @@ class FederatedSimulator(LoopSettings):
         if replicas > 1:
             index, valid = index.repeat(1, replicas, 1), valid.repeat(1, replicas, 1)
             steps = steps.repeat(replicas)
+        probes = self.probe_generator.get_state()
         while self.vectorized:
             try:
                 return self._train_chunks(starts, index, valid, steps)
             except Exception as error:
+                self.probe_generator.set_state(probes)  # the redone round draws them again
                 # vmap refuses some models only when it runs them (data-dependent control
                 # flow, .item(), in-place updates of captured tensors, ...). The vectorized
                 # call is pure, so the round can simply be redone another way.
@@ -231,42 +282,30 @@ class FederatedSimulator(LoopSettings):
                     f"run the model ({type(error).__name__}: {error})",
                     stacklevel=2,
                 )
-        trained, client_buffers = train_sequential(
-            self.model,
-            self.layout.unflatten(starts),
-            self.buffers,
-            self.train,
-            index,
-            valid,
-            steps,
-            self.local,
-            self.loss_fn,
+        start = Population.zeros_state(self.layout, starts, self.local.state_slots)
+        trained = self._trainer("sequential").train(
+            start, self.train, index, valid, steps, buffers=self.buffers
         )
         # buffers (BatchNorm statistics) are not trained: the participants' plain mean
         for key, value in self.buffers.items():
             if value.is_floating_point():
-                self.buffers[key] = torch.stack([b[key] for b in client_buffers]).mean(0)
-        return self.layout.flatten(trained, batch_dims=1)
+                self.buffers[key] = torch.stack([b[key] for b in trained.buffers]).mean(0)
+        return trained.params
 
     def _train_chunks(self, starts: Tensor, index: Tensor, valid: Tensor, steps: Tensor) -> Tensor:
         row = self.train.features[:1]
         per_client = max(1, self.local.batch_size * row.numel() * row.element_size())
         chunk = max(1, self.chunk_bytes // per_client)
         out = torch.empty_like(starts)
-        train = train_stacked if self.stacked else train_vectorized
+        trainer = self._trainer("stacked" if self.stacked else "vmap")
         for lo in range(0, starts.shape[0], chunk):
             rows = slice(lo, lo + chunk)
-            trained = train(
-                self.model,
-                self.layout.unflatten(starts[rows]),
-                self.train,
-                index[:, rows],
-                valid[:, rows],
-                steps[rows],
-                self.local,
-                self.loss_fn,
-            )
-            out[rows] = self.layout.flatten(trained, batch_dims=1)
+            start = Population.zeros_state(self.layout, starts[rows], self.local.state_slots)
+            trained = trainer.train(
+                start, self.train, index[:, rows], valid[:, rows], steps[rows],
+                buffers=self.buffers,
+            )  # fmt: skip
+            out[rows] = trained.params
         return out
 
     def step(self) -> dict[str, Any]:
@@ -328,6 +367,7 @@ class FederatedSimulator(LoopSettings):
             "aggregator": self.aggregator.state_dict(),
             "participation": self.participation.state_dict(),
             "generator": self.generator.get_state(),
+            "probe_generator": self.probe_generator.get_state(),
             "metrics": list(self.loop.metrics),
         }
 
@@ -343,14 +383,19 @@ class FederatedSimulator(LoopSettings):
         self.aggregator.load_state_dict(state["aggregator"])
         self.participation.load_state_dict(state["participation"])
         self.generator.set_state(state["generator"])
+        if "probe_generator" in state:  # absent from checkpoints of meanwise <= 0.1
+            self.probe_generator.set_state(state["probe_generator"])
         self.loop.metrics = list(state["metrics"])
 
-    def run(self, rounds: int, *, resume: bool = False) -> list[dict[str, Any]]:
-        """Train until ``rounds`` rounds in total have run; returns the logged metrics.
+    def run(
+        self, num_rounds: int | None = None, *, resume: bool = False, rounds: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Train until ``num_rounds`` rounds in total have run; returns the logged metrics.
 
         With ``resume=True`` and an existing checkpoint, continue from it (bit-exactly).
+        ``rounds=`` is the deprecated spelling of ``num_rounds=``.
         """
-        return self.loop.run(self, rounds, resume=resume)
+        return self.loop.run(self, _run_length(num_rounds, rounds), resume=resume)
 
 
 class FederatedSweep(FederatedSimulator):

@@ -2,11 +2,12 @@
 
 Two pure pieces, used by :class:`meanwise.optim.AdaHessian` and usable on their own:
 
-- :func:`hutchinson_products` returns the signed ``(1/S) sum_s z_s * (H z_s)`` for Rademacher
-  probes ``z_s``; its expectation is the Hessian diagonal. It is kept *signed* so that a
-  distributed caller can average it across ranks before the absolute value, which makes the
-  estimate equal to one big batch's. :func:`hessian_diagonal` then takes ``|.|`` and applies
-  the spatial averaging.
+- :func:`estimate_hessian_diagonal` is the Hutchinson estimate ``|(1/S) sum_s z_s * (H z_s)|``
+  for Rademacher probes ``z_s`` (the expectation of ``z * Hz`` is the Hessian diagonal), with
+  the spatial averaging of kernels. Its pieces: :func:`hutchinson_products` (the *signed*
+  products, so that a distributed caller can average them across ranks before the absolute
+  value, which makes the estimate equal to one big batch's) and :func:`hessian_diagonal`
+  (``|.|`` and the spatial averaging).
 - :func:`adahessian` is the update: Adam's first moment of the gradient, an RMS EMA of the
   Hessian diagonal, a Hessian power, and decoupled weight decay (as in the authors' code).
 """
@@ -21,7 +22,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from meanwise.average import weighted_average
 from meanwise.functional._ops import FUNCTIONAL, Ops
 
 
@@ -66,7 +66,7 @@ def hutchinson_products(
     ``torch.autograd.grad(..., create_graph=True)``); the graph is released after the last
     probe. With one probe and ``keep_sign=False`` the product with ``z`` is skipped and
     ``H z`` is returned: its absolute value is the same, one pass cheaper. ``probe`` draws
-    each ``z`` (Rademacher by default).
+    each ``z`` (Rademacher by default), one parameter after the other, in ``params`` order.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1; got {n_samples}")
@@ -79,7 +79,7 @@ def hutchinson_products(
             "the gradients carry no graph: call loss.backward(create_graph=True) "
             "(or torch.autograd.grad(..., create_graph=True)) before a Hessian step"
         )
-    per_probe: list[list[Tensor]] = []
+    total: list[Tensor] = []
     for sample in range(n_samples):
         probes = [probe(p, generator) for p in params]
         hvps = torch.autograd.grad(
@@ -92,27 +92,32 @@ def hutchinson_products(
         )
         if n_samples == 1 and not keep_sign:
             return list(hvps)
-        per_probe.append([z * hz for z, hz in zip(probes, hvps, strict=True)])
+        products = [z * hz for z, hz in zip(probes, hvps, strict=True)]
+        # the plain mean over probes, summed as they come (no stack of all of them)
+        total = (
+            products if sample == 0 else [t.add_(p) for t, p in zip(total, products, strict=True)]
+        )
     if n_samples == 1:
-        return per_probe[0]
-    return [weighted_average(torch.stack(samples)) for samples in zip(*per_probe, strict=True)]
+        return total
+    return [t.div_(n_samples) for t in total]
 
 
-def spatial_average(diagonal: Tensor) -> Tensor:
+def spatial_average(diagonal: Tensor, batch_dims: int = 0) -> Tensor:
     """Average a kernel's Hessian diagonal over its spatial dims (all after the first two).
 
     Tensors of three or more dims are convolution kernels ``[out, in/groups, *kernel]`` of
     Conv1d/2d/3d and the transposed convs; one curvature per (out, in) filter pair is the
     authors' image-classification rule, extended here to every kernel rank. Vectors and
-    matrices are returned unchanged.
+    matrices are returned unchanged. ``batch_dims`` leading axes are stacked models
+    (``[S, out, in, *kernel]``), not part of the kernel's shape.
     """
-    if diagonal.dim() < 3:
+    if diagonal.dim() - batch_dims < 3:
         return diagonal
-    return diagonal.mean(dim=tuple(range(2, diagonal.dim())), keepdim=True)
+    return diagonal.mean(dim=tuple(range(batch_dims + 2, diagonal.dim())), keepdim=True)
 
 
 def hessian_diagonal(
-    signed_products: Sequence[Tensor], spatial: Sequence[bool] | bool = True
+    signed_products: Sequence[Tensor], spatial: Sequence[bool] | bool = True, batch_dims: int = 0
 ) -> list[Tensor]:
     """``D = |mean_s z_s * H z_s|``, spatially averaged where ``spatial`` says so."""
     products = list(signed_products)
@@ -120,7 +125,7 @@ def hessian_diagonal(
     if len(flags) != len(products):
         raise ValueError(f"spatial has {len(flags)} flags for {len(products)} tensors")
     return [
-        spatial_average(p.abs()) if flag else p.abs()
+        spatial_average(p.abs(), batch_dims) if flag else p.abs()
         for p, flag in zip(products, flags, strict=True)
     ]
 
@@ -133,13 +138,29 @@ def estimate_hessian_diagonal(
     generator: torch.Generator | None = None,
     spatial: Sequence[bool] | bool = True,
     reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    probe: Callable[[Tensor, torch.Generator | None], Tensor] = rademacher_like,
+    batch_dims: int = 0,
 ) -> list[Tensor]:
-    """Hutchinson Hessian diagonal; ``reduce`` (e.g. an all-reduce mean) sees the signed
-    products before the absolute value."""
-    products = hutchinson_products(grads, params, n_samples=n_samples, generator=generator)
+    """The Hutchinson Hessian diagonal ``D = |mean_s z_s * H z_s|`` of ``params``, spatially
+    averaged where ``spatial`` says so: the one estimate :class:`meanwise.optim.AdaHessian`
+    and the engine's local training both use.
+
+    ``grads`` carry a graph (``create_graph=True``). ``reduce`` (e.g. an all-reduce mean over
+    ranks) sees the signed products before the absolute value, so the estimate equals one
+    big batch's. ``batch_dims`` leading axes of ``params`` are stacked models that share no
+    parameter (the Hessian of their summed loss is block diagonal, so one product serves all).
+    """
+    products = hutchinson_products(
+        grads,
+        params,
+        n_samples=n_samples,
+        generator=generator,
+        keep_sign=reduce is not None,  # without a reduction |Hz| = |z * Hz|, one pass cheaper
+        probe=probe,
+    )
     if reduce is not None:
         products = reduce(products)
-    return hessian_diagonal(products, spatial)
+    return hessian_diagonal(products, spatial, batch_dims)
 
 
 class AdaHessianResult(NamedTuple):

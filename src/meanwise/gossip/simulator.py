@@ -6,8 +6,8 @@ as dependency levels (:mod:`meanwise.gossip.levels`): all trainings of a level a
 call, all merges of a level as one batched :func:`~meanwise.gossip.merge.merge_stacked` per
 buffer size. Models made of Linear layers and elementwise activations train with batched
 matmuls on the flat rows
-(:func:`~meanwise.engine.local_training.train_stacked_flat`), others with ``vmap(grad)``
-(:func:`~meanwise.engine.local_training.train_vectorized_stateful`): vmap's fixed cost
+(:class:`~meanwise.engine.local_training.LocalTrainer`'s ``"stacked"`` execution), others with
+``vmap(grad)`` (its ``"vmap"`` execution), both on the nodes' flat rows: vmap's fixed cost
 per call dominated the asynchronous protocol's many small levels. With the paper's
 asynchronous protocol a tick has only ~5 trainings and ~5 merges among 50 nodes; a level
 gathers those of several ticks. Pushed models are kept as snapshots for the window; buffers
@@ -28,6 +28,7 @@ continues bit-exactly.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,12 +39,13 @@ from torch import Tensor, nn
 from meanwise.engine.layout import ParameterLayout, layer_variances
 from meanwise.engine.local_training import (
     FlatClientData,
+    LocalTrainer,
     LocalTraining,
+    data_on,
     stack_blocker,
-    train_stacked_flat,
-    train_vectorized_stateful,
 )
 from meanwise.engine.loop import CheckpointedLoop, LoopSettings, evaluate_models
+from meanwise.engine.population import Population
 from meanwise.gossip.levels import WindowPlan, plan_window
 from meanwise.gossip.merge import MergeRule
 from meanwise.gossip.protocol import GossipProtocol, Schedule
@@ -60,8 +62,15 @@ _WINDOW_BYTES = 64 * 2**20
 
 
 def _rows(table: Tensor, index: Tensor) -> Tensor:
-    """``table[index]`` for an integer ``index`` of any shape, through index_select."""
-    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+    """``table[index]`` for an integer ``index`` of any shape, through index_select (the
+    schedule's indices live on the CPU; moving them is a no-op there)."""
+    flat = index.reshape(-1).to(table.device)
+    return table.index_select(0, flat).view(*index.shape, *table.shape[1:])
+
+
+def _put(table: Tensor, index: Tensor, rows: Tensor) -> None:
+    """``table[index] = rows`` through index_copy_ (``index`` moved to ``table``'s device)."""
+    table.index_copy_(0, index.to(table.device), rows)
 
 
 def check_local_training(local: LocalTraining) -> None:
@@ -124,11 +133,15 @@ class GossipSimulator(LoopSettings):
             train; for the FL baseline pass the centre).
         seed: seeds the initialization and the schedule.
         vectorize: how a level's trainings run: ``"auto"`` (batched matmuls through
-            :func:`~meanwise.engine.local_training.train_stacked_flat` for an
+            :class:`~meanwise.engine.local_training.LocalTrainer` for an
             ``nn.Linear`` or ``nn.Sequential`` of Linear layers and elementwise activations on
             flat features, ``vmap(grad)`` otherwise), ``"stacked"`` (batched matmuls, an error
             for other models) or ``"vmap"`` (always ``vmap(grad)``). Same models up to float
             rounding.
+        device, dtype: where and in which floating dtype the nodes' models, optimizer state,
+            buffers and data live (the data are copied there once, unless they already are);
+            by default those of ``model``'s parameters. The schedule (who trains, merges,
+            which minibatches) is drawn on the CPU, so it is the same on every device.
     """
 
     def __init__(
@@ -149,6 +162,8 @@ class GossipSimulator(LoopSettings):
         log_path: str | os.PathLike | None = None,
         seed: int = 0,
         vectorize: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         protocol = GossipProtocol() if protocol is None else protocol
         if vectorize not in ("auto", "stacked", "vmap"):
@@ -171,13 +186,25 @@ class GossipSimulator(LoopSettings):
         )
         self.model = model
         self.topology = topology
-        self.train = train
         self.protocol = protocol
         self.local = local
         self.merge = MergeRule() if merge is None else merge
-        self.test = test
         self.loss_fn = loss_fn
         self.layout = ParameterLayout.of(model)
+        if dtype is not None:
+            self.layout = self.layout.with_dtype(dtype)
+        first = next(model.parameters())
+        self.device = first.device if device is None else torch.device(device)
+        self.train = data_on(train, self.device, self.layout.dtype)
+        self.test = None
+        if test is not None:
+            features = test[0].to(self.device)
+            if features.is_floating_point():
+                features = features.to(self.layout.dtype)
+            self.test = (features, test[1].to(self.device))
+        self.trainer = LocalTrainer(
+            model, local, loss_fn, execution="stacked" if self.stacked else "vmap"
+        )
         self.schedule = Schedule(protocol, topology, train, local.batch_size, seed)
         n = topology.n_nodes
         if eval_nodes is None:
@@ -186,8 +213,13 @@ class GossipSimulator(LoopSettings):
         if not eval_nodes or bad:
             raise ValueError(f"eval_nodes must be a non-empty list of node ids < {n}; got {bad}")
         self.eval_nodes = torch.tensor([int(i) for i in eval_nodes], dtype=torch.long)
-        self.buffers = {k: v.detach() for k, v in model.named_buffers()}
-        self.params = initial_models(model, n, self.layout, protocol.shared_init, seed)
+        self.buffers = {
+            k: v.detach().to(self.device, self.layout.dtype if v.is_floating_point() else None)
+            for k, v in model.named_buffers()
+        }
+        self.params = initial_models(model, n, self.layout, protocol.shared_init, seed).to(
+            self.device, self.layout.dtype
+        )
         # variance of each tensor at initialization, averaged over nodes: the paper's sigma^2
         self.initial_variance = self.layer_variance(self.eval_nodes)
         self.opt_state = [
@@ -209,36 +241,25 @@ class GossipSimulator(LoopSettings):
     def _train(self, nodes: Tensor, index: Tensor, valid: Tensor) -> Tensor:
         """Train ``nodes`` on their minibatches; returns their trained flat models."""
         steps = torch.full((nodes.numel(),), self.protocol.local_steps, dtype=torch.long)
-        flat = _rows(self.params, nodes)
-        state = [_rows(slot, nodes) for slot in self.opt_state]
+        start = Population(
+            self.layout, _rows(self.params, nodes), tuple(_rows(s, nodes) for s in self.opt_state)
+        )
         # first_step=2: persistent momentum, never PyTorch's "buffer = grad" first step
-        if self.stacked:
-            flat, state = train_stacked_flat(
-                self.model, flat, state, self.layout.unflatten, self.train, index, valid,
-                steps, self.local, self.loss_fn, first_step=2,
-            )  # fmt: skip
-        else:
-            unflatten, names = self.layout.unflatten, self.layout.names
-            trained, new = train_vectorized_stateful(
-                self.model, unflatten(flat), [list(unflatten(s).values()) for s in state],
-                self.train, index, valid, steps, self.local, self.loss_fn, first_step=2,
-            )  # fmt: skip
-            flat = self.layout.flatten(trained, batch_dims=1)
-            state = [
-                self.layout.flatten(dict(zip(names, slot, strict=True)), batch_dims=1)
-                for slot in new
-            ]
+        trained = self.trainer.train(
+            start, self.train, index, valid, steps, first_step=2, buffers=self.buffers
+        )
+        flat, state = trained.params, trained.state
         finite = torch.isfinite(flat).all(dim=1)
         if not bool(finite.all()):
             # a non-finite model would spread to every neighbour through the merges: stop
-            bad = nodes[~finite].tolist()
+            bad = nodes[~finite.cpu()].tolist()
             raise ValueError(
                 f"local training made the models of nodes {bad[:10]} non-finite at tick "
                 f"{self.tick} (lr={self.local.lr}); lower the learning rate"
             )
-        self.params.index_copy_(0, nodes, flat)
+        _put(self.params, nodes, flat)
         for slot, rows in zip(self.opt_state, state, strict=True):
-            slot.index_copy_(0, nodes, rows)
+            _put(slot, nodes, rows)
         self.trainings += int(nodes.numel())
         return flat
 
@@ -255,40 +276,40 @@ class GossipSimulator(LoopSettings):
         # model, not once per receiver
         variances = params.new_zeros(window.n_snapshots, len(layout.names)) if correct else None
         if window.storage_rows.numel():
-            snapshots.index_copy_(0, window.from_storage, _rows(self.storage, window.storage_rows))
+            _put(snapshots, window.from_storage, _rows(self.storage, window.storage_rows))
             if correct:
                 stored = _rows(self.storage_variance, window.storage_rows)
-                variances.index_copy_(0, window.from_storage, stored)
+                _put(variances, window.from_storage, stored)
         if window.start_nodes.numel():
             start = _rows(params, window.start_nodes)
-            snapshots.index_copy_(0, window.from_start, start)
+            _put(snapshots, window.from_start, start)
             if correct:
-                variances.index_copy_(0, window.from_start, layer_variances(start, layout))
+                _put(variances, window.from_start, layer_variances(start, layout))
         for level in window.levels:
             # a level's events are on distinct nodes and read only lower levels: any order
             if level.trains is not None:
                 trains = level.trains
                 trained = self._train(trains.nodes, trains.index, trains.valid)
-                snapshots.index_copy_(0, trains.snapshots, trained)
+                _put(snapshots, trains.snapshots, trained)
                 if correct:
-                    variances.index_copy_(0, trains.snapshots, layer_variances(trained, layout))
+                    _put(variances, trains.snapshots, layer_variances(trained, layout))
             for group in level.merges:
                 received_variance = _rows(variances, group.sources) if correct else None
                 # gathered as [m, k, P] and viewed as [k, m, P]: the buffer mean contracts the
                 # m axis, which then needs no copy to be contiguous
                 received = _rows(snapshots, group.sources.t()).transpose(0, 1)
                 merged = self.merge(_rows(params, group.nodes), received, layout, received_variance)
-                params.index_copy_(0, group.nodes, merged)
+                _put(params, group.nodes, merged)
                 if group.stored.numel():
                     kept = _rows(merged, group.stored)
-                    snapshots.index_copy_(0, group.stored_as, kept)
+                    _put(snapshots, group.stored_as, kept)
                     if correct:
-                        variances.index_copy_(0, group.stored_as, layer_variances(kept, layout))
+                        _put(variances, group.stored_as, layer_variances(kept, layout))
         if window.slot_rows.numel():
-            self.storage.index_copy_(0, window.slot_rows, _rows(snapshots, window.slot_last))
+            _put(self.storage, window.slot_rows, _rows(snapshots, window.slot_last))
             if correct:
                 last = _rows(variances, window.slot_last)
-                self.storage_variance.index_copy_(0, window.slot_rows, last)
+                _put(self.storage_variance, window.slot_rows, last)
         self.merges += window.merges
 
     def _advance(self, until: int) -> None:
@@ -386,14 +407,28 @@ class GossipSimulator(LoopSettings):
         counts = {"tick": self.tick, "trainings": self.trainings, "merges": self.merges}
         return counts | info | self.evaluate()
 
-    def run(self, ticks: int, *, resume: bool = False) -> list[dict[str, Any]]:
-        """Simulate until ``ticks`` ticks in total have run; returns the logged metrics (an
-        evaluation at tick 0, every ``eval_every`` ticks and at the end).
+    def run(
+        self, num_ticks: int | None = None, *, resume: bool = False, ticks: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Simulate until ``num_ticks`` ticks in total have run; returns the logged metrics
+        (an evaluation at tick 0, every ``eval_every`` ticks and at the end).
 
         With ``resume=True`` and an existing checkpoint, continue from it (bit-exactly).
+        ``ticks=`` is the deprecated spelling of ``num_ticks=``.
         """
+        if ticks is not None:
+            if num_ticks is not None:
+                raise TypeError("pass num_ticks only (ticks= is its deprecated spelling)")
+            warnings.warn(
+                "run(ticks=...) is deprecated; use run(num_ticks=...)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            num_ticks = ticks
+        if num_ticks is None:
+            raise TypeError("run() needs num_ticks")
         if resume:
             self.loop.resume(self.load_state_dict)
         if self.tick == 0 and not self.metrics:
             self.loop.log(self.record({}))
-        return self.loop.run(self, ticks)
+        return self.loop.run(self, num_ticks)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanwise.functional import adahessian, hessian_diagonal, hutchinson_products, rademacher_like
+from meanwise.functional import adahessian, estimate_hessian_diagonal, rademacher_like
 from meanwise.optim._base import (
     Closure,
     FunctionalOptimizer,
@@ -242,18 +242,16 @@ class AdaHessian(FunctionalOptimizer):
             if self.distributed and not self._generator_synced:
                 self._sync_generator()
             with torch.enable_grad(), _explain_missing_double_backward():
-                products = hutchinson_products(
+                diagonals = estimate_hessian_diagonal(
                     grads,
                     params,
                     n_samples=n_samples,
                     generator=self.generator,
-                    keep_sign=self.distributed,  # ranks average signed products
+                    spatial=[e[1]["spatial_average"] for e in entries],
+                    # ranks average the signed products before the absolute value
+                    reduce=self._all_reduce_mean if self.distributed else None,
                     probe=self.probe,
                 )
-            if self.distributed:
-                products = self._all_reduce_mean(products)
-            diagonals = hessian_diagonal(products, [e[1]["spatial_average"] for e in entries])
-            del products
         # Dropping the graph-carrying gradients frees the double-backward graph.
         for p in params:
             p.grad = p.grad.detach()
