@@ -12,26 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from meanwise.data.federated_split import FederatedDataset
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
 from meanwise.engine.local_training import LocalTraining
 from meanwise.federated.aggregators import AFA_CS, FedAU, FedAvg
 from meanwise.federated.participation import Anarchic, Bernoulli, Markov
-from meanwise.federated.simulator import FederatedSimulator
-
-
-def _mlp(dtype=torch.float64, seed=0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-
-
-def _data(sizes=(3, 40, 17, 9), dtype=torch.float64, seed=0) -> FederatedDataset:
-    gen = torch.Generator().manual_seed(seed)
-    parts = [
-        (torch.randn(s, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (s,), generator=gen))
-        for s in sizes
-    ]
-    return FederatedDataset.from_clients(parts)
+from meanwise.federated.simulator import FederatedSimulator, FederatedSweep
+from tests.engine._helpers import client_data as _data
+from tests.engine._helpers import device  # noqa: F401  (the fixture)
+from tests.engine._helpers import mlp as _mlp
 
 
 def _simulator(tmp_path, aggregator, participation, *, seed=0, **kw):
@@ -153,3 +141,92 @@ def test_a_model_vmap_cannot_run_falls_back_with_the_reason():
     torch.testing.assert_close(sim.x, reference.x)  # the round was redone, not half-applied
     with pytest.raises(RuntimeError, match="control flow"):
         make(True).run(1)
+
+
+def _short_run(make_device=None, dtype=None, **kw):
+    local = LocalTraining("adam", lr=0.02, steps=3, batch_size=8)
+    g = torch.Generator().manual_seed(1)
+    test = (
+        torch.randn(30, 6, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (30,), generator=g),
+    )
+    sim = FederatedSimulator(
+        _mlp(), _data(), FedAU(4), Bernoulli(torch.full((4,), 0.7), seed=2), local, test=test,
+        eval_every=2, seed=3, device=make_device, dtype=dtype, **kw,
+    )  # fmt: skip
+    sim.run(num_rounds=4)
+    return sim
+
+
+@pytest.mark.parametrize("vectorize", ["auto", "vmap", False])
+def test_a_short_run_on_each_device(device, vectorize):  # noqa: F811
+    # on the CPU, device= changes nothing (bit-exact); on CUDA the models, state and data live
+    # there and the run is the CPU's up to float rounding (the same minibatches: drawn on CPU)
+    reference = _short_run(vectorize=vectorize)
+    sim = _short_run(device, vectorize=vectorize)
+    assert sim.x.device.type == device.type and sim.train.features.device.type == device.type
+    if device.type == "cpu":
+        assert torch.equal(sim.x, reference.x) and sim.metrics == reference.metrics
+    else:
+        torch.testing.assert_close(sim.x.cpu(), reference.x, rtol=1e-9, atol=1e-11)
+        for got, want in zip(sim.metrics, reference.metrics, strict=True):
+            assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1 / 30)
+
+
+def test_a_sweep_follows_the_device(device):  # noqa: F811
+    local = LocalTraining("sgd", lr=0.1, steps=2, batch_size=8)
+    runs = [
+        FederatedSweep(
+            _mlp(),
+            _data(),
+            [FedAvg(4), FedAU(4)],
+            Bernoulli(torch.full((4,), 0.7), seed=2),
+            local,
+            seed=3,
+            device=where,
+        )  # fmt: skip
+        for where in ("cpu", device)
+    ]
+    for sweep in runs:
+        sweep.run(3)
+    assert runs[1].xs.device.type == device.type
+    torch.testing.assert_close(runs[1].xs.cpu(), runs[0].xs, rtol=1e-9, atol=1e-11)
+
+
+def test_dtype_runs_a_float64_model_in_float32():
+    single = _short_run(dtype=torch.float32)
+    double = _short_run()
+    assert single.x.dtype == single.layout.dtype == torch.float32
+    assert single.train.features.dtype == torch.float32
+    torch.testing.assert_close(single.x.double(), double.x, rtol=1e-4, atol=1e-5)
+
+
+def test_run_takes_num_rounds_and_the_old_keyword_with_a_warning():
+    sim = _short_run()
+    with pytest.warns(DeprecationWarning, match=r"run\(rounds=...\) is deprecated"):
+        sim.run(rounds=6)
+    assert sim.round == 6
+    with pytest.raises(TypeError, match="num_rounds only"):
+        sim.run(7, rounds=7)
+    sim.run(8)  # positional, as before
+    assert sim.round == 8
+
+
+def test_adahessian_local_training_resumes_bit_exactly(tmp_path):
+    # the Hutchinson probes come from the simulator's own probe generator, which a checkpoint
+    # holds: a resumed run draws the probes the straight one drew
+    local = LocalTraining("adahessian", lr=0.05, steps=2, batch_size=8)
+
+    def make(path):
+        return FederatedSimulator(
+            _mlp(), _data(), FedAvg(4), Bernoulli(torch.full((4,), 0.7), seed=2), local,
+            checkpoint_every=2, checkpoint_path=path / "c.pt", seed=3,
+        )  # fmt: skip
+
+    straight = make(tmp_path / "a")
+    straight.run(4)
+    make(tmp_path / "b").run(2)
+    resumed = make(tmp_path / "b")
+    resumed.run(4, resume=True)
+    assert torch.equal(resumed.x, straight.x)
+    assert not torch.equal(straight.x, make(tmp_path / "c").x)  # it trained

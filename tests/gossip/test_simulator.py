@@ -18,6 +18,7 @@ from meanwise.gossip import (
     star,
 )
 from meanwise.gossip.reference import PerNodeGossip
+from tests.engine._helpers import device  # noqa: F401  (the fixture)
 
 
 def _net(width: int = 6) -> nn.Module:
@@ -277,3 +278,42 @@ def test_a_learning_rate_that_blows_up_stops_with_the_nodes_named():
         sim.run(40)
     with pytest.raises(ValueError, match="positive finite"):
         LocalTraining("sgd", lr=float("inf"))
+
+
+@pytest.mark.parametrize("vectorize", ["stacked", "vmap"])
+def test_a_short_run_on_each_device(device, vectorize):  # noqa: F811
+    # on the CPU, device= changes nothing (bit-exact); on CUDA every node's model, state,
+    # buffer and the data live there and the run is the CPU's up to float rounding (the same
+    # schedule and minibatches: drawn on the CPU)
+    top = random_regular(10, 3, seed=4)
+    protocol = GossipProtocol(train_interval=(2, 4), buffer_size=2, local_steps=2)
+    g = torch.Generator().manual_seed(9)
+    test = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,))
+
+    def run(where):
+        sim = GossipSimulator(
+            _net(), top, _data(10), protocol, LOCAL, merge=MergeRule(correct_variance=True),
+            test=test, eval_every=10, seed=7, vectorize=vectorize, device=where,
+        )  # fmt: skip
+        sim.run(num_ticks=30)
+        return sim
+
+    reference, sim = run(None), run(device)
+    assert sim.params.device.type == device.type and sim.storage.device.type == device.type
+    if device.type == "cpu":
+        assert torch.equal(sim.params, reference.params)
+        assert torch.equal(sim.opt_state[0], reference.opt_state[0])
+    else:
+        torch.testing.assert_close(sim.params.cpu(), reference.params, rtol=1e-9, atol=1e-11)
+    assert sim.merges == reference.merges and sim.trainings == reference.trainings
+
+
+def test_run_takes_num_ticks_and_the_old_keyword_with_a_warning():
+    sim = GossipSimulator(_net(), random_regular(6, 2, seed=1), _data(6), local=LOCAL, seed=1)
+    with pytest.warns(DeprecationWarning, match=r"run\(ticks=...\) is deprecated"):
+        sim.run(ticks=3)
+    assert sim.tick == 3
+    with pytest.raises(TypeError, match="num_ticks only"):
+        sim.run(4, ticks=4)
+    sim.run(5)
+    assert sim.tick == 5
