@@ -65,20 +65,6 @@ def pairwise_distances(vectors: Tensor, others: Tensor | None = None) -> Tensor:
 _PAIR_BLOCK = 1 << 18
 
 
-def _folded_angles(alpha_rows: Tensor, alpha: Tensor, smallest: float) -> tuple[Tensor, Tensor]:
-    """(angles [G, R, M] clamped to [smallest, pi - smallest], d angle / d alpha_i with 0 where
-    clamped). In 2-D the angle between two vectors is their directions' difference
-    u = alpha_i - alpha_j folded into [0, pi], pi - |pi - |u||: atan2(|cross|, dot)."""
-    u = alpha_rows[:, :, None] - alpha[:, None, :]
-    slope = u.sign()
-    folded = u.abs_().sub_(math.pi)  # |u| - pi
-    slope.mul_(folded.sign()).neg_()  # sign(u) sign(pi - |u|)
-    raw = folded.abs_().neg_().add_(math.pi)
-    angles = raw.clamp(smallest, math.pi - smallest)
-    slope.mul_(angles == raw)
-    return angles, slope
-
-
 def _row_blocks(g: int, m: int) -> list[tuple[int, int]]:
     """Row blocks [r0, r1) of the upper triangle: block r0 pairs its rows with columns r0..M-1.
     One block for a small set (each block costs a few dozen small ops); else at least 8 (the
@@ -89,6 +75,26 @@ def _row_blocks(g: int, m: int) -> list[tuple[int, int]]:
     return [(r, min(r + rows, m)) for r in range(0, m, rows)]
 
 
+def _block_distances(x: Tensor, y: Tensor, rows: slice, cols: slice) -> tuple[Tensor, Tensor]:
+    """(distances, inverse distances) [G, R, C] between the vectors of rows and cols, from
+    their coordinates x, y [G, M]: from the differences, so equal vectors are exactly 0 apart,
+    and with the inverse 0 there (the gradient of a zero distance is 0, as autograd's cdist
+    gives it). The square root as s * rsqrt(s): torch's float64 sqrt is not vectorised here
+    and costs three times rsqrt."""
+    s = x[:, rows, None] - x[:, None, cols]
+    s.mul_(s)
+    dy = y[:, rows, None] - y[:, None, cols]
+    s.addcmul_(dy, dy)
+    inverse = torch.rsqrt(s).nan_to_num_(posinf=0.0)
+    return s.mul_(inverse), inverse
+
+
+def _block_folds(alpha: Tensor, rows: slice, cols: slice) -> Tensor:
+    """|pi - |alpha_i - alpha_j|| [G, R, C] for directions alpha [G, M] in (-pi, pi]: pi minus
+    the angle between the vectors (in 2-D their directions' difference folded into [0, pi])."""
+    return (alpha[:, rows, None] - alpha[:, None, cols]).abs_().sub_(math.pi).abs_()
+
+
 class _GeometryGap(torch.autograd.Function):
     """wd * mean_ij |d(mine)_ij - d(truth)_ij| + wa * mean_ij |angle(mine)_ij - angle(truth)_ij|
     per set: mine, truth [G, M, 2] -> [G], with the gradient w.r.t. mine written out.
@@ -97,85 +103,88 @@ class _GeometryGap(torch.autograd.Function):
     `pairwise_angles` (a test checks it), over the upper triangle only (both terms are
     symmetric) in blocks of rows, so that no [M, M] float matrix is ever formed. Block
     [r0, r1) covers columns r0..M-1: its square [r0, r1)^2 holds both orders of its pairs, the
-    rest each pair once, counted twice. The forward keeps, per pair, only the sign of the
-    distance gap and the angle term's derivative w.r.t. direction i (int8, in {-1, 0, 1})."""
+    rest each pair once, counted twice.
+
+    The loss is a leaf of the graph (truth carries no gradient), so its gradient w.r.t. mine is
+    formed in the forward, from the per-pair factors while they are in cache, and kept: [G, M, 2]
+    instead of per-pair signs and a second pass over the pairs in the backward.
+
+    Angles work on w = |pi - |u|| = pi - angle, u = alpha_i - alpha_j the directions'
+    difference, so the angle gap is w(truth) - w(mine) and the reference's clamp of the angle to
+    [s, pi - s] is the same clamp of w. d angle / d alpha_i = -sign(u) sign(|u| - pi), 0 where
+    clamped."""
 
     @staticmethod
     def forward(ctx, mine, truth, distance_weight, angle_weight, eps):  # noqa: D102
         g, m = mine.shape[0], mine.shape[1]
-        smallest = math.acos(1.0 - eps)
-        alpha_p, alpha_t = (torch.atan2(v[..., 1], v[..., 0]) for v in (mine, truth))
+        lo, hi = math.acos(1.0 - eps), math.pi - math.acos(1.0 - eps)
+        mine, truth = mine.detach(), truth.detach()
+        xp, yp = mine[..., 0].contiguous(), mine[..., 1].contiguous()
+        xt, yt = truth[..., 0].contiguous(), truth[..., 1].contiguous()
+        alpha_p, alpha_t = torch.atan2(yp, xp), torch.atan2(yt, xt)
         short_p, short_t = (v.norm(dim=-1) < eps for v in (mine, truth))
         any_short_p, any_short_t = bool(short_p.any()), bool(short_t.any())
-        total = mine.new_zeros(g)
-        blocks = _row_blocks(g, m)
-        distance_signs, angle_slopes = [], []
-        for r0, r1 in blocks:
-            rows, cols = slice(r0, r1), slice(r0, m)
+        distance_sum, angle_sum = mine.new_zeros(g), mine.new_zeros(g)
+        grad_distance = torch.zeros_like(mine)  # d sum_ij |gap_ij| / d mine, halved
+        grad_alpha = mine.new_zeros(g, m)  # d sum_ij |angle gap_ij| / d alpha, halved
+        for r0, r1 in _row_blocks(g, m):
+            rows, cols, rest = slice(r0, r1), slice(r0, m), slice(r1 - r0, None)
             # pairs in the block's square once, the others twice
             weight = mine.new_ones(m - r0)
             weight[r1 - r0 :] = 2.0
             if distance_weight:
-                gap = pairwise_distances(mine[:, rows], mine[:, cols])
-                gap.sub_(pairwise_distances(truth[:, rows], truth[:, cols]))
-                distance_signs.append(gap.sign().to(torch.int8))
-                total.add_(gap.abs_().sum(dim=1) @ weight, alpha=distance_weight)
+                gap, c = _block_distances(xp, yp, rows, cols)
+                gap.sub_(_block_distances(xt, yt, rows, cols)[0])
+                # d |d_ij - t_ij| / d m_i = sign(d_ij - t_ij) (m_i - m_j) / d_ij, and the same
+                # pair gives m_j the opposite; 0 at d_ij = 0, as autograd's cdist gives
+                c.mul_(gap.sign())
+                distance_sum.add_(gap.abs_().sum(dim=1) @ weight)
+                grad_distance[:, rows] += (
+                    mine[:, rows] * c.sum(dim=-1, keepdim=True) - c @ mine[:, cols]
+                )
+                # the columns past the square: their pairs with these rows, seen from j
+                off = c[:, :, rest]
+                grad_distance[:, r1:] += (
+                    mine[:, r1:] * off.sum(dim=1)[..., None] - off.transpose(1, 2) @ mine[:, rows]
+                )
             if angle_weight:
-                angles, slope = _folded_angles(alpha_p[:, rows], alpha_p[:, cols], smallest)
+                u = alpha_p[:, rows, None] - alpha_p[:, None, cols]
+                t = u.abs().sub_(math.pi)
+                w = t.abs()
+                # u t has the sign of -d angle / d alpha_i; zeroed where the clamp holds
+                slope = torch.ops.aten.hardtanh_backward(u.mul_(t), w, lo, hi)
+                w.clamp_(lo, hi)
+                other = _block_folds(alpha_t, rows, cols).clamp_(lo, hi)
                 if any_short_p:  # pi/2 from everything, constant
                     degenerate = short_p[:, rows, None] | short_p[:, None, cols]
-                    angles.masked_fill_(degenerate, math.pi / 2)
+                    w.masked_fill_(degenerate, math.pi / 2)
                     slope.masked_fill_(degenerate, 0.0)
-                other, _ = _folded_angles(alpha_t[:, rows], alpha_t[:, cols], smallest)
                 if any_short_t:
                     degenerate = short_t[:, rows, None] | short_t[:, None, cols]
                     other.masked_fill_(degenerate, math.pi / 2)
-                gap = angles.sub_(other)
-                angle_slopes.append(slope.mul_(gap.sign()).to(torch.int8))
-                total.add_(gap.abs_().sum(dim=1) @ weight, alpha=angle_weight)
-        ctx.save_for_backward(mine, short_p, *distance_signs, *angle_slopes)
-        ctx.weights = (distance_weight, angle_weight)
-        ctx.blocks = blocks
+                gap = w.sub_(other)  # w(mine) - w(truth) = angle(truth) - angle(mine)
+                # d |angle(mine) - angle(truth)| / d alpha_i = sign(gap u t): both factors are
+                # the negatives of the angles' ones (the product of values ~1 cannot underflow)
+                slope.mul_(gap).sign_()
+                angle_sum.add_(gap.abs_().sum(dim=1) @ weight)
+                grad_alpha[:, rows] += slope.sum(dim=-1)
+                grad_alpha[:, r1:] -= slope[:, :, rest].sum(dim=1)
+        # 2: the full sum counts each pair twice
+        scale = 2.0 / (m * m)
+        grad = grad_distance.mul_(distance_weight * scale)
+        if angle_weight:
+            # alpha = atan2(y, x): d alpha = (-y dx + x dy) / (x^2 + y^2); 0 for short vectors
+            r2 = (xp * xp + yp * yp).clamp_(min=torch.finfo(mine.dtype).tiny)
+            factor = grad_alpha.mul_(~short_p).div_(r2).mul_(angle_weight * scale)
+            grad += torch.stack([-yp, xp], dim=-1) * factor[..., None]
+        ctx.save_for_backward(grad)
+        total = distance_sum.mul_(distance_weight) + angle_sum.mul_(angle_weight)
         return total / (m * m)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        mine, short_p, *saved = ctx.saved_tensors
-        distance_weight, angle_weight = ctx.weights
-        blocks = ctx.blocks
-        distance_signs = saved[: len(blocks)] if distance_weight else []
-        angle_slopes = saved[len(distance_signs) :]
-        g, m = mine.shape[0], mine.shape[1]
-        scale = 2.0 * grad_out / (m * m)  # [G]; 2: the full sum counts each pair twice
-        grad = torch.zeros_like(mine)
-        tiny = torch.finfo(mine.dtype).tiny
-        grad_alpha = mine.new_zeros(g, m)
-        for b, (r0, r1) in enumerate(blocks):
-            rows, cols, rest = slice(r0, r1), slice(r0, m), slice(r1 - r0, None)
-            if distance_weight:
-                # d|d_ij - t_ij| / d m_i = sign(d_ij - t_ij) (m_i - m_j) / d_ij, and the same
-                # pair gives m_j the opposite; 0 at d_ij = 0, as autograd's cdist gives
-                distance = pairwise_distances(mine[:, rows], mine[:, cols])
-                c = distance_signs[b].to(mine.dtype).div_(distance)
-                c.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-                c.mul_((distance_weight * scale)[:, None, None])
-                grad[:, rows] += mine[:, rows] * c.sum(dim=-1, keepdim=True) - c @ mine[:, cols]
-                # the columns past the square: their pairs with these rows, seen from j
-                off = c[:, :, rest]
-                grad[:, r1:] += (
-                    mine[:, r1:] * off.sum(dim=1)[..., None] - off.transpose(1, 2) @ mine[:, rows]
-                )
-            if angle_weight:
-                slope = angle_slopes[b]
-                grad_alpha[:, rows] += slope.sum(dim=-1, dtype=mine.dtype)
-                grad_alpha[:, r1:] -= slope[:, :, rest].sum(dim=1, dtype=mine.dtype)
-        if angle_weight:
-            grad_alpha.mul_((angle_weight * scale)[:, None])
-            # alpha = atan2(y, x): d alpha = (-y dx + x dy) / (x^2 + y^2); 0 for short vectors
-            r2 = mine.square().sum(-1).clamp(min=tiny)
-            turn = torch.stack([-mine[..., 1], mine[..., 0]], dim=-1) / r2[..., None]
-            grad += (grad_alpha * ~short_p)[..., None] * turn
-        return grad, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None, None], None, None, None, None
 
 
 def imle_losses(

@@ -59,6 +59,19 @@ def _patches(images: Tensor) -> Tensor:
     return F.pad(images, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)
 
 
+def _conv_columns(rows: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+    """1-D convolution with zero padding 1: rows [B, C, W], kernel [O, C, 3] -> [B, O, W], as
+    one batched matmul of the flattened kernel with each row's three shifted copies (torch's
+    CPU conv1d takes the slow im2col path for these, and is slower still backward)."""
+    width = rows.shape[-1]
+    padded = F.pad(rows, (1, 1))
+    shifted = torch.cat([padded[..., j : j + width] for j in range(3)], dim=1)  # (tap, C)
+    flat = kernel.permute(0, 2, 1).reshape(1, kernel.shape[0], -1).expand(rows.shape[0], -1, -1)
+    if bias is None:
+        return torch.bmm(flat, shifted)
+    return torch.baddbmm(bias[:, None], flat, shifted)
+
+
 class _LocalStream(nn.Module):
     """The per-pedestrian stream's parameters (the released `ped.*` keys): a conv over time
     with x/y as channels, then one with time as channels along x/y. `SocialCell` runs them
@@ -154,17 +167,40 @@ class SocialCell(nn.Module):
         Every 3x3 kernel reaches one column either side, so with one empty column between
         scenes each scene sees exactly the zero padding it sees alone, provided the gaps are
         zero at both stages' inputs: x and the noise are zero there by construction, and the
-        stage-1 output (bias, ReLU) is masked before stage 2. Here the K noisy inputs are wide
-        images, and torch's convolution (one call for the K images, forward and backward) is
-        several times faster than unfold + matmul, whose backward scatters the patches back.
+        stage-1 output (bias, ReLU) is masked before stage 2.
+
+        Both stages are 1-D convolutions along the columns, each one batched matmul over the
+        K samples (torch's CPU 2-D convolution of these few-channel images is an unvectorised
+        im2col per image, most of a training step's time). Stage 1 is linear in its input
+        x + noise, and each sample's noise is constant over time: it is the observed image's
+        convolution, once, plus a 1-D convolution of each sample's [2, W] noise row, with the
+        time taps summed over those that stay inside the window. Stage 2's image has only the
+        rows x and y, so its 3x3 kernel is a 1-D one from (stream, time, x/y) channels to
+        (step, x/y) channels. Each sample is its own matrix of the batch, so samples that are
+        equal (a zero noise weight) come out bitwise equal and IMLE's ties break as in
+        `forward`.
         """
         w1, b1, w2, b2 = self._weights()
-        k, t, w = noise.shape[0], x.shape[-2], x.shape[-1]
-        v = x + (self.noise_w * noise_factor) * noise[:, :, None, :]  # [K, 2, obs, W]
-        h = F.conv2d(v, w1, b1, padding=1)
-        a = (torch.relu(h[:, :4]) + h[:, 4:]) * mask  # [K, (stream, x/y), obs, W], gaps zero
-        a = a.view(k, 2, 2, t, w).transpose(2, 3).reshape(k, 2 * t, 2, w)
-        return F.conv2d(a, w2, b2, padding=1)
+        k, t = noise.shape[0], x.shape[-2]
+
+        def stage1_rows(v: Tensor) -> Tensor:  # [(branch, stream, x/y), obs, ...] -> rows
+            # (branch, stream, obs, x/y): stage 2's channel order, no reshuffle per sample
+            return v.reshape(2, 2, 2, t, *v.shape[2:]).transpose(2, 3).reshape(8 * t, -1)
+
+        base = stage1_rows(F.conv2d(x, w1, b1, padding=1)[0])  # [8 obs, W]
+        # valid[s, i]: time tap i of output step s falls inside the window
+        steps = torch.arange(t)[:, None] + torch.arange(3)[None, :] - 1
+        valid = ((steps >= 0) & (steps < t)).to(w1.dtype)
+        taps = stage1_rows(torch.einsum("si,ocij->oscj", valid, w1))  # [8 obs, (x/y in, tap)]
+        taps = (self.noise_w * noise_factor) * taps.view(8 * t, 2, 3)
+        h = _conv_columns(noise, taps) + base
+        a = (torch.relu(h[:, : 4 * t]) + h[:, 4 * t :]) * mask  # [K, (stream, obs, x/y), W]
+        # the 1-D kernel [(step, x/y out), (stream, obs, x/y in), column tap]: its row tap is
+        # x/y in - x/y out + 1
+        rows = [torch.stack([w2[:, :, h_in - h_out + 1] for h_in in (0, 1)], 2) for h_out in (0, 1)]
+        kernel = torch.stack(rows, dim=1).reshape(2 * self.pred_len, 4 * t, 3)
+        out = _conv_columns(a, kernel, b2.repeat_interleave(2))
+        return out.view(k, self.pred_len, 2, -1)
 
     def _weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`fused_weights`, cached while no parameter changes and no gradient is recorded
