@@ -93,6 +93,8 @@ def test_for_graphs_builds_what_the_constructor_builds():
     new = FrameAveraging.for_graphs(backbone, "node", node_inputs=["x"], max_elements=100)
     assert torch.equal(new(adjacency, mask, x=features), old(adjacency, mask, x=features))
     assert isinstance(new.frame, PermutationFrame) and new.group == "Sn"
+    # frames() gives what forward averaged over, for graphs as for point clouds
+    assert torch.equal(new.frames(adjacency, mask).orders, new.last_frames.orders)
     assert_equivariant(new, "Sn", [(adjacency, "adjacency")], "node",
                        keyword_inputs={"x": (features, "node")}, mask=mask)  # fmt: skip
 

@@ -54,30 +54,32 @@ _FRAME_OPTIONS: dict[str, Any] = {
 }
 
 
-def _frame_for(group: str, options: dict[str, Any]) -> Frame:
-    """The frame a group name selects, built from the constructor's frame options."""
-    point_only = ("vector_inputs", "on_degenerate", "eigengap_tol", "degenerate_samples")
-    graph_only = ("node_inputs", "max_elements")
+def _frame_for(group: str | Frame, options: dict[str, Any]) -> Frame:
+    """The frame `group` names, built from the constructor's frame options (or `group` itself
+    when it is a Frame, in which case those options must stay at their defaults)."""
     if isinstance(options["vector_inputs"], str) or isinstance(options["node_inputs"], str):
         raise TypeError("vector_inputs/node_inputs must be collections of names, not strings")
-    given = [k for k in options if _differs(options[k], _FRAME_OPTIONS[k])]
+    options = {**options, "vector_inputs": tuple(options["vector_inputs"]),
+               "node_inputs": tuple(options["node_inputs"])}  # fmt: skip
+    given = [k for k, default in _FRAME_OPTIONS.items() if options[k] != default]
+    if isinstance(group, Frame):
+        if given:
+            raise ValueError(f"{given} configure the frame: set them on {group!r} instead")
+        return group
+    if not isinstance(group, str):
+        raise TypeError(
+            f"group must be a group name such as 'E3' or 'Sn', or a Frame; got {type(group)}"
+        )
+    graph_only = ("node_inputs", "max_elements")
     if is_permutation_group(group):
-        wrong = [k for k in given if k in point_only]
+        wrong = [k for k in given if k not in graph_only]
         if wrong:
             raise ValueError(f"{wrong} apply to point-cloud groups, not to group {group!r}")
-        return PermutationFrame(
-            node_inputs=options["node_inputs"], max_elements=options["max_elements"]
-        )
+        return PermutationFrame(**{k: options[k] for k in graph_only})
     wrong = [k for k in given if k in graph_only]
     if wrong:
         raise ValueError(f"{wrong} apply to group 'Sn' (graphs), not to group {group!r}")
-    return PCAFrame(group, **{k: options[k] for k in point_only})
-
-
-def _differs(value: Any, default: Any) -> bool:
-    if isinstance(default, tuple):
-        return tuple(value) != default
-    return value != default
+    return PCAFrame(group, **{k: v for k, v in options.items() if k not in graph_only})
 
 
 class FrameAveraging(nn.Module):
@@ -147,17 +149,7 @@ class FrameAveraging(nn.Module):
             "node_inputs": node_inputs,
             "max_elements": max_elements,
         }
-        if isinstance(group, str):
-            frame = _frame_for(group, options)
-        elif isinstance(group, Frame):
-            given = [k for k in options if _differs(options[k], _FRAME_OPTIONS[k])]
-            if given:
-                raise ValueError(f"{given} configure the frame: set them on {group!r} instead")
-            frame = group
-        else:
-            raise TypeError(
-                f"group must be a group name such as 'E3' or 'Sn', or a Frame; got {type(group)}"
-            )
+        frame = _frame_for(group, options)
         frame.check_output(output)
         if stochastic not in (False, True, "always"):
             raise ValueError(f"stochastic must be False, True or 'always'; got {stochastic!r}")
