@@ -413,8 +413,8 @@ def assert_equivariant(
     """Raise AssertionError unless ``fn(g·x) = g·fn(x)`` for random group elements g.
 
     Args:
-        fn: called as ``fn(*positional, **keyword)`` (plus ``mask=`` when a mask is given);
-            returns a tensor, or a tuple of tensors.
+        fn: called as ``fn(*positional, **keyword)`` (plus ``mask=`` when a mask is given),
+            under ``torch.no_grad()``; returns a tensor, or a tuple of tensors.
         group: 'O3', 'SO3', 'E3', 'SE3', 'O(d)'-style names, 'Sn', a `Group`, or a sequence
             of them (their product, e.g. ``("E3", "Sn")``).
         inputs: positional inputs as ``(value, representation)`` pairs, e.g.
