@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from meanwise.federated.aggregators import (
-    AFA_CD,
-    AFA_CS,
+    AFACD,
+    AFACS,
     MIFA,
     FedAU,
     FedAvg,
@@ -119,15 +119,13 @@ def test_afa_cd_two_sided_rates():
     server_lr, local_lr = 2.0, 0.1
     steps = torch.tensor([2, 5])
     g = -D / (local_lr * steps[:, None].double())  # average local gradients
-    got = AFA_CD(4, server_lr, local_lr, arrivals_per_round=2).step(
-        X, D, CLIENTS, local_steps=steps
-    )
+    got = AFACD(4, server_lr, local_lr, arrivals_per_round=2).step(X, D, CLIENTS, local_steps=steps)
     torch.testing.assert_close(got, X - server_lr * local_lr * g.mean(0))
 
 
 def test_afa_cs_keeps_every_workers_latest():
     server_lr, local_lr = 1.5, 0.2
-    agg = AFA_CS(3, server_lr, local_lr)
+    agg = AFACS(3, server_lr, local_lr)
     g0 = -D[0] / (local_lr * 2)
     x1 = agg.step(X, D[:1], [0], local_steps=[2])
     torch.testing.assert_close(x1, X - server_lr * local_lr * g0 / 3)
@@ -146,8 +144,8 @@ def _all_aggregators():
         MIFA(4),
         FedVARP(4),
         FedAU(4, cutoff=3),
-        AFA_CD(4, 1.0, 0.1),
-        AFA_CS(4, 1.0, 0.1),
+        AFACD(4, 1.0, 0.1),
+        AFACS(4, 1.0, 0.1),
     ]
 
 
@@ -194,7 +192,7 @@ def test_state_dict_resume_is_exact(index):
     expected = rounds(agg, x, 5, 10)
     buffer.seek(0)
     restored = _all_aggregators()[index]
-    restored.load_state_dict(torch.load(buffer, weights_only=False))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(rounds(restored, x, 5, 10), expected)
 
 
@@ -211,3 +209,37 @@ def test_bad_inputs():
         FedAvg(4, over="some")
     with pytest.raises(ValueError, match="FedAU"):
         FedAvg(4).load_state_dict(FedAU(4).state_dict())
+
+
+def test_former_names_still_work_with_a_deprecation_warning():
+    import meanwise.federated as federated
+    from meanwise.federated import aggregators
+
+    for old, new in (("AFA_CD", AFACD), ("AFA_CS", AFACS)):
+        for module in (federated, aggregators):
+            with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use {new.__name__}"):
+                assert getattr(module, old) is new
+    with pytest.warns(DeprecationWarning, match="AFA_CS is deprecated"):
+        from meanwise.federated import AFA_CS  # noqa: F401, PLC0415 - the import form users have
+    with pytest.raises(AttributeError, match="AFA_XX"):
+        federated.AFA_XX  # noqa: B018
+
+
+@pytest.mark.parametrize("cls", [AFACD, AFACS])
+def test_a_state_saved_under_the_former_name_still_loads(cls):
+    agg = cls(4, 1.0, 0.1)
+    x = agg.step(X, D, CLIENTS, local_steps=[1, 3])
+    state = agg.state_dict()
+    assert state["kind"] == cls.__name__
+    state["kind"] = {"AFACD": "AFA_CD", "AFACS": "AFA_CS"}[
+        cls.__name__
+    ]  # as written before the rename
+    restored = cls(4, 1.0, 0.1)
+    restored.load_state_dict(state)
+    assert torch.equal(
+        restored.step(x, D, CLIENTS, local_steps=[2, 2]),
+        agg.step(x, D, CLIENTS, local_steps=[2, 2]),
+    )
+    other = {"AFACD": "AFA_CS", "AFACS": "AFA_CD"}[cls.__name__]
+    with pytest.raises(ValueError, match=other):
+        cls(4, 1.0, 0.1).load_state_dict({**state, "kind": other})

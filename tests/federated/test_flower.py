@@ -26,14 +26,16 @@ from flwr.app import (  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
 from meanwise.data.federated_split import FederatedDataset  # noqa: E402
+from meanwise.engine.layout import ParameterLayout  # noqa: E402
 from meanwise.federated import (  # noqa: E402
-    AFA_CD,
-    AFA_CS,
+    AFACD,
+    AFACS,
     FedAU,
     FederatedSimulator,
     LocalTraining,
 )
 from meanwise.federated.flower import (  # noqa: E402
+    AnarchicServer,
     ArrayCodec,
     FedAUStrategy,
     local_training_client_app,
@@ -207,7 +209,7 @@ def test_run_anarchic_follows_the_equations_with_stale_updates(server_identity):
         return _reply(msg, _update(node, x), metrics), 4 if node == 3 else 1
 
     ids = [1, 2, 3, 4]
-    aggregator = AFA_CD(4, server_lr=0.5, local_lr=0.1, arrivals_per_round=2)
+    aggregator = AFACD(4, server_lr=0.5, local_lr=0.1, arrivals_per_round=2)
     x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
     result = run_anarchic(
         ScriptedGrid(ids, handler), to_record(x0), aggregator, 8, max_staleness=2, pull_interval=0
@@ -229,19 +231,101 @@ def test_run_anarchic_follows_the_equations_with_stale_updates(server_identity):
     torch.testing.assert_close(to_vector(result.arrays), models[-1], rtol=1e-12, atol=1e-12)
 
 
+def _stale_handler():
+    """Node 3 slow (4 pulls), the others 1; K_i = _steps(node)."""
+
+    def handler(node, msg):
+        x = to_vector(msg.content.array_records["arrays"])
+        metrics = {"num-examples": 1, "local-steps": _steps(node)}
+        return _reply(msg, _update(node, x), metrics), 4 if node == 3 else 1
+
+    return handler
+
+
+def _without_seconds(rounds) -> list[dict]:
+    import dataclasses
+
+    return [{k: v for k, v in dataclasses.asdict(r).items() if k != "seconds"} for r in rounds]
+
+
+def test_anarchic_server_continued_round_by_round_is_one_run(server_identity):
+    # the state machine keeps everything a round needs (versions within reach of a stale
+    # update, messages in flight, replies pulled early): 3 rounds, then step() twice, then
+    # run(3) more are the same 8 rounds as run_anarchic(8) on the same federation
+    def fresh():
+        aggregator = AFACS(4, server_lr=0.5, local_lr=0.1, arrivals_per_round=2)
+        return ScriptedGrid([1, 2, 3, 4], _stale_handler()), aggregator
+
+    grid, aggregator = fresh()
+    x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    whole = run_anarchic(grid, to_record(x0), aggregator, 8, max_staleness=2, pull_interval=0)
+    grid, aggregator = fresh()
+    server = AnarchicServer(grid, to_record(x0), aggregator, max_staleness=2, pull_interval=0)
+    assert len(server.run(3).rounds) == 3
+    closed = [server.step(), server.step()]
+    assert [r.round for r in closed] == [4, 5] and server.version == 5
+    pieces = server.run(3)
+    assert _without_seconds(pieces.rounds) == _without_seconds(whole.rounds)
+    assert any(s > 0 for r in whole.rounds for s in r.staleness)  # stale updates were used
+    assert torch.equal(to_vector(pieces.arrays), to_vector(whole.arrays))
+    assert torch.equal(server.aggregator.memory, aggregator.memory)
+    with pytest.raises(ValueError, match="num_rounds"):
+        server.run(0)
+
+
+def test_array_codec_is_the_simulators_parameter_layout():
+    # a model without buffers: the codec's flat vector is the ParameterLayout row the
+    # simulators and the gossip runner use for the same model
+    model = _model()
+    arrays = ArrayRecord(model.state_dict())
+    codec = ArrayCodec(arrays)
+    layout = ParameterLayout.of(model)
+    assert codec.layout == layout
+    flat = layout.flatten({k: v.detach() for k, v in model.named_parameters()})
+    assert torch.equal(codec.flatten(arrays), flat)
+    back = codec.record(flat * 2, arrays).to_torch_state_dict()
+    assert all(torch.equal(back[k], 2 * v) for k, v in model.state_dict().items())
+
+
+def test_array_codec_mixed_dtypes_scalars_and_integer_buffers():
+    arrays = ArrayRecord(
+        {
+            "w": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+            "temperature": torch.tensor(0.5, dtype=torch.float64),  # a 0-dim parameter
+            "num_batches_tracked": torch.tensor(7),
+            "b": torch.tensor([1.5, -2.0], dtype=torch.float16),
+        }
+    )
+    codec = ArrayCodec(arrays)
+    assert codec.dtype == torch.float64 and codec.numel == 6 + 1 + 2
+    assert codec.layout.names == ("w", "temperature", "b")  # floating arrays, in key order
+    flat = codec.flatten(arrays)
+    expected = torch.tensor([0, 1, 2, 3, 4, 5, 0.5, 1.5, -2.0], dtype=torch.float64)
+    assert torch.equal(flat, expected)
+    back = codec.record(flat + 1, arrays).to_torch_state_dict()
+    assert list(back) == ["w", "temperature", "num_batches_tracked", "b"]
+    assert back["temperature"].shape == () and float(back["temperature"]) == 1.5
+    assert back["b"].dtype == torch.float16 and back["b"].tolist() == [2.5, -1.0]
+    assert int(back["num_batches_tracked"]) == 7  # passed through, not averaged
+    with pytest.raises(ValueError, match="array 'w' is torch.float64"):
+        codec.flatten(ArrayRecord({**back, "w": torch.zeros(2, 3, dtype=torch.float64)}))
+    with pytest.raises(ValueError, match="flat must have shape \\[9\\]"):
+        codec.record(flat[:4], arrays)
+
+
 def test_run_anarchic_rejects_bad_arguments():
     grid = ScriptedGrid([1], lambda n, m: (None, 0))
     with pytest.raises(TypeError, match="aggregator"):
         run_anarchic(grid, to_record(torch.zeros(6)), FedAU(1), 1)
     with pytest.raises(ValueError, match="num_rounds"):
-        run_anarchic(grid, to_record(torch.zeros(6)), AFA_CD(1, 1.0, 0.1), 0)
+        run_anarchic(grid, to_record(torch.zeros(6)), AFACD(1, 1.0, 0.1), 0)
 
 
 def test_run_anarchic_closes_a_round_on_timeout(server_identity):
     grid = ScriptedGrid([1, 2], lambda n, m: (None, 0))  # nobody ever answers
     x0 = torch.ones(6, dtype=torch.float64)
     out = run_anarchic(
-        grid, to_record(x0), AFA_CS(2, 1.0, 0.1, arrivals_per_round=1), 2, round_timeout=0.05
+        grid, to_record(x0), AFACS(2, 1.0, 0.1, arrivals_per_round=1), 2, round_timeout=0.05
     )
     assert [r.timed_out for r in out.rounds] == [True, True]
     assert torch.equal(to_vector(out.arrays), x0)
@@ -258,7 +342,7 @@ def test_run_anarchic_bounded_delay_waits_and_discarding_is_opt_in(server_identi
         return reply, 10 if node == 3 else 1
 
     def run(rounds, **kw):
-        aggregator = AFA_CD(3, server_lr=0.5, local_lr=0.1, arrivals_per_round=1)
+        aggregator = AFACD(3, server_lr=0.5, local_lr=0.1, arrivals_per_round=1)
         x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
         grid = ScriptedGrid([1, 2, 3], handler)
         return run_anarchic(
@@ -369,7 +453,7 @@ def flower_run():
         strategy = FedAUStrategy(N_NODES, server_lr=0.8, evaluate=False)
         res = strategy.start(grid, initial, num_rounds=FEDAU_ROUNDS, timeout=120)
         out["fedau"] = (strategy, res.arrays)
-        afa = AFA_CS(N_NODES, server_lr=1.0, local_lr=LOCAL.lr, arrivals_per_round=2)
+        afa = AFACS(N_NODES, server_lr=1.0, local_lr=LOCAL.lr, arrivals_per_round=2)
         out["afa"] = run_anarchic(
             grid, initial, afa, AFA_ROUNDS, max_staleness=3, round_timeout=120
         )
@@ -428,7 +512,7 @@ def test_flower_afa_cs_equals_the_simulator(flower_run):
     assert any(s > 0 for r in rounds for s in r["staleness"])
     assert all(r["steps"] == [1 + w for w in r["workers"]] for r in rounds)
     replay = _ReplayArrivals(rounds, N_NODES, max_staleness=3)
-    sim = _simulator(AFA_CS(N_NODES, 1.0, LOCAL.lr, arrivals_per_round=2), replay)
+    sim = _simulator(AFACS(N_NODES, 1.0, LOCAL.lr, arrivals_per_round=2), replay)
     sim.run(AFA_ROUNDS)
     got = ArrayCodec(result.arrays).flatten(result.arrays)
     torch.testing.assert_close(got, sim.x, rtol=1e-10, atol=1e-12)

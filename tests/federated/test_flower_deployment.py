@@ -26,7 +26,7 @@ pytest.importorskip("flwr", reason="install the flower extra: pip install '.[flo
 from safetensors.torch import load_file  # noqa: E402
 
 from meanwise.data.federated_split import FederatedDataset  # noqa: E402
-from meanwise.federated import AFA_CS, FedAU, FederatedSimulator, LocalTraining  # noqa: E402
+from meanwise.federated import AFACS, FedAU, FederatedSimulator, LocalTraining  # noqa: E402
 from meanwise.federated.participation import Anarchic, Arrivals, ParticipationProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -290,7 +290,7 @@ def test_example_app_on_a_deployment_with_a_restarted_node(tmp_path, monkeypatch
         [{"workers": workers, "steps": afa_round["local_steps"], "staleness": [0, 0]}], N, 2
     )
     afa_sim = FederatedSimulator(
-        start_model, data, AFA_CS(N, 1.0, lr, arrivals_per_round=2), replay, local,
+        start_model, data, AFACS(N, 1.0, lr, arrivals_per_round=2), replay, local,
         eval_every=10**6,
     )  # fmt: skip
     afa_sim.run(1)

@@ -20,7 +20,7 @@ from flwr.server.superlink.linkstate.utils import (  # noqa: E402
     create_message_error_unavailable_res_message,
 )
 
-from meanwise.federated import AFA_CS  # noqa: E402
+from meanwise.federated import AFACS  # noqa: E402
 from meanwise.federated.flower import (  # noqa: E402
     FedAUStrategy,
     NodeSlots,
@@ -256,7 +256,7 @@ def test_too_few_nodes_is_a_clear_error(server_identity, flwr_log):
     assert any(r.levelno == logging.ERROR and "min_nodes=3" in r.getMessage()
                for r in flwr_log.records)  # fmt: skip
     with pytest.raises(RuntimeError, match="min_nodes=2"):
-        run_anarchic(grid, to_record(torch.zeros(6)), AFA_CS(2, 1.0, 0.1), 1, wait_for_nodes_s=0.1)
+        run_anarchic(grid, to_record(torch.zeros(6)), AFACS(2, 1.0, 0.1), 1, wait_for_nodes_s=0.1)
     with pytest.raises(ValueError, match="min_nodes"):
         FedAUStrategy(3, min_nodes=-1)
     with pytest.raises(ValueError, match="timeout"):
@@ -288,7 +288,7 @@ def test_afa_restarted_worker_rejoins_its_slot(server_identity, flwr_log):
         return replies
 
     grid.pull_messages = pull
-    aggregator = AFA_CS(3, server_lr=0.5, local_lr=0.1, arrivals_per_round=2)
+    aggregator = AFACS(3, server_lr=0.5, local_lr=0.1, arrivals_per_round=2)
     result = run_anarchic(grid, to_record(x0), aggregator, 6, max_staleness=3, pull_interval=0)
     slot_of_p1 = result.slots.slot_key.index(1)
     assert result.node_ids[slot_of_p1] == 22
@@ -309,7 +309,7 @@ def test_afa_restarted_worker_rejoins_its_slot(server_identity, flwr_log):
 
 def test_afa_timeout_names_the_awaited_nodes(server_identity, flwr_log):
     grid = FakeSuperLink({1: (0, trains(0)), 2: (1, "silent")})
-    aggregator = AFA_CS(2, 1.0, 0.1, arrivals_per_round=2)
+    aggregator = AFACS(2, 1.0, 0.1, arrivals_per_round=2)
     out = run_anarchic(grid, to_record(torch.zeros(6)), aggregator, 1, round_timeout=0.05)
     (r,) = out.rounds
     assert r.timed_out and r.node_ids == [1]
@@ -362,7 +362,7 @@ def test_run_anarchic_keeps_the_model_finite_on_huge_finite_updates(server_ident
     # AFA-CS normalizes by η_L K: G = -3e38 / 0.1 is not a float32; the round is refused
     grid = FakeSuperLink({1: (0, _huge(0)), 2: (1, _huge(1))})
     x = torch.zeros(6)
-    aggregator = AFA_CS(2, 1.0, 0.1, arrivals_per_round=2)
+    aggregator = AFACS(2, 1.0, 0.1, arrivals_per_round=2)
     with pytest.warns(RuntimeWarning, match="refused round"):
         out = run_anarchic(grid, to_record(x), aggregator, 1, pull_interval=0)
     assert torch.equal(to_vector(out.arrays), x) and out.rounds[0].refused
@@ -394,12 +394,12 @@ def test_fedau_state_restores_the_binding_and_afa_continues_it(server_identity):
     # AFA continues FedAU's binding: node 2 (replaced) is sent nothing, node 9 keeps slot 1
     grid.online.add(2)  # even if the SuperLink still lists it
     before = dict(grid.received)
-    aggregator = AFA_CS(3, 1.0, 0.1, arrivals_per_round=3)
+    aggregator = AFACS(3, 1.0, 0.1, arrivals_per_round=3)
     out = run_anarchic(grid, arrays, aggregator, 1, slots=strategy.slots, pull_interval=0)
     assert grid.received.get(2, 0) == before.get(2, 0)
     assert sorted(out.rounds[0].clients) == [0, 1, 2] and out.node_ids == [1, 9, 3]
     with pytest.raises(ValueError, match="slots must be a NodeSlots"):
-        run_anarchic(grid, arrays, AFA_CS(2, 1.0, 0.1), 1, slots=strategy.slots)
+        run_anarchic(grid, arrays, AFACS(2, 1.0, 0.1), 1, slots=strategy.slots)
 
 
 def test_a_bound_node_that_left_is_named(server_identity):

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from meanwise.federated import AFA_CD, AFA_CS, MIFA, FedAU, FedAvg, FedVARP, KnownParticipation
+from meanwise.federated import AFACD, AFACS, MIFA, FedAU, FedAvg, FedVARP, KnownParticipation
 
 
 def _all(n=2, **kw):
@@ -18,8 +18,8 @@ def _all(n=2, **kw):
         FedVARP(n, **kw),
         FedAU(n, **kw),
         KnownParticipation([0.5] * n, **kw),
-        AFA_CD(n, 1.0, 1.0, **kw),
-        AFA_CS(n, 1.0, 1.0, **kw),
+        AFACD(n, 1.0, 1.0, **kw),
+        AFACS(n, 1.0, 1.0, **kw),
     ]
 
 

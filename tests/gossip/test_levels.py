@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from meanwise.data.federated_split import FederatedDataset
-from meanwise.functional.local_training import LocalTraining
+from meanwise.engine.local_training import LocalTraining
 from meanwise.gossip import (
     GossipProtocol,
     GossipSimulator,

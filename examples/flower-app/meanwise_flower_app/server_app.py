@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save as safetensors_bytes
 
 from meanwise.atomic_io import atomic_write_bytes, atomic_write_json
-from meanwise.federated import AFA_CS
+from meanwise.federated import AFACS
 from meanwise.federated.flower import ArrayCodec, FedAUStrategy, run_anarchic
 from meanwise_flower_app.task import federated_digits, model_fn
 
@@ -112,7 +112,7 @@ def main(grid: Grid, context: Context) -> None:
     if afa_rounds > 0:
         # the workers choose their own step counts (the ClientApp's anarchic_steps): no
         # local-steps in this config; AFA-CS normalizes each update by its K_i and eta_L = lr
-        aggregator = AFA_CS(
+        aggregator = AFACS(
             n, server_lr=1.0, local_lr=lr, arrivals_per_round=_setting(c, "afa-arrivals", int)
         )
         afa = run_anarchic(

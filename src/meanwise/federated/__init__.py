@@ -5,9 +5,10 @@ they are not imported here, so this package does not need Flower.
 """
 
 from meanwise.engine.local_training import LocalTraining
+from meanwise.federated import aggregators as _aggregators
 from meanwise.federated.aggregators import (
-    AFA_CD,
-    AFA_CS,
+    AFACD,
+    AFACS,
     MIFA,
     Aggregator,
     FedAU,
@@ -32,8 +33,8 @@ __all__ = [
     "FederatedSimulator",
     "FederatedSweep",
     "LocalTraining",
-    "AFA_CD",
-    "AFA_CS",
+    "AFACD",
+    "AFACS",
     "MIFA",
     "Aggregator",
     "FedAU",
@@ -50,3 +51,10 @@ __all__ = [
     "heterogeneous_probabilities",
     "validate_probabilities",
 ]
+
+
+def __getattr__(name: str):
+    # AFA_CD / AFA_CS: the former names of AFACD / AFACS, kept with a DeprecationWarning
+    if name in _aggregators._DEPRECATED_NAMES:
+        return _aggregators.renamed(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

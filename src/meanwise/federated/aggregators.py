@@ -36,8 +36,8 @@ __all__ = [
     "FedVARP",
     "FedAU",
     "ParticipationIntervalWeights",
-    "AFA_CD",
-    "AFA_CS",
+    "AFACD",
+    "AFACS",
 ]
 
 
@@ -71,6 +71,7 @@ class ParticipationIntervalWeights:
 
     def update(self, mask: Tensor | Sequence[bool]) -> Tensor:
         m = torch.as_tensor(mask, dtype=torch.bool)
+        self._to(m.device)
         if m.shape != (self.n_clients,):
             raise ValueError(
                 f"mask must be a boolean vector of shape [{self.n_clients}]; got {list(m.shape)}"
@@ -89,6 +90,14 @@ class ParticipationIntervalWeights:
         self.interval_count += recorded.long()
         self.absent_rounds = torch.where(recorded, 0, self.absent_rounds)
         return weights
+
+    def _to(self, device: torch.device) -> None:
+        # the counters live where the masks come from (the aggregator's device), so a round
+        # never mixes devices; a checkpoint loaded on the CPU moves on its first update
+        if self.absent_rounds.device != device:
+            self.absent_rounds = self.absent_rounds.to(device)
+            self.interval_sum = self.interval_sum.to(device)
+            self.interval_count = self.interval_count.to(device)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -115,6 +124,8 @@ class Aggregator:
 
     #: whether ``step`` needs ``local_steps`` (the AFA rules normalize by them)
     needs_local_steps = False
+    #: earlier class names whose ``state_dict`` (``"kind"``) this class still loads
+    former_kinds: tuple[str, ...] = ()
 
     def __init__(
         self, n_clients: int, server_lr: float = 1.0, *, max_update_norm: float | None = None
@@ -147,11 +158,19 @@ class Aggregator:
 
         Args:
             x: the global parameters ``[P]``.
-            deltas: the participants' updates ``[S, P]`` (y_n − x_start).
+            deltas: the participants' updates ``[S, P]`` (y_n − x_start), on x's device.
             clients: their indices ``[S]``, distinct, in ``[0, n_clients)``.
             local_steps: ``[S]`` local step counts (required by AFA-CD / AFA-CS).
+
+        Devices and dtypes follow the inputs: the result has x's device and dtype; client
+        indices, masks and weights are moved to x's device, and per-client state (memories,
+        FedAU's interval counters) lives on it (memories in the dtype of the first updates).
         """
-        idx = torch.as_tensor(clients, dtype=torch.long).reshape(-1)
+        if not isinstance(x, Tensor) or not isinstance(deltas, Tensor):
+            raise TypeError("x and deltas must be tensors")
+        if deltas.device != x.device:
+            raise ValueError(f"deltas are on {deltas.device} but x is on {x.device}; need one")
+        idx = torch.as_tensor(clients, dtype=torch.long, device=x.device).reshape(-1)
         if x.dim() != 1:
             raise ValueError(f"x must be the flat global vector [P]; got shape {list(x.shape)}")
         if deltas.dim() != 2 or deltas.shape[1] != x.shape[0] or deltas.shape[0] != idx.numel():
@@ -167,7 +186,7 @@ class Aggregator:
         if self.needs_local_steps:
             if local_steps is None:
                 raise ValueError(f"{type(self).__name__} needs local_steps (one per client)")
-            steps = torch.as_tensor(local_steps, dtype=torch.long).reshape(-1)
+            steps = torch.as_tensor(local_steps, dtype=torch.long, device=x.device).reshape(-1)
             if steps.numel() != idx.numel() or (steps < 1).any():
                 raise ValueError("local_steps must be [S] positive integers, one per client")
         finite = torch.isfinite(deltas).all(dim=1)
@@ -218,7 +237,11 @@ class Aggregator:
     def _save_memory(self, clients: Tensor) -> Tensor | None:
         """The rows a round may overwrite, to undo a refused round (memory aggregators)."""
         memory = getattr(self, "memory", None)
-        return None if memory is None else memory[clients].clone()
+        if memory is None:
+            return None
+        if memory.device != clients.device:  # e.g. loaded from a CPU checkpoint
+            self.memory = memory = memory.to(clients.device)
+        return memory[clients].clone()
 
     def _restore_memory(self, clients: Tensor, saved: Tensor | None) -> None:
         if not hasattr(self, "memory"):
@@ -232,7 +255,7 @@ class Aggregator:
         raise NotImplementedError
 
     def _mask(self, clients: Tensor) -> Tensor:
-        mask = torch.zeros(self.n_clients, dtype=torch.bool)
+        mask = torch.zeros(self.n_clients, dtype=torch.bool, device=clients.device)
         mask[clients] = True
         return mask
 
@@ -248,7 +271,8 @@ class Aggregator:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != type(self).__name__ or int(state["n_clients"]) != self.n_clients:
+        kinds = (type(self).__name__, *type(self).former_kinds)
+        if state.get("kind") not in kinds or int(state["n_clients"]) != self.n_clients:
             raise ValueError(
                 f"state is for {state.get('kind')!r} with n_clients={state.get('n_clients')}; "
                 f"this is {type(self).__name__} with {self.n_clients}"
@@ -307,7 +331,25 @@ class KnownParticipation(Aggregator):
     def _direction(self, deltas, clients, steps):
         if clients.numel() == 0:
             return None
-        return weighted_average(deltas, 1.0 / self.probs[clients], denominator=self.n_clients)
+        probs = self.probs.to(clients.device)[clients]
+        return weighted_average(deltas, 1.0 / probs, denominator=self.n_clients)
+
+
+def _ensure_memory(aggregator: Aggregator, like: Tensor) -> Tensor:
+    """The per-client memory ``[N, P]`` on ``like``'s device: allocated at the first updates
+    (zeros in their dtype), moved along if the updates come from another device later (a
+    checkpoint loaded on the CPU, say)."""
+    memory = aggregator.memory
+    if memory is None:
+        memory = like.new_zeros((aggregator.n_clients, like.shape[1]))
+    elif memory.shape[1] != like.shape[1]:
+        raise ValueError(
+            f"updates have {like.shape[1]} parameters; the memory has {memory.shape[1]}"
+        )
+    elif memory.device != like.device:
+        memory = memory.to(like.device)
+    aggregator.memory = memory
+    return memory
 
 
 class _Memory(Aggregator):
@@ -320,13 +362,7 @@ class _Memory(Aggregator):
         self.memory: Tensor | None = None
 
     def _ensure_memory(self, like: Tensor) -> Tensor:
-        if self.memory is None:
-            self.memory = like.new_zeros((self.n_clients, like.shape[1]))
-        elif self.memory.shape[1] != like.shape[1]:
-            raise ValueError(
-                f"updates have {like.shape[1]} parameters; the memory has {self.memory.shape[1]}"
-            )
-        return self.memory
+        return _ensure_memory(self, like)
 
     def _extra_state(self):
         return {"memory": None if self.memory is None else self.memory.clone()}
@@ -395,7 +431,7 @@ class FedAU(Aggregator):
         self.weights.load_state_dict(state["weights"])
 
 
-class AFA_CD(Aggregator):
+class AFACD(Aggregator):
     """AFA-CD (Yang et al., ICML 2022): x ← x − η·η_L·mean_i G_i, G_i = (x_start − y_i)/(η_L K_i).
 
     ``n_clients`` is the number of workers M. ``arrivals_per_round`` (m) is the round size the
@@ -403,6 +439,7 @@ class AFA_CD(Aggregator):
     """
 
     needs_local_steps = True
+    former_kinds = ("AFA_CD",)
 
     def __init__(
         self,
@@ -434,12 +471,14 @@ class AFA_CD(Aggregator):
         return -self.local_lr * g
 
 
-class AFA_CS(AFA_CD):
+class AFACS(AFACD):
     """AFA-CS: x ← x − η·η_L·(1/M) Σ_{all M workers} G_i with each worker's latest G_i.
 
     The memory starts at zero; stale entries of workers that did not arrive are included, which
     is what removes AFA-CD's bias under non-uniform arrivals.
     """
+
+    former_kinds = ("AFA_CS",)
 
     def __init__(
         self,
@@ -458,10 +497,32 @@ class AFA_CS(AFA_CD):
     def _direction(self, deltas, clients, steps):
         if clients.numel() == 0:
             return None
-        if self.memory is None:
-            self.memory = deltas.new_zeros((self.n_clients, deltas.shape[1]))
-        self.memory[clients] = self.normalized_updates(deltas, steps).to(self.memory.dtype)
-        return -self.local_lr * weighted_average(self.memory)
+        memory = _ensure_memory(self, deltas)
+        memory[clients] = self.normalized_updates(deltas, steps).to(memory.dtype)
+        return -self.local_lr * weighted_average(memory)
 
     _extra_state = _Memory._extra_state
     _load_extra_state = _Memory._load_extra_state
+
+
+# Renamed to the CapWords class names PEP 8 asks for (the paper's "AFA-CD" / "AFA-CS");
+# the old names still work, with a DeprecationWarning, through the module __getattr__ below.
+_DEPRECATED_NAMES = {"AFA_CD": "AFACD", "AFA_CS": "AFACS"}
+
+
+def renamed(name: str) -> type:
+    """The class an old name stands for, warning at the code that used the old name (called
+    directly by a module ``__getattr__``)."""
+    new = _DEPRECATED_NAMES[name]
+    warnings.warn(
+        f"{name} is deprecated; use {new} (the same class, from meanwise.federated)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return globals()[new]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED_NAMES:
+        return renamed(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,12 +21,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from meanwise.federated.aggregators import AFA_CD
+from meanwise.federated.aggregators import AFACD
 from meanwise.federated.flower_codec import ArrayCodec
 from meanwise.federated.flower_fedau import first_metrics
 from meanwise.federated.flower_nodes import NodeSlots, read_reply, wait_for_nodes
 
-__all__ = ["AnarchicRound", "AnarchicResult", "run_anarchic"]
+__all__ = ["AnarchicServer", "AnarchicRound", "AnarchicResult", "run_anarchic"]
 
 
 @dataclass
@@ -67,10 +67,289 @@ def _reply_steps(reply: Message, key: str) -> int | None:
     return None
 
 
+@dataclass
+class _Arrival:
+    slot: int
+    node: int
+    delta: Tensor  # y_i - x_start_i, against the (possibly stale) model the worker trained on
+    steps: int  # K_i
+    staleness: int
+    metrics: dict[str, Any]
+
+
+class AnarchicServer:
+    """AFA's asynchronous server as a state machine over a Flower Grid.
+
+    State: the model versions still within reach of a stale update (``versions``, the current
+    one is ``version``), the messages in flight (``outstanding``: message id -> node and the
+    version it carries), replies pulled but not processed yet (``inbox``: they wait for the
+    next round once this one is full), and the open round's arrivals and bookkeeping (reasons,
+    stale rejections, failures, its start time). Each step is one method: :meth:`send` the
+    model, :meth:`pull`, :meth:`take` one reply, :meth:`close_round`; :meth:`step` runs one
+    round with them and :meth:`run` the whole loop (what :func:`run_anarchic` calls). The
+    arguments are :func:`run_anarchic`'s.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        aggregator: AFACD,
+        *,
+        node_ids: Sequence[int] | None = None,
+        slot_key: str | None = "partition-id",
+        slots: NodeSlots | None = None,
+        min_nodes: int | None = None,
+        max_staleness: int = 4,
+        discard_stale: bool = False,
+        round_timeout: float = 600.0,
+        wait_for_nodes_s: float | None = 120.0,
+        pull_interval: float = 0.02,
+        train_config: ConfigRecord | None = None,
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        steps_key: str = "local-steps",
+    ) -> None:
+        if not isinstance(aggregator, AFACD):
+            raise TypeError(f"aggregator must be AFACD or AFACS; got {type(aggregator).__name__}")
+        if int(max_staleness) < 0:
+            raise ValueError(f"max_staleness must be >= 0; got {max_staleness}")
+        if not isinstance(discard_stale, bool):
+            raise TypeError(f"discard_stale must be a bool; got {type(discard_stale).__name__}")
+        if not round_timeout > 0:
+            raise ValueError(f"round_timeout must be positive; got {round_timeout}")
+        n = aggregator.n_clients
+        if slots is None:
+            slots = NodeSlots(n, slot_key, node_ids)
+        elif not isinstance(slots, NodeSlots) or slots.n_slots != n or node_ids is not None:
+            raise ValueError(
+                f"slots must be a NodeSlots for the aggregator's {n} workers, without node_ids"
+            )
+        if min_nodes is None:
+            min_nodes = 0 if node_ids is not None else n
+        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 0:
+            raise ValueError(f"min_nodes must be an int >= 0; got {min_nodes!r}")
+        self.grid = grid
+        self.aggregator = aggregator
+        self.slots = slots
+        self.min_nodes = min_nodes
+        self.wait_for_nodes_s = wait_for_nodes_s
+        self.max_staleness = int(max_staleness)
+        self.discard_stale = discard_stale
+        self.round_timeout = round_timeout
+        self.pull_interval = pull_interval
+        self.base_config = dict(train_config or {})
+        self.arrayrecord_key = arrayrecord_key
+        self.configrecord_key = configrecord_key
+        self.steps_key = steps_key
+        self.initial_arrays = initial_arrays
+        self.codec = ArrayCodec(initial_arrays)
+        self.record = initial_arrays  # the current model as sent
+        self.version = 0
+        self.versions: dict[int, Tensor] = {0: self.codec.flatten(initial_arrays)}
+        self.outstanding: dict[str, tuple[int, int]] = {}  # message id -> (node id, version)
+        self.inbox: list[Message] = []
+        self.rounds: list[AnarchicRound] = []
+        self.started = False
+        self._open_round()
+
+    def _open_round(self) -> None:
+        self.arrived: list[_Arrival] = []
+        self.reasons: list[str] = []
+        self.rejected = 0
+        self.failed = 0
+        self.round_start = time.monotonic()
+
+    # --- messages ----------------------------------------------------------------------------
+
+    def send(self, nodes: Iterable[int]) -> None:
+        """Push the current model (and its version) to ``nodes``."""
+        nodes = list(nodes)
+        if not nodes:
+            return
+        config = ConfigRecord({**self.base_config, "model-version": self.version})
+        content = RecordDict({self.arrayrecord_key: self.record, self.configrecord_key: config})
+        messages = [
+            Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+            for node in nodes
+        ]
+        pushed = {str(i) for i in self.grid.push_messages(messages) if i}
+        for node, message in zip(nodes, messages, strict=True):
+            if message.metadata.message_id in pushed:
+                self.outstanding[message.metadata.message_id] = (node, self.version)
+            else:  # it gets the model again at the next round close
+                log(WARNING, "AFA: could not push the model to %s", self.slots.describe(node))
+
+    def idle_nodes(self) -> list[int]:
+        """Connected workers (bound, or with a key not known yet) with nothing in flight."""
+        busy = {node for node, _ in self.outstanding.values()}
+        return [n for n in self.slots.targets(self.grid.get_node_ids()) if n not in busy]
+
+    def pull(self) -> bool:
+        """Pull the replies that are in (only when every earlier one is processed)."""
+        if self.inbox or not self.outstanding:
+            return False
+        self.inbox = list(self.grid.pull_messages(list(self.outstanding)))
+        return bool(self.inbox)
+
+    def _forget_replaced(self) -> None:
+        # a node replaced by a restarted one will never answer: do not wait for it
+        ignored = self.slots.ignored
+        for mid in [m for m, (node, _) in self.outstanding.items() if node in ignored]:
+            del self.outstanding[mid]
+
+    # --- the open round ----------------------------------------------------------------------
+
+    def due(self) -> bool:
+        """Whether a worker whose model is max_staleness versions old must still arrive."""
+        return not self.discard_stale and any(
+            self.version - sent >= self.max_staleness for _, sent in self.outstanding.values()
+        )
+
+    def waiting(self) -> bool:
+        """Whether the open round takes more replies: fewer than m arrivals, or one is due."""
+        return len(self.arrived) < self.aggregator.arrivals_per_round or self.due()
+
+    def take(self, reply: Message) -> None:
+        """Process one reply: an arrival, a failure (with its reason) or a stale rejection."""
+        entry = self.outstanding.pop(str(reply.metadata.reply_to_message_id), None)
+        if entry is None:
+            return  # given up after a time-out, or its node was replaced
+        node, sent_version = entry
+        slots = self.slots
+        got = read_reply(node, reply, slots, self.arrayrecord_key, self.codec)
+        self._forget_replaced()
+        steps = _reply_steps(reply, self.steps_key) if not isinstance(got, str) else None
+        if not isinstance(got, str) and any(a.slot == got[0] for a in self.arrived):
+            got = f"{slots.describe(node)} arrived for a slot that already arrived"
+        if isinstance(got, str) or steps is None:
+            reason = (
+                got
+                if isinstance(got, str)
+                else f"{slots.describe(node)}: no positive int metric {self.steps_key!r}"
+            )
+            log(WARNING, "AFA round %d: %s (no arrival)", self.version + 1, reason)
+            self.reasons.append(reason)
+            self.failed += 1
+            return
+        staleness = self.version - sent_version
+        if staleness > self.max_staleness:
+            self.rejected += 1
+            self.send([node])  # restarts from the current model
+            return
+        delta = got[1] - self.versions[sent_version]
+        self.arrived.append(_Arrival(got[0], node, delta, steps, staleness, first_metrics(reply)))
+
+    def timed_out(self) -> bool:
+        return time.monotonic() - self.round_start > self.round_timeout
+
+    def give_up_awaited(self) -> None:
+        """At a time-out: name the awaited nodes, and stop waiting for messages already
+        max_staleness versions old (they would block every later round)."""
+        slots = self.slots
+        awaited = sorted({node for node, _ in self.outstanding.values()})
+        names = ", ".join(slots.describe(node) for node in awaited) or "nobody"
+        log(
+            WARNING,
+            "AFA round %d timed out after %.0f s with %d arrivals; no reply from %s",
+            self.version + 1,
+            self.round_timeout,
+            len(self.arrived),
+            names,
+        )
+        self.reasons.extend(f"{slots.describe(nd)} timed out: no reply yet" for nd in awaited)
+        oldest = self.version - self.max_staleness
+        for mid in [m for m, (_, v) in self.outstanding.items() if v <= oldest]:
+            del self.outstanding[mid]
+
+    def close_round(self, timed_out: bool) -> AnarchicRound:
+        """Aggregate the arrivals into the next model version and record the round."""
+        arrived = self.arrived
+        x = self.versions[self.version]
+        refused = False
+        if arrived:
+            clients = torch.tensor([a.slot for a in arrived], dtype=torch.long)
+            deltas = torch.stack([a.delta for a in arrived])
+            steps = torch.tensor([a.steps for a in arrived], dtype=torch.long)
+            before = self.aggregator.refused_rounds
+            x = self.aggregator.step(x, deltas, clients, local_steps=steps)
+            refused = self.aggregator.refused_rounds > before
+            if refused:
+                names = ", ".join(self.slots.describe(a.node) for a in arrived)
+                log(WARNING, "AFA round %d: refused the aggregate of %s (not finite); model "
+                    "unchanged", self.version + 1, names)  # fmt: skip
+        self.version += 1
+        self.versions[self.version] = x
+        for old in [v for v in self.versions if v < self.version - self.max_staleness]:
+            del self.versions[old]
+        self.record = self.codec.record(x, self.initial_arrays)
+        closed = AnarchicRound(
+            round=self.version,
+            clients=[a.slot for a in arrived],
+            node_ids=[a.node for a in arrived],
+            local_steps=[a.steps for a in arrived],
+            staleness=[a.staleness for a in arrived],
+            rejected_stale=self.rejected,
+            failed=self.failed,
+            timed_out=timed_out and len(arrived) < self.aggregator.arrivals_per_round,
+            seconds=time.monotonic() - self.round_start,
+            metrics=[a.metrics for a in arrived],
+            reasons=self.reasons,
+            refused=refused,
+        )
+        self.rounds.append(closed)
+        log(INFO, "AFA round %d: %d arrivals", self.version, len(arrived))
+        self._open_round()
+        return closed
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Wait for ``min_nodes`` connected nodes (once, before the first round)."""
+        if not self.started and self.min_nodes:
+            wait_for_nodes(self.grid, self.min_nodes, self.wait_for_nodes_s)
+        self.started = True
+
+    def step(self) -> AnarchicRound:
+        """One round: the current model to every idle worker, then replies until it closes."""
+        self.start()
+        self.send(self.idle_nodes())
+        self.round_start = time.monotonic()
+        while True:
+            pulled = self.pull()
+            while self.inbox and self.waiting():
+                self.take(self.inbox.pop(0))
+            timed_out = self.timed_out()
+            if not self.waiting() or timed_out:
+                break
+            if not pulled:
+                time.sleep(self.pull_interval)
+        if timed_out:
+            self.give_up_awaited()
+        return self.close_round(timed_out)
+
+    def run(self, num_rounds: int) -> AnarchicResult:
+        """``num_rounds`` more rounds; the result holds every round this server closed."""
+        if int(num_rounds) < 1:
+            raise ValueError(f"num_rounds must be >= 1; got {num_rounds}")
+        self.start()
+        for _ in range(int(num_rounds)):
+            self.step()
+        return self.result()
+
+    def result(self) -> AnarchicResult:
+        return AnarchicResult(
+            arrays=self.record,
+            node_ids=list(self.slots.node_of_slot),
+            rounds=list(self.rounds),
+            slots=self.slots,
+        )
+
+
 def run_anarchic(
     grid: Grid,
     initial_arrays: ArrayRecord,
-    aggregator: AFA_CD,
+    aggregator: AFACD,
     num_rounds: int,
     *,
     node_ids: Sequence[int] | None = None,
@@ -111,170 +390,28 @@ def run_anarchic(
     binding of an earlier phase (``slots=``, e.g. a FedAUStrategy's ``slots``); before the first
     round the loop waits for ``min_nodes`` connected nodes (default M, 0 with ``node_ids``) for
     up to ``wait_for_nodes_s`` seconds (None: for ever), then fails with a clear error.
+
+    This is ``AnarchicServer(grid, initial_arrays, aggregator, ...).run(num_rounds)``; keep
+    the :class:`AnarchicServer` to continue with more rounds or to drive it round by round.
     """
-    if not isinstance(aggregator, AFA_CD):
-        raise TypeError(f"aggregator must be AFA_CD or AFA_CS; got {type(aggregator).__name__}")
     if int(num_rounds) < 1:
         raise ValueError(f"num_rounds must be >= 1; got {num_rounds}")
-    if int(max_staleness) < 0:
-        raise ValueError(f"max_staleness must be >= 0; got {max_staleness}")
-    if not isinstance(discard_stale, bool):
-        raise TypeError(f"discard_stale must be a bool; got {type(discard_stale).__name__}")
-    if not round_timeout > 0:
-        raise ValueError(f"round_timeout must be positive; got {round_timeout}")
-    n = aggregator.n_clients
-    if slots is None:
-        slots = NodeSlots(n, slot_key, node_ids)
-    elif not isinstance(slots, NodeSlots) or slots.n_slots != n or node_ids is not None:
-        raise ValueError(
-            f"slots must be a NodeSlots for the aggregator's {n} workers, without node_ids"
-        )
-    if min_nodes is None:
-        min_nodes = 0 if node_ids is not None else n
-    if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 0:
-        raise ValueError(f"min_nodes must be an int >= 0; got {min_nodes!r}")
-    if min_nodes:
-        wait_for_nodes(grid, min_nodes, wait_for_nodes_s)
-    codec = ArrayCodec(initial_arrays)
-    record = initial_arrays
-    versions: dict[int, Tensor] = {0: codec.flatten(initial_arrays)}
-    version = 0
-    outstanding: dict[str, tuple[int, int]] = {}  # message id -> (node id, model version)
-    base_config = dict(train_config or {})
-
-    def send(nodes: Iterable[int]) -> None:
-        nodes = list(nodes)
-        if not nodes:
-            return
-        config = ConfigRecord({**base_config, "model-version": version})
-        content = RecordDict({arrayrecord_key: record, configrecord_key: config})
-        messages = [
-            Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
-            for node in nodes
-        ]
-        pushed = {str(i) for i in grid.push_messages(messages) if i}
-        for node, message in zip(nodes, messages, strict=True):
-            if message.metadata.message_id in pushed:
-                outstanding[message.metadata.message_id] = (node, version)
-            else:  # it gets the model again at the next round close
-                log(WARNING, "AFA: could not push the model to %s", slots.describe(node))
-
-    def idle_nodes() -> list[int]:
-        """Connected workers (bound, or with a key not known yet) with nothing in flight."""
-        busy = {node for node, _ in outstanding.values()}
-        return [node for node in slots.targets(grid.get_node_ids()) if node not in busy]
-
-    def forget_replaced() -> None:
-        # a node replaced by a restarted one will never answer: do not wait for it
-        for mid in [m for m, (node, _) in outstanding.items() if node in slots.ignored]:
-            del outstanding[mid]
-
-    def due(current: int) -> bool:
-        # a worker whose model is max_staleness versions old must arrive in this round
-        return not discard_stale and any(
-            current - sent >= max_staleness for _, sent in outstanding.values()
-        )
-
-    send(idle_nodes())
-    result = AnarchicResult(arrays=initial_arrays, node_ids=slots.node_of_slot, slots=slots)
-    arrived: list[tuple[int, int, Tensor, int, int, dict]] = []  # slot, node, Δ, K, τ, metrics
-    reasons: list[str] = []
-    rejected = failed = 0
-    round_start = time.monotonic()
-    inbox: list[Message] = []  # pulled replies not yet processed (they wait for a new round)
-    while len(result.rounds) < num_rounds:
-        pulled = False
-        if not inbox and outstanding:
-            inbox = list(grid.pull_messages(list(outstanding)))
-            pulled = bool(inbox)
-
-        while inbox and (len(arrived) < aggregator.arrivals_per_round or due(version)):
-            reply = inbox.pop(0)
-            entry = outstanding.pop(str(reply.metadata.reply_to_message_id), None)
-            if entry is None:
-                continue  # given up after a time-out, or its node was replaced
-            node, sent_version = entry
-            got = read_reply(node, reply, slots, arrayrecord_key, codec)
-            forget_replaced()
-            steps = _reply_steps(reply, steps_key) if not isinstance(got, str) else None
-            if not isinstance(got, str) and any(a[0] == got[0] for a in arrived):
-                got = f"{slots.describe(node)} arrived for a slot that already arrived"
-            if isinstance(got, str) or steps is None:
-                reason = (
-                    got
-                    if isinstance(got, str)
-                    else (f"{slots.describe(node)}: no positive int metric {steps_key!r}")
-                )
-                log(WARNING, "AFA round %d: %s (no arrival)", version + 1, reason)
-                reasons.append(reason)
-                failed += 1
-                continue
-            staleness = version - sent_version
-            if staleness > max_staleness:
-                rejected += 1
-                send([node])  # restarts from the current model
-                continue
-            delta = got[1] - versions[sent_version]
-            arrived.append((got[0], node, delta, steps, staleness, first_metrics(reply)))
-        timed_out = time.monotonic() - round_start > round_timeout
-        if (len(arrived) < aggregator.arrivals_per_round or due(version)) and not timed_out:
-            if not pulled:
-                time.sleep(pull_interval)
-            continue
-        if timed_out:
-            awaited = sorted({node for node, _ in outstanding.values()})
-            names = ", ".join(slots.describe(node) for node in awaited) or "nobody"
-            log(
-                WARNING,
-                "AFA round %d timed out after %.0f s with %d arrivals; no reply from %s",
-                version + 1,
-                round_timeout,
-                len(arrived),
-                names,
-            )
-            reasons.extend(f"{slots.describe(nd)} timed out: no reply yet" for nd in awaited)
-            # a message already max_staleness versions old would block every later round
-            for mid in [m for m, (_, v) in outstanding.items() if version - v >= max_staleness]:
-                del outstanding[mid]
-        x = versions[version]
-        refused = False
-        if arrived:
-            clients = torch.tensor([a[0] for a in arrived], dtype=torch.long)
-            deltas = torch.stack([a[2] for a in arrived])
-            steps_t = torch.tensor([a[3] for a in arrived], dtype=torch.long)
-            before = aggregator.refused_rounds
-            x = aggregator.step(x, deltas, clients, local_steps=steps_t)
-            refused = aggregator.refused_rounds > before
-            if refused:
-                names = ", ".join(slots.describe(a[1]) for a in arrived)
-                log(WARNING, "AFA round %d: refused the aggregate of %s (not finite); model "
-                    "unchanged", version + 1, names)  # fmt: skip
-        version += 1
-        versions[version] = x
-        for old in [v for v in versions if v < version - max_staleness]:
-            del versions[old]
-        record = codec.record(x, initial_arrays)
-        result.rounds.append(
-            AnarchicRound(
-                round=version,
-                clients=[a[0] for a in arrived],
-                node_ids=[a[1] for a in arrived],
-                local_steps=[a[3] for a in arrived],
-                staleness=[a[4] for a in arrived],
-                rejected_stale=rejected,
-                failed=failed,
-                timed_out=timed_out and len(arrived) < aggregator.arrivals_per_round,
-                seconds=time.monotonic() - round_start,
-                metrics=[a[5] for a in arrived],
-                reasons=reasons,
-                refused=refused,
-            )
-        )
-        log(INFO, "AFA round %d: %d arrivals", version, len(arrived))
-        arrived, reasons, rejected, failed = [], [], 0, 0
-        if len(result.rounds) < num_rounds:
-            send(idle_nodes())
-        round_start = time.monotonic()
-    result.arrays = record
-    result.node_ids = list(slots.node_of_slot)
-    return result
+    server = AnarchicServer(
+        grid,
+        initial_arrays,
+        aggregator,
+        node_ids=node_ids,
+        slot_key=slot_key,
+        slots=slots,
+        min_nodes=min_nodes,
+        max_staleness=max_staleness,
+        discard_stale=discard_stale,
+        round_timeout=round_timeout,
+        wait_for_nodes_s=wait_for_nodes_s,
+        pull_interval=pull_interval,
+        train_config=train_config,
+        arrayrecord_key=arrayrecord_key,
+        configrecord_key=configrecord_key,
+        steps_key=steps_key,
+    )
+    return server.run(num_rounds)

@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
 from meanwise.data.federated_split import FederatedDataset
-from meanwise.functional.local_training import LocalTraining, draw_batches, train_sequential
+from meanwise.engine.local_training import LocalTraining, draw_batches, train_sequential
 
 __all__ = ["local_training_client_app", "recipe", "RECIPE_KEYS"]
 
@@ -80,7 +80,7 @@ def local_training_client_app(
         local: the default recipe (rule, lr, steps, batch size; default ``LocalTraining()``).
             Per message, ``lr``, ``batch-size`` and ``local-steps`` from the run config, then
             from the round's config, replace its fields (see :func:`recipe`). Minibatches
-            follow :func:`~meanwise.functional.local_training.draw_batches` with a generator
+            follow :func:`~meanwise.engine.local_training.draw_batches` with a generator
             seeded by (``seed``, partition id, round), so a batch size at least the node's
             size is full-batch gradient descent: deterministic, the same as the simulator's.
         participate: ``participate(context, server_round)``; False makes the node decline the

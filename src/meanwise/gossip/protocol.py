@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanwise.functional.local_training import FlatClientData, draw_batches
+from meanwise.engine.local_training import FlatClientData, draw_batches
 from meanwise.gossip.topology import Topology
 
 __all__ = ["GossipProtocol", "Schedule", "TickPlan", "Phase", "Wave"]
@@ -147,7 +147,7 @@ class Schedule:
         data: the training nodes' data, one client per node that trains, in node order (the
             idle nodes have none).
         batch_size: minibatch size (a node with fewer examples uses all of them, see
-            :func:`~meanwise.functional.local_training.draw_batches`).
+            :func:`~meanwise.engine.local_training.draw_batches`).
         seed: seeds the timers and minibatches.
     """
 
