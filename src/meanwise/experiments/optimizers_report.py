@@ -507,7 +507,7 @@ def protocol(config: JSON) -> Table:
         ProtocolRow(
             "model",
             "ResNet34 (21M parameters; AdaBelief), ResNet20 / ResNet32 (AdaHessian)",
-            f"small ResNet for 8x8 inputs: stem, residual blocks {c.blocks} at width "
+            f"small ResNet for 8x8 inputs: stem, residual blocks {list(c.blocks)} at width "
             f"{c.width} / {2 * c.width}, BatchNorm, pooling, linear (about "
             "20k parameters)",
             "2 CPU cores. Same ingredients (3x3 convs, BatchNorm, shortcuts) that make "
