@@ -221,6 +221,8 @@ def test_node_slots_rules():
         NodeSlots(2, node_ids=[1, 1])
     with pytest.raises(ValueError, match="slot_key"):
         NodeSlots(2, key="")
+    with pytest.raises(ValueError, match="n_slots must be a positive int; got 0"):
+        NodeSlots(0)
 
 
 # --- start-up: min_nodes ------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class NodeSlots:
         self, n_slots: int, key: str | None = "partition-id", node_ids: Sequence[int] | None = None
     ) -> None:
         if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
-            raise ValueError(f"n_nodes must be a positive int; got {n_slots!r}")
+            raise ValueError(f"n_slots must be a positive int; got {n_slots!r}")
         if key is not None and (not isinstance(key, str) or not key):
             raise ValueError(f"slot_key must be a non-empty str or None; got {key!r}")
         self.n_slots = n_slots
