@@ -57,7 +57,7 @@ from meanwise.engine import ParameterLayout, draw_batches
 from meanwise.experiments.afa_results import AFAResult, AFARun
 from meanwise.experiments.base import cached_stage, seeded, torch_threads
 from meanwise.experiments.fedau import client_mean
-from meanwise.federated import AFA_CD, AFA_CS, Aggregator, Anarchic, FedAvg
+from meanwise.federated import AFACD, AFACS, Aggregator, Anarchic, FedAvg
 
 __all__ = [
     "AFAConfig",
@@ -269,9 +269,9 @@ def _workers(config: AFAConfig, seed: int, arrivals: int) -> Anarchic:
 def _aggregator(method: str, server_lr: float, config: AFAConfig, arrivals: int) -> Aggregator:
     m = config.n_workers
     if method == "AFA-CD":
-        return AFA_CD(m, server_lr, config.local_lr, arrivals)
+        return AFACD(m, server_lr, config.local_lr, arrivals)
     if method == "AFA-CS":
-        return AFA_CS(m, server_lr, config.local_lr, arrivals)
+        return AFACS(m, server_lr, config.local_lr, arrivals)
     return FedAvg(m, "participants", server_lr=server_lr)
 
 
