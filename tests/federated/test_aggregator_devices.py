@@ -122,3 +122,18 @@ def test_a_cpu_checkpoint_continues_on_cuda(name):
     expected = _run(cpu, "cpu", torch.float64, rest, x)
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-12)
     assert all(t.device.type == "cuda" for t in _state_tensors(resumed).values())
+
+
+@CUDA
+@pytest.mark.parametrize("name", MAKERS)
+def test_cuda_indices_and_a_dropped_nonfinite_update(name):
+    # the clients as a CUDA tensor and a NaN update: the drop (and its warning, which names
+    # the clients) indexes on one device
+    clients, deltas, steps = _script(2)[0]
+    bad = deltas.clone()
+    bad[0, 1] = float("nan")
+    x = torch.linspace(-1, 1, P, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        got = MAKERS[name]().step(x.cuda(), bad.cuda(), clients.cuda(), local_steps=steps.cuda())
+    expected = MAKERS[name]().step(x, deltas[1:], clients[1:], local_steps=steps[1:])
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-12)
