@@ -17,7 +17,8 @@ op) -- never the caller's gradients.
 
 Updating ops (first argument is updated in the in-place flavours): ``lerp``, ``mul_scalar``,
 ``add_scalar``, ``addcmul``, ``addcdiv``, ``add``, ``mul``, ``maximum``, ``abs``, ``sqrt``,
-``sigmoid``, ``pow_scalar``, ``assign``. Allocating ops: ``new_sub``, ``new_add``,
+``sigmoid``, ``pow_scalar``, ``assign``, ``addcdiv_sigmoid`` (which may also overwrite its
+second argument). Allocating ops: ``new_sub``, ``new_add``,
 ``new_sqrt``, ``new_pow``.
 
 Scalars: a rule computes its step's numbers (bias corrections, step size, decay factors) on the
@@ -93,6 +94,16 @@ class ForeachInPlace(_Eager):
     def add(xs: TensorList, ys: Sequence[Tensor], alpha: float = 1.0) -> TensorList:
         if not _is(alpha, 0.0):
             torch._foreach_add_(xs, ys, alpha=alpha)
+        return xs
+
+    @staticmethod
+    def addcdiv_sigmoid(
+        xs: TensorList, zs: TensorList, a: Sequence[Tensor], b: Sequence[Tensor], value: float
+    ) -> TensorList:
+        """``xs += value * sigmoid(zs) * a / b``, with ``zs`` overwritten."""
+        torch._foreach_sigmoid_(zs)
+        torch._foreach_mul_(zs, a)
+        torch._foreach_addcdiv_(xs, zs, b, value=value)
         return xs
 
     @staticmethod
@@ -200,6 +211,12 @@ class LoopInPlace(_Eager):
         return xs
 
     @staticmethod
+    def addcdiv_sigmoid(xs, zs, a, b, value):
+        for x, z, u, v in zip(xs, zs, a, b, strict=True):
+            x.addcdiv_(z.sigmoid_().mul_(u), v, value=value)
+        return xs
+
+    @staticmethod
     def mul(xs, ys):
         for x, y in zip(xs, ys, strict=True):
             x.mul_(y)
@@ -299,6 +316,13 @@ class Functional(_Eager):
         return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
 
     new_add = add
+
+    @staticmethod
+    def addcdiv_sigmoid(xs, zs, a, b, value):
+        return [
+            torch.addcdiv(x, torch.sigmoid(z) * u, v, value=value)
+            for x, z, u, v in zip(xs, zs, a, b, strict=True)
+        ]
 
     @staticmethod
     def mul(xs, ys):

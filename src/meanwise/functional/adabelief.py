@@ -102,11 +102,20 @@ def adabelief_update(
     *,
     amsgrad: bool,
     rectify: bool,
+    decay: bool = True,
     ops: Ops,
 ) -> AdaBeliefResult:
-    """AdaBelief's tensor part: the step's numbers ``c`` from :func:`adabelief_coefficients`."""
-    params = ops.mul_scalar(list(params), c.shrink)
-    grads = ops.new_add(grads, params, alpha=c.l2)
+    """AdaBelief's tensor part: the step's numbers ``c`` from :func:`adabelief_coefficients`.
+
+    ``decay=False`` (weight_decay 0: ``c.shrink`` is 1 and ``c.l2`` 0 on every step) leaves the
+    decay ops out, and ``rectify=False`` (``c.adaptive`` always 1) the rectification's multiply:
+    the eager flavours skip those ops by their values anyway, but the fused flavour's graph
+    cannot see the values, and every op left in its loop costs time on a memory-bound CPU.
+    """
+    params = list(params)
+    if decay:
+        params = ops.mul_scalar(params, c.shrink)
+        grads = ops.new_add(grads, params, alpha=c.l2)
     exp_avg = ops.lerp(list(exp_avg), grads, c.ema1)
     residual = ops.new_sub(grads, exp_avg)
     exp_avg_var = ops.mul_scalar(list(exp_avg_var), c.beta2)
@@ -116,7 +125,10 @@ def adabelief_update(
         max_exp_avg_var = ops.maximum(list(max_exp_avg_var), exp_avg_var)
     # The rectified rule reads exp_avg_var even under amsgrad (the authors' quirk).
     second = max_exp_avg_var if amsgrad and not rectify else exp_avg_var
-    denom = ops.add_scalar(ops.mul_scalar(ops.new_sqrt(second), c.adaptive), c.denom_eps)
+    denom = ops.new_sqrt(second)
+    if rectify:
+        denom = ops.mul_scalar(denom, c.adaptive)
+    denom = ops.add_scalar(denom, c.denom_eps)
     params = ops.addcdiv(params, exp_avg, denom, -c.step_size)
     return AdaBeliefResult(params, exp_avg, exp_avg_var, max_exp_avg_var)
 
@@ -154,4 +166,6 @@ def adabelief(
         degenerated_to_sgd,
     )  # fmt: skip
     tensors = (params, grads, exp_avg, exp_avg_var, max_exp_avg_var)
-    return ops.apply(adabelief_update, tensors, c, amsgrad=amsgrad, rectify=rectify)
+    return ops.apply(
+        adabelief_update, tensors, c, amsgrad=amsgrad, rectify=rectify, decay=weight_decay != 0
+    )

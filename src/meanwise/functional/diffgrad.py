@@ -58,22 +58,27 @@ def diffgrad_update(
     previous_grad: Sequence[Tensor],
     c: DiffGradCoefficients,
     *,
+    decay: bool = True,
     ops: Ops,
 ) -> DiffGradResult:
-    """diffGrad's tensor part: the step's numbers ``c`` from :func:`diffgrad_coefficients`."""
+    """diffGrad's tensor part: the step's numbers ``c`` from :func:`diffgrad_coefficients`.
+
+    ``decay=False`` (weight_decay 0, so ``c.l2`` is 0 on every step) leaves the L2 op out of
+    the fused flavour's graph (the eager flavours skip it by its value anyway).
+    """
     params = list(params)
-    grads = ops.new_add(grads, params, alpha=c.l2)
+    if decay:
+        grads = ops.new_add(grads, params, alpha=c.l2)
     exp_avg = ops.lerp(list(exp_avg), grads, c.ema1)
     exp_avg_sq = ops.mul_scalar(list(exp_avg_sq), c.beta2)
     exp_avg_sq = ops.addcmul(exp_avg_sq, grads, grads, c.ema2)
 
-    # The friction is computed in the previous-gradient buffer, which is dead until it is
+    # |g_{t-1} - g_t| is computed in the previous-gradient buffer, which is dead until it is
     # overwritten with this gradient at the end: no temporary for it in the in-place flavours.
-    friction = ops.sigmoid(ops.abs(ops.add(list(previous_grad), grads, alpha=-1.0)))
-    damped = ops.mul(friction, exp_avg)
+    change = ops.abs(ops.add(list(previous_grad), grads, alpha=-1.0))
     denom = ops.add_scalar(ops.new_sqrt(exp_avg_sq), c.eps)
-    params = ops.addcdiv(params, damped, denom, -c.step_size)
-    previous_grad = ops.assign(damped, grads)
+    params = ops.addcdiv_sigmoid(params, change, exp_avg, denom, -c.step_size)
+    previous_grad = ops.assign(change, grads)
     return DiffGradResult(params, exp_avg, exp_avg_sq, previous_grad)
 
 
@@ -99,4 +104,4 @@ def diffgrad(
     """
     c = diffgrad_coefficients(step, lr, beta1, beta2, eps, weight_decay)
     tensors = (params, grads, exp_avg, exp_avg_sq, previous_grad)
-    return ops.apply(diffgrad_update, tensors, c)
+    return ops.apply(diffgrad_update, tensors, c, decay=weight_decay != 0)

@@ -73,7 +73,25 @@ class FusedInPlace(LoopInPlace):
         self._compiled: dict[tuple, Callable] = {}
         self._unavailable: dict[torch.device, str | None] = {}
 
-    # -- ops whose eager form needs a Python number (LoopInPlace's others take 0-dim tensors)
+    # -- ops whose eager form needs a Python number (LoopInPlace's others take 0-dim tensors),
+    # or whose plain-arithmetic form compiles to a shorter loop
+    @staticmethod
+    def lerp(xs, ys, weight):
+        # ATen's lerp formula for weight < 0.5 (the usual EMA weights 1 - beta; for larger
+        # weights the same value to rounding), without the weight >= 0.5 branch that inductor
+        # otherwise computes and blends in for every element.
+        for x, y in zip(xs, ys, strict=True):
+            x.add_(weight * (y - x))
+        return xs
+
+    @staticmethod
+    def addcdiv_sigmoid(xs, zs, a, b, value):
+        # sigmoid(z) * a / b == a / ((1 + exp(-z)) * b): one division per element instead of
+        # two (sigmoid's own 1 / (1 + exp(-z)) and the step's); the same to rounding.
+        for x, z, u, v in zip(xs, zs, a, b, strict=True):
+            x.add_(value * u / ((1.0 + torch.exp(-z)) * v))
+        return xs
+
     @staticmethod
     def addcmul(xs, a, b, value):
         for x, u, v in zip(xs, a, b, strict=True):
@@ -147,12 +165,11 @@ class FusedInPlace(LoopInPlace):
             name = f"fused_{update.__name__}_{len(self._compiled)}"
             step = torch.compile(_fresh_copy(_run_update, name), fullgraph=True, dynamic=False)
             self._compiled[key] = step
-        # One host-to-device copy for all the step's numbers; unbind gives the 0-dim tensors.
-        scalars = type(coefficients)(
-            *torch.tensor(coefficients, dtype=dtype, device=device).unbind()
-        )
+        # One host-to-device copy for all the step's numbers, unbound into 0-dim tensors inside
+        # the graph (one guarded input instead of one per number).
+        scalars = torch.tensor(coefficients, dtype=dtype, device=device)
         try:
-            return step(update, part, scalars, options, self)
+            return step(update, part, type(coefficients), scalars, options, self)
         except Exception as error:
             if not _is_compile_error(error):
                 raise
@@ -162,8 +179,8 @@ class FusedInPlace(LoopInPlace):
             return update(*part, coefficients, ops=FOREACH, **options)
 
 
-def _run_update(update, tensors, coefficients, options, ops):
-    return update(*tensors, coefficients, ops=ops, **options)
+def _run_update(update, tensors, kind, scalars, options, ops):
+    return update(*tensors, kind(*scalars.unbind()), ops=ops, **options)
 
 
 def _merge(results: list[tuple], rows: list[list[int]], n: int) -> tuple:
