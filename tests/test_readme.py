@@ -90,8 +90,8 @@ def data_fn(context: Context):
             ("FedAUStrategy(n_nodes=100, cutoff=50)", "FedAUStrategy(n_nodes=3, cutoff=50)"),
             ("num_rounds=300, timeout=60", "num_rounds=2, timeout=60"),
             (
-                "AFA_CS(100, server_lr=1.0, local_lr=0.05, arrivals_per_round=10)",
-                "AFA_CS(3, server_lr=1.0, local_lr=0.05, arrivals_per_round=2)",
+                "AFACS(100, server_lr=1.0, local_lr=0.05, arrivals_per_round=10)",
+                "AFACS(3, server_lr=1.0, local_lr=0.05, arrivals_per_round=2)",
             ),
             ("num_rounds=500, max_staleness=4", "num_rounds=2, max_staleness=4"),
             ("num_supernodes=100", "num_supernodes=3"),
