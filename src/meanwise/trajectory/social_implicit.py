@@ -72,6 +72,47 @@ def _conv_columns(rows: Tensor, kernel: Tensor, bias: Tensor | None = None) -> T
     return torch.baddbmm(bias[:, None], flat, shifted)
 
 
+class _ThreeTap(torch.autograd.Function):
+    """`_conv_columns` for inputs that need a gradient, without the shifted copies: the three
+    taps are three batched matmuls on shifted views, added into place, forward and backward
+    (the copies' backward, zero-filled slices summed, cost more than the matmuls)."""
+
+    @staticmethod
+    def forward(ctx, rows, kernel, bias):  # noqa: D102
+        batch, (out_channels, channels, _) = rows.shape[0], kernel.shape
+        taps = kernel.permute(2, 0, 1).contiguous()  # [3, O, C]
+
+        def tap(j: int) -> Tensor:
+            return taps[j].expand(batch, out_channels, channels)
+
+        out = torch.baddbmm(bias[:, None], tap(1), rows)
+        out[..., 1:] += torch.bmm(tap(0), rows[..., :-1])  # column w reads w - 1
+        out[..., :-1] += torch.bmm(tap(2), rows[..., 1:])  # and w + 1
+        ctx.save_for_backward(rows, taps)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        rows, taps = ctx.saved_tensors
+        batch, channels, out_channels = rows.shape[0], rows.shape[1], taps.shape[1]
+
+        def tap_t(j: int) -> Tensor:
+            return taps[j].t().expand(batch, channels, out_channels)
+
+        grad_rows = torch.bmm(tap_t(1), grad)
+        grad_rows[..., :-1] += torch.bmm(tap_t(0), grad[..., 1:])
+        grad_rows[..., 1:] += torch.bmm(tap_t(2), grad[..., :-1])
+        grad_kernel = torch.stack(
+            [
+                torch.bmm(grad[..., 1:], rows[..., :-1].transpose(1, 2)).sum(0),
+                torch.bmm(grad, rows.transpose(1, 2)).sum(0),
+                torch.bmm(grad[..., :-1], rows[..., 1:].transpose(1, 2)).sum(0),
+            ],
+            dim=-1,
+        )
+        return grad_rows, grad_kernel, grad.sum(dim=(0, 2))
+
+
 class _LocalStream(nn.Module):
     """The per-pedestrian stream's parameters (the released `ped.*` keys): a conv over time
     with x/y as channels, then one with time as channels along x/y. `SocialCell` runs them
@@ -199,7 +240,7 @@ class SocialCell(nn.Module):
         # x/y in - x/y out + 1
         rows = [torch.stack([w2[:, :, h_in - h_out + 1] for h_in in (0, 1)], 2) for h_out in (0, 1)]
         kernel = torch.stack(rows, dim=1).reshape(2 * self.pred_len, 4 * t, 3)
-        out = _conv_columns(a, kernel, b2.repeat_interleave(2))
+        out = _ThreeTap.apply(a, kernel, b2.repeat_interleave(2))
         return out.view(k, self.pred_len, 2, -1)
 
     def _weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -102,7 +102,8 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 _CHECKPOINT_FORMAT = 1
 # pedestrians per packed forward: a step of 128 ZARA1 scenes (~1,800 with merges) is one
-# forward; larger ones are split so that the [K, 16, 2, W, 3, 3] patches stay ~100 MB in float64
+# forward; larger ones are split so that the stage-2 shifted copies [K, 3 * 32, W] (and their
+# gradients) stay ~30 MB each in float64
 _MAX_PACKED_PEDESTRIANS = 2048
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
