@@ -200,3 +200,15 @@ def test_task_arithmetic_overflow_is_redone_in_float64_and_nan_refused():
     bad = {"w": torch.tensor([1.0, float("nan"), 1.0])}
     with pytest.raises(ValueError, match="tensor 'w': the merge is not finite: models.1."):
         merge_states([base, bad], TaskArithmetic())
+
+
+def test_normalize_names_a_non_finite_fisher_instead_of_calling_it_zero():
+    states = _models(2)
+    fishers = [{"w": torch.rand(6, 5, dtype=torch.float64)} for _ in states]
+    fishers[1]["w"][2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"fishers\[1\] has non-finite entries"):
+        fisher_merge(states, fishers, options=MergeOptions(normalize=True))
+    fishers[1]["w"][2, 3] = 0.5
+    fishers[0] = {"w": torch.zeros(6, 5, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"fishers\[0\] is zero over all merged tensors"):
+        fisher_merge(states, fishers, options=MergeOptions(normalize=True))

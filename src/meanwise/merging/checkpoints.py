@@ -28,8 +28,8 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -74,9 +74,9 @@ _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 _INDEX_SUFFIX = ".index.json"
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """What a tensor will be, known before reading it: dtype and shape."""
+class TensorSpec(NamedTuple):
+    """What a tensor will be, known before reading it: dtype and shape (a tuple: a merge
+    makes one per tensor and checkpoint while validating)."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -290,15 +290,17 @@ class InMemoryCheckpoint(Checkpoint):
         return list(self._state)
 
     def spec(self, key: str) -> TensorSpec:
-        if key not in self._state:
-            raise self._missing(key)
-        t = self._state[key]
+        try:
+            t = self._state[key]
+        except KeyError:
+            raise self._missing(key) from None
         return TensorSpec(t.dtype, tuple(t.shape))
 
     def get(self, key: str) -> Tensor:
-        if key not in self._state:
-            raise self._missing(key)
-        return self._state[key]
+        try:
+            return self._state[key]
+        except KeyError:
+            raise self._missing(key) from None
 
 
 class TorchCheckpoint(InMemoryCheckpoint):

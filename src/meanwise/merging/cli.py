@@ -25,14 +25,14 @@ complete: an interrupted merge keeps nothing (rerun it to start again), and the 
 .DIR.*.partial folder a killed one leaves is removed by the next merge into DIR. A merge whose
 result would be NaN or inf fails naming the tensor. Example config:
 
-  method: fisher          # or average
+  method: fisher          # or average, task_arithmetic (models[0] is the base; no fisher:)
   models:
     - {path: a/, fisher: fisher-a.safetensors, weight: 1.0}
     - {path: b.safetensors, fisher: fisher-b.safetensors, weight: 1.0}
   dtype: bfloat16         # optional
   out_shard_size: 2GB     # optional
   keep_target: [classifier]
-  parameters: {preset: authors}
+  parameters: {preset: authors}   # task_arithmetic: {scale: 0.5}
 """
 
 _FISHER_HELP = """\

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from meanwise.merging.checkpoints import Checkpoint, InMemoryCheckpoint
+from meanwise.merging.checkpoints import Checkpoint, InMemoryCheckpoint, TensorSpec
 from meanwise.merging.methods import MergeMethod, TensorReads
 
 __all__ = ["iter_merged", "validate_coefficients", "fisher_norm", "is_finite", "is_kept"]
@@ -57,7 +57,12 @@ def is_finite(tensor: Tensor) -> bool:
 def fisher_norm(squared_sum: float, index: int) -> float:
     """The global L2 norm from a sum of squares; a zero Fisher cannot be normalized."""
     norm = math.sqrt(squared_sum)
-    if not norm > 0 or not math.isfinite(norm):
+    if not math.isfinite(norm):
+        raise ValueError(
+            f"fishers[{index}] has non-finite entries, or entries too large to square in "
+            f"float64 (its norm is {norm}); normalize=True cannot divide by it"
+        )
+    if not norm > 0:
         raise ValueError(
             f"fishers[{index}] is zero over all merged tensors, so normalize=True would divide "
             "by a zero norm; drop normalize or check that Fisher"
@@ -77,34 +82,36 @@ def _name(role: str, i: int, checkpoint: Checkpoint) -> str:
     return f"{role}[{i}] ({checkpoint.path})"
 
 
-def _check_shape(
+def _shape_error(
     key: str, name: str, shape: tuple, reference: str, expected: tuple, hint: str = ""
-) -> None:
-    if tuple(shape) != tuple(expected):
-        raise ValueError(
-            f"tensor {key!r}: {name} has shape {list(shape)}, {reference} has "
-            f"{list(expected)}{hint}"
-        )
+) -> ValueError:
+    return ValueError(
+        f"tensor {key!r}: {name} has shape {list(shape)}, {reference} has {list(expected)}{hint}"
+    )
 
 
-def _merged_keys(models: Sequence[Checkpoint], keep_target: Sequence[str]) -> list[str]:
-    """The target's keys that are merged; the others must agree in keys, shapes and dtypes."""
-    target = models[0]
-    keys = target.keys()
+def _merged_keys(
+    models: Sequence[Checkpoint], specs: dict[str, TensorSpec], keep_target: Sequence[str]
+) -> list[str]:
+    """The target's keys that are merged; the others must agree in keys, shapes and dtypes.
+    `specs`: the target's, key by key."""
+    keys = list(specs)
     mine = set(keys)
-    merged = [k for k in keys if not is_kept(k, keep_target)]
+    merged = [k for k in keys if not is_kept(k, keep_target)] if keep_target else keys
     for i, model in enumerate(models[1:], start=1):
         name = _name("models", i, model)
-        theirs = set(model.keys())
+        their_keys = model.keys()
+        theirs = set(their_keys)
         missing = [k for k in merged if k not in theirs]
         if missing:
             raise ValueError(f"{name} lacks tensors {missing[:5]} that models[0] has{_HEAD_HINT}")
-        extra = [k for k in model.keys() if k not in mine and not is_kept(k, keep_target)]
+        extra = [k for k in their_keys if k not in mine and not is_kept(k, keep_target)]
         if extra:
             raise ValueError(f"{name} has tensors {extra[:5]} that models[0] lacks{_HEAD_HINT}")
         for key in merged:
-            a, b = target.spec(key), model.spec(key)
-            _check_shape(key, name, b.shape, "models[0]", a.shape, _HEAD_HINT)
+            a, b = specs[key], model.spec(key)
+            if a.shape != b.shape:
+                raise _shape_error(key, name, b.shape, "models[0]", a.shape, _HEAD_HINT)
             if a.dtype != b.dtype:
                 raise ValueError(
                     f"tensor {key!r}: {name} has dtype {b.dtype}, models[0] has {a.dtype}; "
@@ -114,7 +121,10 @@ def _merged_keys(models: Sequence[Checkpoint], keep_target: Sequence[str]) -> li
 
 
 def _fisher_keys(
-    fishers: Sequence[Checkpoint], target: Checkpoint, merged: Sequence[str], required: bool
+    fishers: Sequence[Checkpoint],
+    specs: dict[str, TensorSpec],
+    merged: Sequence[str],
+    required: bool,
 ) -> set[str]:
     """The merged tensors that have a Fisher in every model (the others are λ-averaged)."""
     merged_set = set(merged)
@@ -128,7 +138,7 @@ def _fisher_keys(
                 f"{name} has keys {unknown[:5]} that are not merged parameters of models[0] "
                 "(a Fisher of another model, or a key listed in keep_target?)"
             )
-        integer = [k for k in keys if not target.spec(k).dtype.is_floating_point]
+        integer = [k for k in keys if not specs[k].dtype.is_floating_point]
         if integer:
             raise ValueError(
                 f"{name} has keys {integer[:5]} of integer tensors, which are copied from the "
@@ -139,11 +149,12 @@ def _fisher_keys(
             raise ValueError(f"fishers[{i}] and fishers[0] cover different keys: {diff[:5]}")
         for key in keys:
             spec = fisher.spec(key)
-            _check_shape(key, name, spec.shape, "the parameter", target.spec(key).shape)
+            if spec.shape != specs[key].shape:
+                raise _shape_error(key, name, spec.shape, "the parameter", specs[key].shape)
             if not spec.dtype.is_floating_point:
                 raise ValueError(f"tensor {key!r}: {name} must be floating point; got {spec.dtype}")
     if required:
-        lacking = [k for k in merged if k not in covered and target.spec(k).dtype.is_floating_point]
+        lacking = [k for k in merged if k not in covered and specs[k].dtype.is_floating_point]
         if lacking:
             raise ValueError(
                 f"tensors {lacking[:5]} have no Fisher; pass missing='average' to average them"
@@ -166,8 +177,8 @@ def _checked_fisher(fisher: Tensor, key: str, index: int) -> Tensor:
 
 
 def _non_finite_reason(key: str, reads: TensorReads) -> str:
-    for i in range(reads.count):
-        if reads.coefficients[i] and not is_finite(reads.member(i)):
+    for i in reads.active:
+        if not is_finite(reads.member(i)):
             return (
                 f"tensor {key!r}: the merge is not finite: models[{i}] has NaN or inf entries "
                 "(refused rather than written; list the tensor under keep_target to copy the "
@@ -218,24 +229,18 @@ def iter_merged(
         lambdas = method.default_coefficients(n)
     else:
         lambdas = validate_coefficients(coefficients, n)
-    merged = set(_merged_keys(models, keep_target))
+    specs = {key: models[0].spec(key) for key in models[0].keys()}
+    merged = _merged_keys(models, specs, keep_target)
     covered: set[str] = set()
     if fishers is not None:
-        covered = _fisher_keys(fishers, models[0], list(merged), method.fisher_required)
+        covered = _fisher_keys(fishers, specs, merged, method.fisher_required)
     norms = None
     if fishers is not None and method.fisher_norms:
-        ordered = [k for k in models[0].keys() if k in covered]  # a fixed summation order
-        norms = [
-            fisher_norm(
-                sum(
-                    float(_checked_fisher(f.get(k), k, i).double().square().sum()) for k in ordered
-                ),
-                i,
-            )
-            for i, f in enumerate(fishers)
-        ]
+        ordered = [k for k in specs if k in covered]  # a fixed summation order
+        squares = [sum(float(f.get(k).double().square().sum()) for k in ordered) for f in fishers]
+        norms = [fisher_norm(total, i) for i, total in enumerate(squares)]
     owned = all(c.owns_buffers for c in [*models, *(fishers or [])])
-    return _merge_keys(models, fishers, method, lambdas, merged, covered, norms, owned)
+    return _merge_keys(models, fishers, method, lambdas, specs, set(merged), covered, norms, owned)
 
 
 def _merge_keys(
@@ -243,14 +248,16 @@ def _merge_keys(
     fishers: Sequence[Checkpoint] | None,
     method: MergeMethod,
     lambdas: list[float],
+    specs: dict[str, TensorSpec],
     merged: set[str],
     covered: set[str],
     norms: list[float] | None,
     owned: bool,
 ) -> Iterator[tuple[str, Tensor]]:
     target = models[0]
-    for key in target.keys():
-        dtype = target.spec(key).dtype
+    active = tuple(i for i in range(len(models)) if lambdas[i])
+    for key, spec in specs.items():
+        dtype = spec.dtype
         if key not in merged or not dtype.is_floating_point:
             tensor = target.get(key)
             yield key, (tensor if owned else tensor.clone())
@@ -266,6 +273,7 @@ def _merge_keys(
                 else None
             ),
             coefficients=lambdas,
+            active=active,
             norms=norms,
             owned=owned,
         )

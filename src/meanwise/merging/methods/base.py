@@ -15,8 +15,8 @@ add it), so a tensor's merge holds a few buffers whatever the number of models.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import fields
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,14 +31,14 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class TensorReads:
-    """One tensor of every model, read on demand.
+class TensorReads(NamedTuple):
+    """One tensor of every model, read on demand (a tuple: one is made per merged tensor).
 
     `member(i)` / `fisher(i)` read model i's tensor (its Fisher, already checked finite and
-    >= 0); `fisher` is None when this tensor has no Fisher. `owned`: what they return is a
-    fresh buffer the rule may overwrite (a file read); otherwise the rule must copy first.
-    `norms`: the global Fisher norms to divide by, or None.
+    >= 0); `fisher` is None when this tensor has no Fisher. `active`: the models with a
+    non-zero coefficient, in order (the others are never read). `owned`: what the readers
+    return is a fresh buffer the rule may overwrite (a file read); otherwise the rule must copy
+    first. `norms`: the global Fisher norms to divide by, or None.
     """
 
     key: str
@@ -47,12 +47,9 @@ class TensorReads:
     member: Callable[[int], Tensor]
     fisher: Callable[[int], Tensor] | None
     coefficients: Sequence[float]
+    active: tuple[int, ...]
     norms: Sequence[float] | None
     owned: bool
-
-    def active(self) -> list[int]:
-        """The models with a non-zero coefficient (the others are never read)."""
-        return [i for i in range(self.count) if self.coefficients[i]]
 
 
 def accumulation_dtype(

@@ -61,7 +61,7 @@ class FisherWeighted(MergeMethod):
     def combine(self, reads: TensorReads, wide: bool) -> Tensor:
         if reads.fisher is None:
             return PlainAverage().combine(reads, wide)
-        options, active = self.options, reads.active()
+        options, active = self.options, reads.active
         numerator = denominator = None
         fisher_dtype = None
         for i in active:

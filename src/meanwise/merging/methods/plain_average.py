@@ -22,7 +22,7 @@ def weighted_sum(reads: TensorReads, acc: torch.dtype) -> Tensor:
     in the read buffer and then added (no fused multiply-add), which is what the stacked form
     ``(w * x).sum(0)`` of `meanwise.average` computes."""
     numerator = None
-    for i in reads.active():
+    for i in reads.active:
         x = reads.member(i).to(acc, copy=not reads.owned)
         x.mul_(reads.coefficients[i])
         if numerator is None:
@@ -43,5 +43,5 @@ class PlainAverage(MergeMethod):
     def combine(self, reads: TensorReads, wide: bool) -> Tensor:
         acc = accumulation_dtype(reads.dtype, None, wide)
         numerator = weighted_sum(reads, acc)
-        total = torch.tensor([reads.coefficients[i] for i in reads.active()], dtype=acc).sum()
+        total = torch.tensor([reads.coefficients[i] for i in reads.active], dtype=acc).sum()
         return numerator.div_(total).to(reads.dtype)
