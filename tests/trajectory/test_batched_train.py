@@ -273,3 +273,22 @@ def test_blocked_geometry_terms_equal_autograd_through_the_pair_matrices(monkeyp
     (reference,) = torch.autograd.grad((expected * weights).sum(), mine)
     assert torch.isfinite(ours).all()
     assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("width", [1, 2, 7])
+def test_column_convolutions_equal_torch_conv1d(width):
+    from meanwise.trajectory import social_implicit
+
+    generator = torch.Generator().manual_seed(width)
+    rows = torch.randn(3, 4, width, generator=generator, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(5, 4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 5, width, generator=generator, dtype=torch.float64)
+    expected = torch.nn.functional.conv1d(rows, kernel, bias, padding=1)
+    reference = torch.autograd.grad((expected * weights).sum(), (rows, kernel, bias))
+    for conv in (social_implicit._ThreeTap.apply, social_implicit._conv_columns):
+        out = conv(rows, kernel, bias)
+        assert torch.allclose(out, expected, rtol=1e-12, atol=1e-13)
+        grads = torch.autograd.grad((out * weights).sum(), (rows, kernel, bias))
+        for ours, theirs in zip(grads, reference, strict=True):
+            assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-13)
