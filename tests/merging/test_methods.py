@@ -200,6 +200,9 @@ def test_task_arithmetic_overflow_is_redone_in_float64_and_nan_refused():
     bad = {"w": torch.tensor([1.0, float("nan"), 1.0])}
     with pytest.raises(ValueError, match="tensor 'w': the merge is not finite: models.1."):
         merge_states([base, bad], TaskArithmetic())
+    # the base is read whatever its weight: its NaN is named too
+    with pytest.raises(ValueError, match="tensor 'w': the merge is not finite: models.0."):
+        merge_states([bad, tuned], TaskArithmetic(), coefficients=[0.0, 1.0])
 
 
 def test_normalize_names_a_non_finite_fisher_instead_of_calling_it_zero():

@@ -177,7 +177,8 @@ def _checked_fisher(fisher: Tensor, key: str, index: int) -> Tensor:
 
 
 def _non_finite_reason(key: str, reads: TensorReads) -> str:
-    for i in reads.active:
+    # the weighted models first; task arithmetic also reads models[0] whatever its weight
+    for i in dict.fromkeys([*reads.active, *range(reads.count)]):
         if not is_finite(reads.member(i)):
             return (
                 f"tensor {key!r}: the merge is not finite: models[{i}] has NaN or inf entries "
