@@ -86,9 +86,9 @@ def _legacy_options(options: MergeOptions | None, preset: str | None, **flat) ->
         if preset
         else "options=MergeOptions(...)"
     )
+    spelled = ", ".join(f"{name}=..." for name in [*sorted(given), *(["preset"] if preset else [])])
     warnings.warn(
-        f"fisher_merge({', '.join([*sorted(given), *(['preset'] if preset else [])])}=...) is "
-        f"deprecated; pass {replacement}",
+        f"fisher_merge({spelled}) is deprecated; pass {replacement}",
         DeprecationWarning,
         stacklevel=3,
     )
