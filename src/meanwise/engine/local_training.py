@@ -20,11 +20,13 @@ says how each step's gradients are computed:
   models vmap cannot run (BatchNorm in train mode, whose running statistics change in place:
   each model's final buffers come back in ``Population.buffers``).
 
-Whatever the execution, the rule runs once per step on the flat rows (the registered rules are
-elementwise), and models whose steps are spent are frozen by masking: after their last step
-the update is discarded with ``torch.where``, so their parameters and state stop moving. All
-executions see the same minibatches (``draw_batches``): a client with more than ``batch_size``
-examples draws ``batch_size`` of them uniformly with replacement each step; a smaller client
+Whatever the execution, the rule runs on the flat rows for a one-step call (one rule call,
+not one per tensor) and per tensor for longer ones (no concatenation at every step); the
+registered rules are elementwise, so both give the same bits. Models whose steps are spent
+are frozen by masking: after their last step the update is discarded with ``torch.where``,
+so their parameters and state stop moving. All executions see the same minibatches
+(``draw_batches``): a client with more than ``batch_size`` examples draws ``batch_size`` of
+them uniformly with replacement each step; a smaller client
 uses all of its examples, padded to ``batch_size`` and masked out of the loss.
 
 A rule that needs the Hessian diagonal (AdaHessian) gets the Hutchinson estimate of
@@ -203,38 +205,53 @@ class LocalTrainer:
         if self.execution == "sequential":
             return self._sequential(population, data, index, valid, steps, int(first_step), buffers)
         if self.execution == "stacked":
-            gradients = self._stacked_gradients
+            names = population.layout.names
+            # the loss weights and their counts of all steps at once: per step, the cast and
+            # the sum were a visible part of a small step's cost
+            weights = valid.to(population.dtype)
+            counts = weights.sum(-1)
+
+            def gradients(params, x, y, k):
+                return self._stacked_gradients(names, params, x, y, weights[k], counts[k])
         else:
-            gradients = self._vmap_gradients(population.layout, buffers)
-        params, state = population.params, list(population.state)
-        active_steps = steps.to(params.device)
+            gradients = self._vmap_gradients(population.layout, buffers, valid)
+        layout, size = population.layout, population.size
+        # The rule runs on the flat rows for a single step (the gossip nodes' one-minibatch
+        # trainings: one rule call instead of one per tensor) and per tensor for several
+        # (a round's clients: no concatenation of the gradients at every step, one of the
+        # parameters at the end). The rules are elementwise: the same bits either way.
+        flat_rule = int(steps.max()) == 1
+        if flat_rule:
+            current, state = [population.params], [[slot] for slot in population.state]
+        else:
+            current = list(layout.unflatten(population.params).values())
+            state = [list(layout.unflatten(slot).values()) for slot in population.state]
+        active_steps = steps.to(population.device)
         for k in range(int(steps.max())):
-            detached = params.detach()
+            detached = [p.detach() for p in current]
+            params = layout.unflatten(detached[0]).values() if flat_rule else detached
             x, y = _gather(data.features, index[k]), _gather(data.labels, index[k])
             with torch.enable_grad():
-                grads, diag = gradients(population.layout, detached, x, y, valid[k])
+                grads, diag = gradients(list(params), x, y, k)
+            if flat_rule:
+                grads = [_concatenated(grads, (size,))]
+                diag = None if diag is None else [_concatenated(diag, (size,))]
             with torch.no_grad():
-                new, new_state = self._apply(detached, grads, state, k + int(first_step), diag)
-            params, state = _freeze_spent(k < active_steps, new, detached, new_state, state)
-        return Population(population.layout, params.detach(), tuple(state))
-
-    # -- the rule, once per step on the flat rows --------------------------------------------
-
-    def _apply(
-        self, params: Tensor, grads: Tensor, state: list[Tensor], step: int, diag: Tensor | None
-    ) -> tuple[Tensor, list[Tensor]]:
-        new, new_state = self.local.apply(
-            [params], [grads], [[slot] for slot in state], step, None if diag is None else [diag]
+                new, new_state = self.local.apply(detached, grads, state, k + int(first_step), diag)
+            current, state = _freeze_spent(k < active_steps, new, detached, new_state, state)
+        return Population(
+            layout,
+            _concatenated(current, (size,)).detach(),
+            tuple(_concatenated(slot, (size,)) for slot in state),
         )
-        return new[0], [slot[0] for slot in new_state]
 
     def _gradients_of(
-        self, loss: Tensor, leaves: list[Tensor], lead: tuple[int, ...]
-    ) -> tuple[Tensor, Tensor | None]:
-        """The flat gradient ``[*lead, P]`` of ``loss`` and, for a Hessian rule, the flat
-        Hutchinson diagonal; ``lead`` are the leaves' model axes (``(S,)`` or ``()``)."""
+        self, loss: Tensor, leaves: list[Tensor], batch_dims: int
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
+        """The gradients of ``loss`` for ``leaves`` and, for a Hessian rule, the Hutchinson
+        diagonal (laid out alike); ``batch_dims`` leading axes of the leaves are models."""
         if not self.local.needs_hessian:
-            return _concatenated(torch.autograd.grad(loss, leaves), lead), None
+            return list(torch.autograd.grad(loss, leaves)), None
         grads = torch.autograd.grad(loss, leaves, create_graph=True)
         diagonal = estimate_hessian_diagonal(
             grads,
@@ -242,44 +259,50 @@ class LocalTrainer:
             n_samples=self.local.hessian_samples,
             generator=self.generator,
             spatial=self.local.spatial_average,
-            batch_dims=len(lead),
+            batch_dims=batch_dims,
         )
-        # spatially averaged kernels come back with size-1 axes: expanded to the flat layout
+        # spatially averaged kernels come back with size-1 axes: expanded to the parameters'
         full = [d.expand_as(g) for d, g in zip(diagonal, grads, strict=True)]
-        return _concatenated([g.detach() for g in grads], lead), _concatenated(full, lead)
+        return [g.detach() for g in grads], full
 
     # -- the executions -----------------------------------------------------------------------
 
     def _stacked_gradients(
-        self, layout: ParameterLayout, flat: Tensor, x: Tensor, y: Tensor, valid: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
-        weight = valid.to(flat.dtype)
-        # leaves are the parameter tensors (views of ``flat``): differentiating with respect
-        # to them avoids autograd's scatter of each view's gradient into a full copy
-        leaves = {n: p.requires_grad_(True) for n, p in layout.unflatten(flat).items()}
-        logits = _stacked_forward(self.model, leaves, x)
+        self,
+        names: tuple[str, ...],
+        params: list[Tensor],
+        x: Tensor,
+        y: Tensor,
+        weight: Tensor,
+        count: Tensor,
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
+        # leaves are the parameter tensors (views of the flat rows on a single step):
+        # differentiating with respect to them avoids autograd's scatter of each view's
+        # gradient into a full copy
+        leaves = [p.requires_grad_(True) for p in params]
+        named = dict(zip(names, leaves, strict=True))
+        logits = _stacked_forward(self.model, named, x)
         per_example = self.loss_fn(logits.flatten(0, 1), y.flatten(), reduction="none")
-        loss = ((per_example.view_as(weight) * weight).sum(-1) / weight.sum(-1)).sum()
-        return self._gradients_of(loss, list(leaves.values()), (flat.shape[0],))
+        loss = ((per_example.view_as(weight) * weight).sum(-1) / count).sum()
+        return self._gradients_of(loss, leaves, 1)
 
-    def _vmap_gradients(self, layout: ParameterLayout, buffers: dict[str, Tensor]):
+    def _vmap_gradients(self, layout: ParameterLayout, buffers: dict[str, Tensor], valid: Tensor):
         loss = _masked_loss(self.model, self.loss_fn, layout.names, buffers)
         if not self.local.needs_hessian:
             batched_grad = vmap(grad(loss))
 
-            def gradients(layout, flat, x, y, valid):
-                grads = batched_grad(tuple(layout.unflatten(flat).values()), x, y, valid)
-                return _concatenated(grads, (flat.shape[0],)), None
+            def gradients(params, x, y, k):
+                return list(batched_grad(tuple(params), x, y, valid[k])), None
 
             return gradients
         # the Hessian needs a double backward: vmap the loss, differentiate its sum (the
         # models share no parameter) with autograd, which can differentiate again
         batched_loss = vmap(loss)
 
-        def gradients_and_hessian(layout, flat, x, y, valid):
-            leaves = [p.requires_grad_(True) for p in layout.unflatten(flat).values()]
-            total = batched_loss(tuple(leaves), x, y, valid).sum()
-            return self._gradients_of(total, leaves, (flat.shape[0],))
+        def gradients_and_hessian(params, x, y, k):
+            leaves = [p.requires_grad_(True) for p in params]
+            total = batched_loss(tuple(leaves), x, y, valid[k]).sum()
+            return self._gradients_of(total, leaves, 1)
 
         return gradients_and_hessian
 
@@ -311,9 +334,16 @@ class LocalTrainer:
                         self.model, {**leaves, **own_buffers}, (data.features[i],)
                     )
                     loss = self.loss_fn(out, data.labels[i], reduction="none").mean()
-                    grads, diag = self._gradients_of(loss, list(leaves.values()), ())
+                    grads, diag = self._gradients_of(loss, list(leaves.values()), 0)
                 with torch.no_grad():
-                    row, state = self._apply(detached, grads, state, k + first_step, diag)
+                    new, new_state = self.local.apply(
+                        [detached],
+                        [_concatenated(grads, ())],
+                        [[slot] for slot in state],
+                        k + first_step,
+                        None if diag is None else [_concatenated(diag, ())],
+                    )
+                row, state = new[0], [slot[0] for slot in new_state]
             rows.append(row.detach())
             states.append(state)
             finals.append(own_buffers)
@@ -321,7 +351,10 @@ class LocalTrainer:
         return Population(layout, torch.stack(rows), state, tuple(finals))
 
 
-def _concatenated(tensors, lead: tuple[int, ...]) -> Tensor:
+def _concatenated(tensors: list[Tensor], lead: tuple[int, ...]) -> Tensor:
+    """The flat ``[*lead, P]`` of per-parameter tensors ``[*lead, *shape]``."""
+    if len(tensors) == 1 and tensors[0].dim() == len(lead) + 1:
+        return tensors[0]  # already flat (the rule ran on the flat rows): no copy
     return torch.cat([t.reshape(*lead, -1) for t in tensors], dim=-1)
 
 
@@ -335,17 +368,27 @@ def _masked_loss(model, loss_fn, names, buffers):
     return loss
 
 
+def _keep(active: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    return torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
 def _freeze_spent(
-    active: Tensor, new: Tensor, old: Tensor, new_state: list[Tensor], state: list[Tensor]
-) -> tuple[Tensor, list[Tensor]]:
+    active: Tensor,
+    new: list[Tensor],
+    old: list[Tensor],
+    new_state: list[list[Tensor]],
+    state: list[list[Tensor]],
+) -> tuple[list[Tensor], list[list[Tensor]]]:
     """The step's parameters and state for models still ``active`` (their local budget not
     yet spent); the old ones for the rest, so spent models stop moving."""
     if bool(active.all()):
         return new, new_state
-    keep = active.view(-1, 1)
-    return torch.where(keep, new, old), [
-        torch.where(keep, a, b) for a, b in zip(new_state, state, strict=True)
+    params = [_keep(active, a, b) for a, b in zip(new, old, strict=True)]
+    kept = [
+        [_keep(active, a, b) for a, b in zip(ns, s, strict=True)]
+        for ns, s in zip(new_state, state, strict=True)
     ]
+    return params, kept
 
 
 # --- the old function forms, for callers outside the engine ------------------------------------
