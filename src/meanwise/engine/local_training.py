@@ -320,35 +320,29 @@ class LocalTrainer:
         buffers: dict[str, Tensor],
     ) -> Population:
         layout = population.layout
+        names = layout.names
+        # per tensor, as the other executions' multi-step calls: one small model's step is
+        # dominated by fixed costs, which views of a flat row and concatenations only add to
+        model_params = [layout.unflatten(population.params[s]) for s in range(population.size)]
         rows, states, finals = [], [], []
         for s in range(population.size):
-            row = population.params[s]
-            state = [slot[s] for slot in population.state]
+            current = list(model_params[s].values())
+            state = [list(layout.unflatten(slot[s]).values()) for slot in population.state]
             own_buffers = {k: v.clone() for k, v in buffers.items()}
             for k in range(int(steps[s])):
-                detached = row.detach()
                 # only the valid rows: padding would leak into BatchNorm's batch statistics
                 i = index[k, s][valid[k, s]]
                 with torch.enable_grad():
-                    leaves = {
-                        n: p.requires_grad_(True) for n, p in layout.unflatten(detached).items()
-                    }
-                    out = functional_call(
-                        self.model, {**leaves, **own_buffers}, (data.features[i],)
-                    )
+                    leaves = [p.detach().requires_grad_(True) for p in current]
+                    named = dict(zip(names, leaves, strict=True))
+                    out = functional_call(self.model, {**named, **own_buffers}, (data.features[i],))
                     loss = self.loss_fn(out, data.labels[i], reduction="none").mean()
-                    grads, diag = self._gradients_of(loss, list(leaves.values()), 0)
+                    grads, diag = self._gradients_of(loss, leaves, 0)
                 with torch.no_grad():
-                    new, new_state = self.local.apply(
-                        [detached],
-                        [_concatenated(grads, ())],
-                        [[slot] for slot in state],
-                        k + first_step,
-                        None if diag is None else [_concatenated(diag, ())],
-                    )
-                row, state = new[0], [slot[0] for slot in new_state]
-            rows.append(row.detach())
-            states.append(state)
+                    detached = [p.detach() for p in current]
+                    current, state = self.local.apply(detached, grads, state, k + first_step, diag)
+            rows.append(_concatenated([p.detach() for p in current], ()))
+            states.append([_concatenated(slot, ()) for slot in state])
             finals.append(own_buffers)
         state = tuple(torch.stack([st[j] for st in states]) for j in range(len(population.state)))
         return Population(layout, torch.stack(rows), state, tuple(finals))
