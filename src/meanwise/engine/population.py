@@ -4,8 +4,8 @@ What the simulators train: the federated simulator's clients of a round (rows st
 the global model), the gossip simulator's nodes (rows that keep their momentum between
 training events). A population knows its layout (which slice of a row is which named
 parameter), its device and its dtype; its optimizer state is one ``[S, P]`` tensor per slot
-of the local rule, laid out like the parameters, so the elementwise rules run once on the
-flat rows.
+of the local rule, laid out like the parameters, so the elementwise rules can run on the
+flat rows at once.
 """
 
 from __future__ import annotations
