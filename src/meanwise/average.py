@@ -20,6 +20,8 @@ from torch import Tensor
 
 __all__ = [
     "AverageOverflowError",
+    "RunningWeightedSum",
+    "accumulation_dtypes",
     "weighted_average",
     "average_state_dicts",
     "element_variance",
@@ -56,8 +58,9 @@ def _stack(stacked: Tensor | Sequence[Tensor], name: str) -> Tensor:
     return torch.stack(list(stacked))
 
 
-def _accumulation_dtype(*dtypes: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    """(dtype to accumulate in, dtype to return)."""
+def accumulation_dtypes(*dtypes: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype to accumulate in, dtype to return) for members (and weights) of these dtypes:
+    the promoted floating dtype, accumulated in float32 when that is float16/bfloat16."""
     out = dtypes[0]
     for d in dtypes[1:]:
         out = torch.promote_types(out, d)
@@ -105,7 +108,7 @@ def weighted_average(
             f"weights must be [n]={[n]} (scalar per member) or match stacked's shape "
             f"{list(x.shape)} (elementwise); got {list(w.shape)}"
         )
-    acc, out = _accumulation_dtype(x.dtype, w.dtype if w.is_floating_point() else x.dtype)
+    acc, out = accumulation_dtypes(x.dtype, w.dtype if w.is_floating_point() else x.dtype)
     x = x.to(acc)
     w = w.to(acc)
     if not torch.isfinite(w).all():
@@ -164,6 +167,122 @@ def _scaled_average(x: Tensor, w: Tensor, d: Tensor | None, out: torch.dtype) ->
             f"magnitude {float(x_scale):.3g}); refuse or clip such updates before averaging"
         )
     return result
+
+
+class RunningWeightedSum:
+    """Σ_i w_i x_i and Σ_i w_i accumulated one member at a time, in place: the streaming form of
+    :func:`weighted_average` for members too large to stack (model merging reads one
+    checkpoint tensor at a time and holds 2 buffers, 3 with elementwise weights, whatever n is).
+
+    Each product w_i x_i is formed in full and then added, in member order (no fused
+    multiply-add), which is what the stacked ``(w * x).sum(0)`` computes: with elementwise
+    weights, or scalar weights expanded to elementwise ones, :meth:`result` equals
+    :func:`weighted_average` bit for bit. (With ``[n]`` scalar weights `weighted_average`
+    contracts with ``tensordot``, which may round differently in the last bits.) Scalar weights
+    are summed as ``torch.tensor(weights).sum()``, as `weighted_average` sums them.
+
+    Args:
+        dtype: the accumulation dtype; ``None``: :func:`accumulation_dtypes` of the first
+            member (and weight), so half precision accumulates in float32.
+
+    Not repeated here (the caller's, e.g. the merge pipeline's float64 redo): the rescaled
+    redo of an overflowing average, and a finiteness check of elementwise weights.
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype; got {dtype}")
+        self.dtype = dtype
+        self.out_dtype: torch.dtype | None = dtype
+        self.count = 0
+        #: Σ w_i x_i in `dtype` (None before the first member)
+        self.numerator: Tensor | None = None
+        self._elementwise: Tensor | None = None
+        self._scalars: list[float] = []
+
+    def add(
+        self,
+        x: Tensor,
+        weight: float | Tensor = 1.0,
+        *,
+        owned: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Add w x. `weight`: a number, or a tensor of x's shape (elementwise, e.g. a Fisher).
+
+        `owned`: x (and a tensor weight) are fresh buffers this sum may keep and overwrite
+        (a file read); otherwise they are copied first and the caller's tensors are untouched.
+        `dtype`: form this member's product in that dtype (default: the sum's) before adding
+        it into the sum; Fisher merging forms each model's in its (member, Fisher) dtype.
+        All members use one kind of weight, scalar or elementwise.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor; got {type(x).__name__}")
+        elementwise = isinstance(weight, Tensor)
+        if elementwise:
+            if tuple(weight.shape) != tuple(x.shape):
+                raise ValueError(
+                    f"weight must be a number or match x's shape {list(x.shape)}; "
+                    f"got {list(weight.shape)}"
+                )
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"weight must be a number or a tensor; got {type(weight).__name__}")
+        elif not math.isfinite(weight):
+            raise ValueError(f"weight must be finite; got {weight}")
+        if self.numerator is not None:
+            if x.shape != self.numerator.shape:
+                raise ValueError(
+                    f"x has shape {list(x.shape)}; earlier members have "
+                    f"{list(self.numerator.shape)}"
+                )
+            if elementwise != (self._elementwise is not None):
+                raise ValueError("weight: all members need one kind, scalar or elementwise")
+        if self.dtype is None:
+            self.dtype, self.out_dtype = accumulation_dtypes(
+                x.dtype, *([weight.dtype] if elementwise and weight.is_floating_point() else [])
+            )
+        form = self.dtype if dtype is None else dtype
+        product = x.to(form, copy=not owned)
+        if elementwise:
+            w = weight.to(form, copy=not owned)
+            product.mul_(w)
+            if self._elementwise is None:
+                self._elementwise = w
+            else:
+                self._elementwise.add_(w)
+            del w
+        else:
+            product.mul_(weight)
+            self._scalars.append(weight)
+        if self.numerator is None:
+            self.numerator = product
+        else:
+            self.numerator.add_(product)
+        self.count += 1
+
+    @property
+    def denominator(self) -> Tensor:
+        """Σ_i w_i in `dtype`: a 0-dim tensor for scalar weights, else x's shape (the buffer
+        itself: a caller may patch the elements whose sum is zero before :meth:`result`)."""
+        if self.count == 0:
+            raise ValueError("no members added")
+        if self._elementwise is not None:
+            return self._elementwise
+        return torch.tensor(self._scalars, dtype=self.dtype).sum()
+
+    def result(self, dtype: torch.dtype | None = None, *, check_zero: bool = True) -> Tensor:
+        """Σ w x / Σ w cast to `dtype` (``None``: the members' promoted dtype, as
+        `weighted_average` returns), computed in place in the numerator: call it once.
+
+        Raises a ValueError when no member was added, or when scalar weights sum to zero and
+        `check_zero` (off: the inf/NaN is the caller's, e.g. the merge pipeline's float64 redo
+        of a sum that underflowed). Elementwise weights whose sum is zero somewhere are never
+        checked (a full-size pass): check :attr:`denominator` first where that can happen.
+        """
+        total = self.denominator
+        if check_zero and total.dim() == 0 and bool(total == 0):
+            raise ValueError("weights sum to zero; give positive weight to some member")
+        return self.numerator.div_(total).to(self.out_dtype if dtype is None else dtype)
 
 
 def average_state_dicts(
@@ -288,7 +407,7 @@ def element_variance(tensor: Tensor, *, batch_dims: int = 0) -> Tensor:
         _check_batch_dims(batch_dims, tensor.dim(), tensor.shape, "tensor")
         tensor = tensor.reshape(*tensor.shape[:batch_dims], -1)
     if tensor.dtype in _HALF or not tensor.is_floating_point():
-        tensor = tensor.to(_accumulation_dtype(tensor.dtype)[0])
+        tensor = tensor.to(accumulation_dtypes(tensor.dtype)[0])
     return tensor.var(dim=-1, unbiased=True)
 
 
@@ -335,7 +454,7 @@ def rescale_to_variance(
     lead = merged.shape[:batch_dims]
     if math.prod(merged.shape[batch_dims:]) < 2:
         return merged
-    acc, out = _accumulation_dtype(merged.dtype)
+    acc, out = accumulation_dtypes(merged.dtype)
     w = merged.reshape(*lead, -1).to(acc)
     mean = w.mean(dim=-1, keepdim=True)
     target = torch.as_tensor(target_variance, dtype=acc, device=w.device)

@@ -11,11 +11,11 @@ split is fixed (split seed 0).
     settings: "fresh" (the body pre-trained on a related task, digit mod 5, and every copy given
     a freshly initialised 10-way head, as BERT gets one per fine-tune) and "shared" (every copy
     starts from the pre-trained 10-way model, head included). Plain averaging and Fisher merging
-    with the authors' options (`preset="authors"`: normalized exact Fishers over up to 4096
-    fine-tuning examples, floor on the target only, body merged, the target's head kept) each
-    get the paper's coefficient search on validation (a 51-point grid for two models, Dirichlet
-    samples for more; the same candidates for both), then are scored on the test set beside the
-    output ensemble (mean of the N softmaxes) and the individual models.
+    with the authors' options (`MergeOptions.from_preset("authors")`: normalized exact Fishers
+    over up to 4096 fine-tuning examples, floor on the target only, body merged, the target's
+    head kept) each get the paper's coefficient search on validation (a 51-point grid for two
+    models, Dirichlet samples for more; the same candidates for both), then are scored on the
+    test set beside the output ensemble (mean of the N softmaxes) and the individual models.
 (b) Robust fine-tuning (WiSE-FT): the broad pre-trained model and its fine-tune on the clean
     split, interpolated as (λ fine-tuned + (1 − λ) pre-trained), plainly and Fisher-weighted
     (authors' preset, the fine-tuned model as target; each model's Fisher on its own training
@@ -63,7 +63,13 @@ from meanwise.experiments.fisher_merging_results import (
     SampledFisher,
     TaskScores,
 )
-from meanwise.merging import average_merge, candidate_coefficients, diagonal_fisher, fisher_merge
+from meanwise.merging import (
+    MergeOptions,
+    average_merge,
+    candidate_coefficients,
+    diagonal_fisher,
+    fisher_merge,
+)
 
 __all__ = ["FisherMergingConfig", "FisherMergingResult", "run", "HEADS", "SHIFTS"]
 
@@ -275,6 +281,12 @@ def _ensemble_accuracy(states: list[State], data: Pair) -> float:
     return 100.0 * float((probs.argmax(1) == y).double().mean())
 
 
+def _authors(config) -> MergeOptions:
+    """The authors' Fisher options (max floor on the target only, normalized) at the config's
+    floor."""
+    return MergeOptions.from_preset("authors", floor=config.floor)
+
+
 def _ensembling(config, splits, generator, result: FisherMergingResult) -> dict[str, list[State]]:
     pretrained = _pretrain(config, splits, generator)
     result.pretrained_test_acc["shared"] = accuracy(pretrained["shared"], splits.test)
@@ -295,7 +307,7 @@ def _ensembling(config, splits, generator, result: FisherMergingResult) -> dict[
             merges = {
                 "plain": lambda lam, m=members: average_merge(m, lam, keep_target=["head"]),
                 "fisher": lambda lam, m=members, f=member_fishers: fisher_merge(
-                    m, f, lam, floor=config.floor, preset="authors", keep_target=["head"]
+                    m, f, lam, options=_authors(config), keep_target=["head"]
                 ),
             }
             test: dict[str, float] = {}
@@ -369,7 +381,7 @@ def _robust(
     merges = {
         "plain": lambda lam: average_merge(states, [lam, 1 - lam]),
         "fisher": lambda lam: fisher_merge(
-            states, fishers, [lam, 1 - lam], floor=config.floor, preset="authors"
+            states, fishers, [lam, 1 - lam], options=_authors(config)
         ),
     }
     out = RobustResult(lambdas=grid, curves={}, chosen_lambda={}, at_chosen={})
@@ -415,9 +427,8 @@ def _multitask(config, splits, generator, pretrained: State) -> MultitaskResult:
         fisher_total.append(sum(float(f.sum()) for f in fishers[-1].values()))
     merges = {
         "plain average": average_merge(states),
-        "Fisher (exact)": fisher_merge(states, fishers, floor=config.floor),
-        "Fisher (authors' preset)": fisher_merge(states, fishers, floor=config.floor,
-                                                 preset="authors"),
+        "Fisher (exact)": fisher_merge(states, fishers, options=MergeOptions(floor=config.floor)),
+        "Fisher (authors' preset)": fisher_merge(states, fishers, options=_authors(config)),
     }  # fmt: skip
     scored = {
         name: TaskScores(task_acc=[accuracy(s, subset(splits.test, t)) for t in tasks],

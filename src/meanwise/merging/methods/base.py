@@ -9,7 +9,8 @@ non-finite one. Adding a method is one file: a subclass with a ``name`` and `com
 decorated with `register_method`, imported by ``methods/__init__.py``.
 
 Rules accumulate in place, one model at a time (read member i into a fresh buffer, scale it,
-add it), so a tensor's merge holds a few buffers whatever the number of models.
+add it: `meanwise.average.RunningWeightedSum`), so a tensor's merge holds a few buffers
+whatever the number of models.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
+
+from meanwise.average import accumulation_dtypes
 
 __all__ = [
     "TensorReads",
@@ -55,13 +58,12 @@ class TensorReads(NamedTuple):
 def accumulation_dtype(
     member: torch.dtype, fisher: torch.dtype | None = None, wide: bool = False
 ) -> torch.dtype:
-    """float32 for half-precision members (and Fishers), else the promoted dtype: the policy
-    of `meanwise.average`, so that many half-precision models do not lose the sum; float64
-    when `wide` (the redo of a tensor that overflowed)."""
+    """`meanwise.average.accumulation_dtypes` (float32 for half-precision members and
+    Fishers, else the promoted dtype, so that many half-precision models do not lose the sum);
+    float64 when `wide` (the redo of a tensor that overflowed)."""
     if wide:
         return torch.float64
-    dtype = member if fisher is None else torch.promote_types(member, fisher)
-    return torch.promote_types(dtype, torch.float32)
+    return accumulation_dtypes(member, *([] if fisher is None else [fisher]))[0]
 
 
 class MergeMethod:

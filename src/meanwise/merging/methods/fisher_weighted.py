@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from meanwise.average import RunningWeightedSum
 from meanwise.merging.methods.base import (
     MergeMethod,
     TensorReads,
@@ -62,13 +63,15 @@ class FisherWeighted(MergeMethod):
         if reads.fisher is None:
             return PlainAverage().combine(reads, wide)
         options, active = self.options, reads.active
-        numerator = denominator = None
+        total = None
         fisher_dtype = None
         for i in active:
             x = reads.member(i)
             f = reads.fisher(i)
             fisher_dtype = f.dtype
             acc = accumulation_dtype(reads.dtype, f.dtype, wide)
+            if total is None:
+                total = RunningWeightedSum(acc)
             f = f.to(acc, copy=not reads.owned)
             if options.floor > 0 and (not options.favor_target or i == 0):
                 if options.floor_mode == "max":
@@ -78,18 +81,12 @@ class FisherWeighted(MergeMethod):
             if reads.norms is not None:
                 f.div_(reads.norms[i])
             f.mul_(reads.coefficients[i])  # the member's weight λ_i F̃_i
+            # both are fresh buffers in `acc` now: the sum keeps them as its numerator and
+            # denominator (model 0) or adds them in place
             x = x.to(acc, copy=not reads.owned)
-            x.mul_(f)
-            if denominator is None:
-                denominator = f
-            else:
-                denominator.add_(f)
-            del f
-            if numerator is None:
-                numerator = x
-            else:
-                numerator.add_(x)
-            del x
+            total.add(x, f, owned=True, dtype=acc)
+            del x, f
+        numerator, denominator = total.numerator, total.denominator
         dead = denominator == 0
         if dead.any():
             # 0/0 here: those elements take the λ-weighted plain average instead of NaN
@@ -99,4 +96,4 @@ class FisherWeighted(MergeMethod):
                 plain.add_(reads.member(i)[dead].to(acc) * reads.coefficients[i])
             numerator[dead] = plain
             denominator[dead] = sum(reads.coefficients[i] for i in active)
-        return numerator.div_(denominator).to(reads.dtype)
+        return total.result(reads.dtype)

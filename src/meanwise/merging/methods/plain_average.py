@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from meanwise.average import RunningWeightedSum
 from meanwise.merging.methods.base import (
     MergeMethod,
     TensorReads,
@@ -17,20 +18,14 @@ from meanwise.merging.methods.base import (
 __all__ = ["PlainAverage", "weighted_sum"]
 
 
-def weighted_sum(reads: TensorReads, acc: torch.dtype) -> Tensor:
-    """Σ_i λ_i θ_i over the active models, in `acc`, in model order: each product is formed
-    in the read buffer and then added (no fused multiply-add), which is what the stacked form
-    ``(w * x).sum(0)`` of `meanwise.average` computes."""
-    numerator = None
+def weighted_sum(reads: TensorReads, acc: torch.dtype) -> RunningWeightedSum:
+    """Σ_i λ_i θ_i (and Σ_i λ_i) over the active models, in `acc`, in model order, through
+    `meanwise.average.RunningWeightedSum`: each product is formed in the read buffer and then
+    added (no fused multiply-add), which is what the stacked ``(w * x).sum(0)`` computes."""
+    total = RunningWeightedSum(acc)
     for i in reads.active:
-        x = reads.member(i).to(acc, copy=not reads.owned)
-        x.mul_(reads.coefficients[i])
-        if numerator is None:
-            numerator = x
-        else:
-            numerator.add_(x)
-        del x
-    return numerator
+        total.add(reads.member(i), reads.coefficients[i], owned=reads.owned)
+    return total
 
 
 @register_method
@@ -42,6 +37,5 @@ class PlainAverage(MergeMethod):
 
     def combine(self, reads: TensorReads, wide: bool) -> Tensor:
         acc = accumulation_dtype(reads.dtype, None, wide)
-        numerator = weighted_sum(reads, acc)
-        total = torch.tensor([reads.coefficients[i] for i in reads.active], dtype=acc).sum()
-        return numerator.div_(total).to(reads.dtype)
+        # a λ sum that underflows in `acc` gives inf/NaN: the pipeline redoes it in float64
+        return weighted_sum(reads, acc).result(reads.dtype, check_zero=False)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from meanwise.average import RunningWeightedSum
 from meanwise.merging.methods.base import (
     MergeMethod,
     TensorReads,
@@ -43,17 +44,13 @@ class TaskArithmetic(MergeMethod):
     def combine(self, reads: TensorReads, wide: bool) -> Tensor:
         acc = accumulation_dtype(reads.dtype, None, wide)
         base = reads.member(0).to(acc, copy=not reads.owned)
-        vectors = None
+        vectors = RunningWeightedSum(acc)  # Σ λ_i (θ_i − θ_0): a sum, not an average
         for i in range(1, reads.count):
             if not reads.coefficients[i]:
                 continue
             x = reads.member(i).to(acc, copy=not reads.owned)
-            x.sub_(base).mul_(reads.coefficients[i])  # λ_i (θ_i − θ_0)
-            if vectors is None:
-                vectors = x
-            else:
-                vectors.add_(x)
+            vectors.add(x.sub_(base), reads.coefficients[i], owned=True)
             del x
-        if vectors is not None:
-            base.add_(vectors.mul_(self.scale))
+        if vectors.count:
+            base.add_(vectors.numerator.mul_(self.scale))
         return base.to(reads.dtype)
