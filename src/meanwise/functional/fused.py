@@ -153,34 +153,109 @@ class FusedInPlace(LoopInPlace):
     def _run(self, update, part, coefficients, options, device, dtype):
         if not self.usable(device):
             return update(*part, coefficients, ops=FOREACH, **options)
-        # The parameters' shapes pick the compiled copy; dynamo's own guards still check every
-        # input (a state buffer of another layout would recompile that copy, never run wrong).
+        flat = _flat(part)
+        # The compiled code has no guards of its own (inductor only asserts sizes and
+        # strides), so the key holds everything the graph depends on.
         columns = tuple(len(c) if c is not None else None for c in part)
-        shapes = tuple(p.shape for p in part[0])
-        key = (update, tuple(sorted(options.items())), device, dtype, columns, shapes)
-        step = self._compiled.get(key)
-        if step is None:
-            if key in self._compiled:  # compiling this key failed before
-                return update(*part, coefficients, ops=FOREACH, **options)
-            name = f"fused_{update.__name__}_{len(self._compiled)}"
-            step = torch.compile(_fresh_copy(_run_update, name), fullgraph=True, dynamic=False)
-            self._compiled[key] = step
+        layout = tuple((t.shape, t.stride(), t.dtype) for t in flat)
+        key = (update, tuple(sorted(options.items())), device, dtype, columns, layout)
         # One host-to-device copy for all the step's numbers, unbound into 0-dim tensors inside
-        # the graph (one guarded input instead of one per number).
+        # the graph (one input instead of one per number).
         scalars = torch.tensor(coefficients, dtype=dtype, device=device)
+        step = self._compiled.get(key)
+        if step is not None:
+            return step(scalars, part)
+        if key in self._compiled:  # compiling this key failed before
+            return update(*part, coefficients, ops=FOREACH, **options)
         try:
-            return step(update, part, type(coefficients), scalars, options, self)
+            step = self._compile(update, part, type(coefficients), scalars, options)
+            result = step(scalars, part)  # torch.compile's path compiles on this first call
         except Exception as error:
             if not _is_compile_error(error):
                 raise
             # Compilation fails before anything runs, so the step is still to be taken.
             self._compiled[key] = None
-            _warn_fallback(f"torch.compile failed ({type(error).__name__}: {_first_line(error)})")
+            reason = f"{type(error).__name__}: {_first_line(error)}"
+            _warn_fallback(f"torch.compile failed ({reason})")
             return update(*part, coefficients, ops=FOREACH, **options)
+        self._compiled[key] = step
+        return result
+
+    def _compile(self, update, part, kind, scalars, options) -> Callable:
+        """``update`` compiled: a function of (scalars, tensor lists) returning its result."""
+        import torch._inductor
+
+        if not hasattr(torch._inductor, "standalone_compile"):  # torch < 2.8
+            name = f"fused_{update.__name__}_{len(self._compiled)}"
+            compiled = torch.compile(_fresh_copy(_run_update, name), fullgraph=True, dynamic=False)
+            return lambda scalars, part: compiled(update, part, kind, scalars, options, self)
+        # Traced once and handed to inductor: no dynamo frame and guards on every call (with
+        # many small parameters those cost more than the kernel itself).
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        layout = [len(c) if c is not None else None for c in part]
+        traced: list = []
+
+        def flat_update(scalars, *flat):
+            columns, i = [], 0
+            for n in layout:
+                columns.append(None if n is None else list(flat[i : i + n]))
+                i += n or 0
+            result = update(*columns, kind(*scalars.unbind()), ops=self, **options)
+            traced.append(_result_positions(result, flat))
+
+        flat = _flat(part)
+        with torch.no_grad():
+            graph = make_fx(
+                torch.func.functionalize(flat_update, remove="mutations_and_views"),
+                tracing_mode="fake",
+            )(scalars, *flat)
+        artifact = torch._inductor.standalone_compile(
+            graph, [scalars, *flat], dynamic_shapes="from_example_inputs"
+        )
+        return _StandaloneStep(artifact, *traced[-1])
 
 
 def _run_update(update, tensors, kind, scalars, options, ops):
     return update(*tensors, kind(*scalars.unbind()), ops=ops, **options)
+
+
+def _flat(part: Sequence[Sequence[Tensor] | None]) -> list[Tensor]:
+    return [t for column in part if column is not None for t in column]
+
+
+class _StandaloneStep:
+    """An inductor-compiled rule over flat inputs, and where its result's tensors sit among
+    them (the rule updates its inputs in place and returns them)."""
+
+    def __init__(self, artifact: Callable, result_type: type, positions: list) -> None:
+        self.artifact, self.result_type, self.positions = artifact, result_type, positions
+
+    def __call__(self, scalars: Tensor, part: Sequence[Sequence[Tensor] | None]):
+        flat = _flat(part)
+        with torch.no_grad():
+            self.artifact(scalars, *flat)
+        return self.result_type(
+            *(None if p is None else [flat[i] for i in p] for p in self.positions)
+        )
+
+
+def _result_positions(result: tuple, flat: Sequence[Tensor]) -> tuple[type, list]:
+    """The in-place contract: every tensor a rule returns is one of its inputs; find which."""
+    index = {id(t): i for i, t in enumerate(flat)}
+    positions = []
+    for field in result:
+        if field is None:
+            positions.append(None)
+            continue
+        if any(id(t) not in index for t in field):
+            raise _NotInPlace("an in-place rule returned a tensor that is not one of its inputs")
+        positions.append([index[id(t)] for t in field])
+    return type(result), positions
+
+
+class _NotInPlace(RuntimeError):
+    """Raised while tracing: the rule breaks the in-place contract (warn and fall back)."""
 
 
 def _merge(results: list[tuple], rows: list[list[int]], n: int) -> tuple:
@@ -202,7 +277,7 @@ def _is_compile_error(error: Exception) -> bool:
     import torch._dynamo.exc
 
     return isinstance(
-        error, torch._dynamo.exc.BackendCompilerFailed | torch._dynamo.exc.Unsupported
+        error, torch._dynamo.exc.BackendCompilerFailed | torch._dynamo.exc.Unsupported | _NotInPlace
     ) or type(error).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
