@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from meanwise.average import (
+    RunningWeightedSum,
     average_state_dicts,
     member_variance,
     rescale_to_variance,
@@ -247,3 +248,116 @@ def test_an_average_outside_the_dtype_is_refused():
     x = torch.tensor([[3e38], [3e38]])
     with pytest.raises(ValueError, match="overflows torch.float32"):
         weighted_average(x, denominator=0.5)
+
+
+# RunningWeightedSum: the streaming form, one member at a time, against the stacked kernel
+
+
+def _running(xs, ws, *, owned=False, dtype=None):
+    total = RunningWeightedSum()
+    for x, w in zip(xs, ws, strict=True):
+        total.add(x.clone() if owned else x, w.clone() if owned and torch.is_tensor(w) else w,
+                  owned=owned)  # fmt: skip
+    return total.result(dtype)
+
+
+def _left_fold(products):
+    """((p_0 + p_1) + p_2) + ...: the member order the running sum promises, written out."""
+    total = products[0].clone()
+    for p in products[1:]:
+        total = total + p
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("owned", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_running_sum_equals_the_stacked_average(dtype, owned, n):
+    g = torch.Generator().manual_seed(3 + n)
+    x = (torch.randn(n, 13, 7, generator=g, dtype=torch.float64) * 4).to(dtype)
+    acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    lam = (torch.rand(n, generator=g, dtype=torch.float64) + 0.1).tolist()
+    fisher = torch.rand(n, 13, 7, generator=g, dtype=torch.float64).to(dtype)
+    before = x.clone()
+    w = torch.tensor(lam, dtype=acc)
+    expanded = w.reshape(n, 1, 1).expand(x.shape)
+    scalar = _running(list(x), lam, owned=owned)
+    scalar_acc = _running(list(x), lam, owned=owned, dtype=acc)
+    elementwise = _running(list(x), list(fisher), owned=owned)
+    assert scalar.dtype == dtype and scalar_acc.dtype == acc and elementwise.dtype == dtype
+    # the member order written out: the products in `acc`, added left to right, then divided
+    xa, fa = x.to(acc), fisher.to(acc)
+    assert torch.equal(scalar_acc, _left_fold([xa[i] * w[i] for i in range(n)]) / w.sum())
+    assert torch.equal(
+        elementwise, (_left_fold([xa[i] * fa[i] for i in range(n)]) / _left_fold(fa)).to(dtype)
+    )
+    # weighted_average's stacked (w * x).sum(0): the same sum for up to 3 members; with more,
+    # torch's reduction adds in another order, equal up to that rounding
+    for got, stacked in [
+        (scalar_acc, weighted_average(xa, expanded)),
+        (elementwise, weighted_average(x, fisher)),
+        (scalar, weighted_average(xa, expanded).to(dtype)),
+    ]:
+        if n <= 3:
+            assert torch.equal(got, stacked)
+        else:
+            torch.testing.assert_close(got, stacked)
+    # the [n] form contracts with tensordot: equal up to its rounding
+    torch.testing.assert_close(scalar_acc, weighted_average(x, w))
+    assert torch.equal(x, before)  # owned or not, the caller's tensors survive
+
+
+def test_running_sum_half_precision_keeps_the_sum_in_float32():
+    # 4000 members of 1 + 2**-10 in float16: a float16 sum would stall at 2048 (its spacing
+    # there is 2); every partial sum is exact in float32
+    member = torch.full((3,), 1 + 2**-10, dtype=torch.float16)
+    total = RunningWeightedSum()
+    for _ in range(4000):
+        total.add(member, 1.0)
+    assert total.dtype == torch.float32 and total.numerator.dtype == torch.float32
+    assert float(total.numerator[0]) == 4000 * (1 + 2**-10)
+    assert torch.equal(total.result(), member)
+
+
+def test_running_sum_owned_buffers_are_kept_not_copied():
+    """owned=True: the first member's buffers become the numerator and the denominator (model
+    merging's memory bound: no full-size tensor besides the reads)."""
+    x, f = torch.randn(6), torch.rand(6)
+    total = RunningWeightedSum()
+    total.add(x, f, owned=True)
+    assert total.numerator is x and total.denominator is f
+    y, h = torch.randn(6), torch.rand(6)
+    total.add(y, h, owned=True)
+    assert total.numerator is x and total.denominator is f
+
+
+def test_running_sum_closed_form_and_denominator():
+    total = RunningWeightedSum(torch.float64)
+    total.add(torch.tensor([1.0, 2.0]), 1.0)
+    total.add(torch.tensor([3.0, 6.0]), 3.0)
+    assert float(total.denominator) == 4.0
+    # (1*[1,2] + 3*[3,6]) / 4
+    assert torch.equal(total.result(), torch.tensor([2.5, 5.0], dtype=torch.float64))
+
+
+def test_running_sum_refuses_bad_input():
+    total = RunningWeightedSum()
+    with pytest.raises(ValueError, match="no members"):
+        total.result()
+    with pytest.raises(ValueError, match="weight must be finite"):
+        total.add(torch.ones(2), float("nan"))
+    with pytest.raises(ValueError, match="match x's shape"):
+        total.add(torch.ones(2), torch.ones(3))
+    with pytest.raises(TypeError, match="weight must be a number or a tensor"):
+        total.add(torch.ones(2), "1")
+    total.add(torch.ones(2), 1.0)
+    with pytest.raises(ValueError, match="earlier members have"):
+        total.add(torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="one kind"):
+        total.add(torch.ones(2), torch.ones(2))
+    with pytest.raises(TypeError, match="floating dtype"):
+        RunningWeightedSum(torch.int64)
+    zero = RunningWeightedSum()
+    zero.add(torch.ones(2), 0.0)
+    with pytest.raises(ValueError, match="sum to zero"):
+        zero.result()

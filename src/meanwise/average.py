@@ -174,12 +174,13 @@ class RunningWeightedSum:
     :func:`weighted_average` for members too large to stack (model merging reads one
     checkpoint tensor at a time and holds 2 buffers, 3 with elementwise weights, whatever n is).
 
-    Each product w_i x_i is formed in full and then added, in member order (no fused
-    multiply-add), which is what the stacked ``(w * x).sum(0)`` computes: with elementwise
-    weights, or scalar weights expanded to elementwise ones, :meth:`result` equals
-    :func:`weighted_average` bit for bit. (With ``[n]`` scalar weights `weighted_average`
-    contracts with ``tensordot``, which may round differently in the last bits.) Scalar weights
-    are summed as ``torch.tensor(weights).sum()``, as `weighted_average` sums them.
+    Each product w_i x_i is formed in full and then added, left to right in member order (no
+    fused multiply-add). For up to 3 members that is exactly the stacked ``(w * x).sum(0)`` of
+    :func:`weighted_average` with elementwise weights (or scalar weights expanded to them);
+    with more, torch's reduction over the member axis may add in another order (on the
+    project's x86 machine from 5 members) and the two agree to rounding. With ``[n]`` scalar weights
+    `weighted_average` contracts with ``tensordot``, which also rounds differently. Scalar
+    weights are summed as ``torch.tensor(weights).sum()``, as `weighted_average` sums them.
 
     Args:
         dtype: the accumulation dtype; ``None``: :func:`accumulation_dtypes` of the first

@@ -21,7 +21,7 @@ __all__ = ["PlainAverage", "weighted_sum"]
 def weighted_sum(reads: TensorReads, acc: torch.dtype) -> RunningWeightedSum:
     """Σ_i λ_i θ_i (and Σ_i λ_i) over the active models, in `acc`, in model order, through
     `meanwise.average.RunningWeightedSum`: each product is formed in the read buffer and then
-    added (no fused multiply-add), which is what the stacked ``(w * x).sum(0)`` computes."""
+    added (no fused multiply-add), left to right."""
     total = RunningWeightedSum(acc)
     for i in reads.active:
         total.add(reads.member(i), reads.coefficients[i], owned=reads.owned)
