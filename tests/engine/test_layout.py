@@ -113,3 +113,15 @@ def test_one_per_tensor_variance():
     )
     half = rows.half()
     assert element_variance(half[:, :12], batch_dims=1).dtype == torch.float32
+
+
+def test_a_scalar_parameter_round_trips_unbatched_and_batched():
+    # reshape(*(), *()) has no shape argument: a 0-dim parameter must still unflatten
+    model = torch.nn.Linear(2, 1)
+    model.register_parameter("scale", torch.nn.Parameter(torch.tensor(3.0)))
+    layout = ParameterLayout.of(model)
+    flat = layout.flatten(dict(model.named_parameters()))
+    back = layout.unflatten(flat)
+    assert back["scale"].shape == () and back["scale"].item() == 3.0
+    rows = torch.stack([flat, 2 * flat])
+    assert layout.unflatten(rows)["scale"].tolist() == [3.0, 6.0]

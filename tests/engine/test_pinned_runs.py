@@ -27,7 +27,7 @@ from torch import nn
 
 from meanwise.data.federated_split import FederatedDataset
 from meanwise.federated import (
-    AFA_CS,
+    AFACS,
     MIFA,
     Anarchic,
     Bernoulli,
@@ -102,7 +102,7 @@ MOMENTUM = LocalTraining("momentum", lr=0.1, steps=2, batch_size=8)
 
 def _fed_anarchic() -> str:
     arrivals = Anarchic(8, arrivals_per_round=3, max_local_steps=4, max_staleness=2, seed=2)
-    return _fed(AFA_CS(8, server_lr=1.0, local_lr=0.2, arrivals_per_round=3), SGD, "auto", arrivals)
+    return _fed(AFACS(8, server_lr=1.0, local_lr=0.2, arrivals_per_round=3), SGD, "auto", arrivals)
 
 
 def _fed_sequential_batchnorm() -> str:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
+from meanwise.engine.layout import ParameterLayout
 from meanwise.experiments import get
 from meanwise.experiments.afa import (
     AFAConfig,
@@ -33,7 +34,6 @@ from meanwise.experiments.afa import (
 from meanwise.experiments.afa_report import claims, protocol, summarize
 from meanwise.experiments.claims import validate_claim
 from meanwise.federated import FederatedSimulator, LocalTraining
-from meanwise.federated.simulator import flatten
 
 TINY = AFAConfig(
     seeds=2,
@@ -90,7 +90,7 @@ def test_batched_simulation_equals_federated_simulator():
     train, test = fedprox_synthetic(1.0, 1.0, config.n_workers, seed=3)
     torch.manual_seed(5)
     model = nn.Linear(60, 10)
-    x0 = flatten({k: v.detach() for k, v in model.named_parameters()})
+    x0 = ParameterLayout.of(model).flatten({k: v.detach() for k, v in model.named_parameters()})
     specs = [(m, config.arrivals_per_round, base_server_lr(m, config)) for m in config.methods]
     runs, stats = _simulate(specs, train, test, x0, 0.0, 1.0, config, seed=3)
     for (method, m, lr), batched in zip(specs, runs, strict=True):

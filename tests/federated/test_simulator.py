@@ -14,7 +14,7 @@ from torch import nn
 
 from meanwise.data.fedprox_synthetic import fedprox_synthetic
 from meanwise.engine.local_training import LocalTraining
-from meanwise.federated.aggregators import AFA_CS, FedAU, FedAvg
+from meanwise.federated.aggregators import AFACS, FedAU, FedAvg
 from meanwise.federated.participation import Anarchic, Bernoulli, Markov
 from meanwise.federated.simulator import FederatedSimulator, FederatedSweep
 from tests.engine._helpers import client_data as _data
@@ -48,7 +48,7 @@ def test_resume_is_bit_exact(tmp_path, kind):
         if kind == "fedau-markov":
             return _simulator(path, FedAU(12, cutoff=5), Markov(torch.full((12,), 0.3), seed=1))
         anarchic = Anarchic(12, 3, 4, local_steps="per_worker", max_staleness=2, seed=1)
-        return _simulator(path, AFA_CS(12, 1.0, 0.05), anarchic)
+        return _simulator(path, AFACS(12, 1.0, 0.05), anarchic)
 
     straight = build(tmp_path / "a")
     straight.run(20)

@@ -132,7 +132,7 @@ class ParameterLayout:
             )
         lead = flat.shape[:-1]
         return {
-            name: flat[..., piece].reshape(*lead, *shape)
+            name: flat[..., piece].reshape((*lead, *shape))
             for name, piece, shape in zip(self.names, self._slices, self.shapes, strict=True)
         }
 

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from meanwise.data.federated_split import FederatedDataset
-from meanwise.engine.layout import ParameterLayout
 from meanwise.engine.local_training import (
     LocalTrainer,
     LocalTraining,
@@ -37,7 +36,7 @@ from meanwise.engine.population import Population
 from meanwise.federated.aggregators import Aggregator
 from meanwise.federated.participation import Anarchic, ParticipationProcess
 
-__all__ = ["FederatedSimulator", "FederatedSweep", "vmap_blocker", "flatten", "unflatten"]
+__all__ = ["FederatedSimulator", "FederatedSweep", "vmap_blocker"]
 
 # The vectorized path trains the round's clients in chunks whose gathered minibatches
 # ([chunk, B, features] per local step) take about this many bytes. One [S, B, ...] tensor for
@@ -61,18 +60,6 @@ def vmap_blocker(model: nn.Module) -> str | None:
                 "running statistics in place, which vmap cannot batch over clients"
             )
     return None
-
-
-def flatten(params: dict[str, Tensor], batch_dims: int = 0) -> Tensor:
-    """``[*batch, P]`` from a dict of ``[*batch, *shape]`` tensors, in its key order: the old
-    helper, now ``ParameterLayout.of_tensors(params, batch_dims=...).flatten(...)``."""
-    layout = ParameterLayout.of_tensors(params, "params", batch_dims=batch_dims)
-    return layout.flatten(params, batch_dims=batch_dims)
-
-
-def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The old helper, now ``ParameterLayout.of_tensors(like).unflatten(flat)``."""
-    return ParameterLayout.of_tensors(like, what="like").unflatten(flat)
 
 
 # The AdaHessian probes' stream, apart from the minibatches' (a second generator seeded from

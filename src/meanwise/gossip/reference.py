@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from meanwise.functional.local_training import FlatClientData, LocalTraining
+from meanwise.engine.local_training import FlatClientData, LocalTraining
 from meanwise.gossip.merge import MergeRule, merge_state_dicts
 from meanwise.gossip.protocol import GossipProtocol, Schedule
 from meanwise.gossip.simulator import check_local_training
