@@ -124,6 +124,7 @@ loader = [torch.randn(10, 4)]
     Spec("from meanwise.trajectory.social_implicit import SocialImplicit", needs_data=True),
     Spec("from meanwise.trajectory.train import TrainConfig, train_social_implicit"),
     Spec("from meanwise.testing import assert_equivariant"),
+    Spec("from meanwise.average import RunningWeightedSum, weighted_average"),
     Spec("from meanwise.engine import LocalTrainer, LocalTraining, Population, draw_batches"),
     Spec("from meanwise.merging import MergeMethod, TaskArithmetic, merge_states"),
     Spec(
