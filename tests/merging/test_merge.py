@@ -180,6 +180,17 @@ def test_all_zero_fishers_fall_back_to_the_lambda_average():
         torch.testing.assert_close(merged[key], plain[key], rtol=1e-12, atol=0)
 
 
+def test_zero_fishers_of_mixed_dtypes_fall_back_without_a_dtype_clash():
+    # float32 models, a float64 and a float32 Fisher, all zero: the fallback is built in the
+    # numerator's dtype (it used to take the last Fisher's and fail on the index put)
+    states = [{"w": torch.randn(3, 2)} for _ in range(2)]
+    fishers = [{"w": torch.zeros(3, 2, dtype=torch.float64)}, {"w": torch.zeros(3, 2)}]
+    merged = fisher_merge(states, fishers, [0.25, 0.75], options=MergeOptions(floor=0.0))
+    expected = 0.25 * states[0]["w"].double() + 0.75 * states[1]["w"].double()
+    assert merged["w"].dtype == torch.float32
+    torch.testing.assert_close(merged["w"], expected.float(), rtol=1e-6, atol=1e-7)
+
+
 def test_missing_fisher_keys_average_or_raise():
     states, fishers = _states(2)
     partial = [{"w": f["w"]} for f in fishers]

@@ -64,11 +64,9 @@ class FisherWeighted(MergeMethod):
             return PlainAverage().combine(reads, wide)
         options, active = self.options, reads.active
         total = None
-        fisher_dtype = None
         for i in active:
             x = reads.member(i)
             f = reads.fisher(i)
-            fisher_dtype = f.dtype
             acc = accumulation_dtype(reads.dtype, f.dtype, wide)
             if total is None:
                 total = RunningWeightedSum(acc)
@@ -90,7 +88,9 @@ class FisherWeighted(MergeMethod):
         dead = denominator == 0
         if dead.any():
             # 0/0 here: those elements take the λ-weighted plain average instead of NaN
-            acc = accumulation_dtype(reads.dtype, fisher_dtype, wide)
+            # in the numerator's dtype: with Fishers of mixed dtypes the last one's
+            # accumulation dtype need not be the numerator's
+            acc = numerator.dtype
             plain = torch.zeros(int(dead.sum()), dtype=acc)
             for i in active:
                 plain.add_(reads.member(i)[dead].to(acc) * reads.coefficients[i])
