@@ -346,3 +346,26 @@ def test_amd_amv_takes_samples_that_carry_autograd_history():
     with_grad = pred.clone().requires_grad_(True)
     ours = amd_amv(with_grad, future, generator=torch.Generator().manual_seed(1))
     assert ours == amd_amv(pred, future, generator=torch.Generator().manual_seed(1))
+
+
+def test_distribution_metrics_take_predictions_that_carry_a_graph():
+    # a model's raw output (requires grad) gives the same numbers as its detached copy
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(50, 4, 3, 2, generator=g, dtype=torch.float64).requires_grad_()
+    gt = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    amd, amv = amd_amv(pred * 1.0, gt, generator=torch.Generator().manual_seed(0))
+    ref = amd_amv(pred.detach(), gt, generator=torch.Generator().manual_seed(0))
+    assert (amd.item(), amv.item()) == (ref[0].item(), ref[1].item())
+    assert kde_nll(pred * 1.0, gt).item() == kde_nll(pred.detach(), gt).item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_distribution_metrics_of_cuda_predictions_equal_the_cpu_ones():
+    g = torch.Generator().manual_seed(4)
+    pred = torch.randn(200, 4, 3, 2, generator=g, dtype=torch.float64)
+    gt = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    cpu = DistributionMetrics(seed=0)
+    cpu.update(pred, gt)
+    cuda = DistributionMetrics(seed=0)
+    cuda.update(pred.cuda(), gt.cuda())
+    assert cuda.compute() == cpu.compute()

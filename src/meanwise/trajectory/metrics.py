@@ -90,6 +90,14 @@ def ade_fde(
 # --- AMD / AMV ---------------------------------------------------------------------------------
 
 
+def _on_host(x: Tensor) -> Tensor:
+    """The distribution metrics run on the CPU whatever device the predictions are on: a cell's
+    mixture fit is a few 2x2 matrices per EM step with per-cell convergence decisions, which a
+    GPU would spend in launches and host syncs. Copied once here (and detached) so a CUDA
+    prediction works as is; the results are CPU float64."""
+    return x.detach().cpu()
+
+
 def _cells(pred: Tensor) -> Tensor:
     """[K, T, N, 2] -> [T*N, K, 2] float64, cells ordered (t, n) as the paper loops them."""
     k, t, n, _ = pred.shape
@@ -169,6 +177,7 @@ def amd_amv(
     (`DistributionMetrics`).
     """
     check_prediction(pred, gt)
+    pred, gt = _on_host(pred), _on_host(gt)
     fit = select_gaussian_mixtures(
         _cells(pred),
         max_components,
@@ -219,6 +228,7 @@ def kde_nll(pred: Tensor, gt: Tensor) -> Tensor:
     counted; minus the sum over cells divided by the number of cells (0 if all are skipped, as
     the paper's code returns)."""
     check_prediction(pred, gt)
+    pred, gt = _on_host(pred), _on_host(gt)
     log_density, usable = kde_log_density_cells(_cells(pred), gt.reshape(-1, 2))
     clipped = torch.where(usable, log_density.clamp(min=KDE_LOG_FLOOR), 0.0)
     return -clipped.sum() / clipped.numel()
@@ -264,6 +274,7 @@ class DistributionMetrics:
     def update(self, pred: Tensor, gt: Tensor) -> None:
         """Add one scene: pred [K, T, N, 2], gt [T, N, 2]."""
         check_prediction(pred, gt)
+        pred, gt = _on_host(pred), _on_host(gt)
         cells = _cells(pred)
         scene = len(self._cells)
         self._cells.append(cells.shape[0])

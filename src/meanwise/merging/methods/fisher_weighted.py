@@ -91,7 +91,7 @@ class FisherWeighted(MergeMethod):
             # in the numerator's dtype: with Fishers of mixed dtypes the last one's
             # accumulation dtype need not be the numerator's
             acc = numerator.dtype
-            plain = torch.zeros(int(dead.sum()), dtype=acc)
+            plain = torch.zeros(int(dead.sum()), dtype=acc, device=numerator.device)
             for i in active:
                 plain.add_(reads.member(i)[dead].to(acc) * reads.coefficients[i])
             numerator[dead] = plain
