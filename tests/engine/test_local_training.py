@@ -274,12 +274,10 @@ def test_an_unknown_rule_names_the_registered_ones():
         register_rule("sgd")
 
 
-def test_the_old_import_paths_still_work():
+def test_the_areas_reexport_the_engines_local_training():
     import meanwise.federated
-    import meanwise.functional.local_training as old
 
-    assert old.LocalTraining is LocalTraining is meanwise.federated.LocalTraining
-    assert old.train_sequential is train_sequential and old.draw_batches is draw_batches
+    assert meanwise.federated.LocalTraining is LocalTraining
 
 
 # --- AdaHessian: the registered rule against meanwise.optim.AdaHessian ------------------------
