@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from meanwise.merging.pipeline import is_finite
+
 __all__ = ["diagonal_fisher", "select_parameters", "FISHER_MODES", "LIKELIHOODS", "TASKS"]
 
 FISHER_MODES: tuple[str, ...] = ("exact", "sampled", "empirical")
@@ -696,7 +698,7 @@ def diagonal_fisher(
     for name, value in fisher.items():
         value.div_(units)
         # a NaN/inf Fisher would poison every merge that uses it: refuse it here, named
-        if value.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(value)):
+        if not is_finite(value):
             raise ValueError(
                 f"the Fisher of {name!r} has NaN or inf entries: the model's weights or outputs "
                 "are not finite on this data, or its squared gradients overflow "
